@@ -1,0 +1,181 @@
+"""Reading and writing audio files, resampling, and loudness normalisation.
+
+Writing follows audiocraft's `audio_write` strategies:
+
+    loudness  gain to -14 LUFS (ITU-R BS.1770-4, measured with pyloudnorm); a soft limiter takes any peak
+              the gain would push past -0.1 dBFS, and the gain is re-measured so the file still reads -14 LUFS
+    peak      scale so the peak sits at -1 dBFS
+    clip      hard-limit to +-0.99 (the caller asked for it)
+    none      write the samples as they are, unless they would clip: then scaled down, with a warning
+
+The file is written beside its destination and renamed into place, so a failed write never leaves half a
+file or destroys an existing one.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FORMATS = {"wav": ("WAV", "PCM_16"), "flac": ("FLAC", "PCM_16"), "ogg": ("OGG", "VORBIS"),
+           "mp3": ("MP3", "MPEG_LAYER_III")}
+STRATEGIES = ("loudness", "peak", "clip", "none")
+CEILING = 10 ** (-0.1 / 20)          # -0.1 dBFS: the highest peak we ever write
+PEAK_TARGET = 10 ** (-1.0 / 20)      # "peak" strategy: -1 dBFS, as audiocraft's peak_clip_headroom_db=1
+BLOCK_SECONDS = 0.4                  # BS.1770 gating block
+
+
+def _as_array(audio) -> np.ndarray:
+    """(channels, samples) or (samples,) tensor/array -> float64 (channels, samples)."""
+    if isinstance(audio, torch.Tensor):
+        audio = audio.detach().to("cpu", torch.float64).numpy()
+    a = np.asarray(audio, dtype=np.float64)
+    if a.ndim == 1:
+        a = a[None]
+    if a.ndim != 2:
+        raise ValueError(f"audio must be (channels, samples) or (samples,), got shape {a.shape}")
+    if a.shape[0] > 8 and a.shape[1] <= 8:
+        raise ValueError(f"audio looks like (samples, channels) {a.shape}; pass (channels, samples)")
+    if not np.isfinite(a).all():
+        raise ValueError("audio holds NaN or infinite samples")
+    return a
+
+
+def loudness(audio, sample_rate: int) -> float:
+    """Integrated loudness in LUFS (BS.1770-4 K-weighting and gating). Clips shorter than one 400 ms block are
+    measured on their periodic extension. Silence gives -inf."""
+    import pyloudnorm
+
+    a = _as_array(audio)
+    if not np.any(a):
+        return -math.inf
+    need = int(math.ceil(BLOCK_SECONDS * sample_rate)) + 1
+    if a.shape[1] < need:
+        a = np.tile(a, (1, need // a.shape[1] + 1))
+    meter = pyloudnorm.Meter(sample_rate)
+    return float(meter.integrated_loudness(a.T))
+
+
+def _soft_limit(a: np.ndarray, threshold: float, ceiling: float) -> np.ndarray:
+    """Identity below `threshold`; above it a tanh knee that approaches (never reaches) `ceiling`."""
+    mag = np.abs(a)
+    over = mag > threshold
+    if not over.any():
+        return a
+    room = ceiling - threshold
+    out = a.copy()
+    out[over] = np.sign(a[over]) * (threshold + room * np.tanh((mag[over] - threshold) / room))
+    return out
+
+
+def normalize(audio, sample_rate: int, strategy: str = "loudness", loudness_db: float = -14.0) -> np.ndarray:
+    """Apply a writing strategy; returns float64 (channels, samples) whose peak never exceeds 1."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
+    a = _as_array(audio)
+    peak = float(np.abs(a).max()) if a.size else 0.0
+    if strategy == "none":
+        if peak > 1.0:
+            warnings.warn(f"audio peaks at {peak:.3f}; scaled down to avoid clipping", stacklevel=2)
+            return a * (CEILING / peak)
+        return a
+    if strategy == "clip":
+        return np.clip(a, -0.99, 0.99)
+    if peak == 0.0:
+        return a
+    if strategy == "peak":
+        return a * (PEAK_TARGET / peak)
+    current = loudness(a, sample_rate)
+    out = a * 10 ** ((loudness_db - current) / 20)
+    for _ in range(6):   # limit the peaks, then restore the loudness the limiter took away
+        if np.abs(out).max() <= CEILING:
+            break
+        out = _soft_limit(out, 0.5 * CEILING, CEILING)
+        gain = 10 ** ((loudness_db - loudness(out, sample_rate)) / 20)
+        out = out * gain
+    peak = float(np.abs(out).max())
+    if peak > CEILING:   # still too hot for the target: give up loudness rather than clip
+        warnings.warn(f"cannot reach {loudness_db:g} LUFS without clipping; reached "
+                      f"{loudness(out * CEILING / peak, sample_rate):.1f} LUFS", stacklevel=2)
+        out = out * (CEILING / peak)
+    return out
+
+
+def save_audio(path: str | os.PathLike, audio, sample_rate: int, strategy: str = "loudness",
+               loudness_db: float = -14.0, format: str | None = None) -> Path:
+    """Write (channels, samples) audio to wav / flac / ogg / mp3 after a normalisation strategy."""
+    import soundfile as sf
+
+    path = Path(path)
+    fmt = (format or path.suffix.lstrip(".") or "wav").lower()
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown audio format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    major, subtype = FORMATS[fmt]
+    if major not in sf.available_formats() or subtype not in sf.available_subtypes(major):
+        raise ValueError(f"this system's libsndfile cannot write {fmt}; use wav or flac")
+    if not isinstance(sample_rate, int) or sample_rate <= 0:
+        raise ValueError(f"sample_rate must be a positive integer, got {sample_rate!r}")
+    data = normalize(audio, sample_rate, strategy, loudness_db)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise ValueError(f"output folder {folder} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".{fmt}", dir=folder)
+    os.close(fd)
+    try:
+        sf.write(tmp, data.T.astype(np.float32), sample_rate, format=major, subtype=subtype)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def resample(audio: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:
+    """Polyphase resampling (Kaiser-windowed FIR) along the last axis."""
+    if orig_sr == new_sr:
+        return audio
+    from scipy.signal import resample_poly
+
+    g = math.gcd(int(orig_sr), int(new_sr))
+    x = audio.detach().to("cpu", torch.float64).numpy()
+    y = resample_poly(x, new_sr // g, orig_sr // g, axis=-1)
+    return torch.from_numpy(np.ascontiguousarray(y)).to(audio.dtype if audio.is_floating_point() else torch.float32)
+
+
+def convert_channels(audio: torch.Tensor, channels: int) -> torch.Tensor:
+    """(C, T) -> (channels, T): down-mix by averaging, up-mix mono by copying."""
+    c = audio.shape[0]
+    if c == channels:
+        return audio
+    if channels == 1:
+        return audio.mean(dim=0, keepdim=True)
+    if c == 1:
+        return audio.expand(channels, -1).clone()
+    raise ValueError(f"cannot turn {c}-channel audio into {channels} channels")
+
+
+def load_audio(path: str | os.PathLike, sample_rate: int | None = None,
+               channels: int | None = None) -> tuple[torch.Tensor, int]:
+    """Read any format libsndfile knows -> (float32 (channels, samples), sample_rate), optionally converted."""
+    import soundfile as sf
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"audio file {path} does not exist")
+    try:
+        data, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    except Exception as e:  # soundfile raises LibsndfileError / RuntimeError for anything unreadable
+        raise ValueError(f"cannot read audio file {path}: {e}") from e
+    if data.shape[0] == 0:
+        raise ValueError(f"audio file {path} is empty")
+    audio = torch.from_numpy(np.ascontiguousarray(data.T))
+    if channels is not None:
+        audio = convert_channels(audio, channels)
+    if sample_rate is not None and sample_rate != sr:
+        audio, sr = resample(audio, sr, sample_rate), sample_rate
+    return audio.float(), sr

@@ -1,0 +1,152 @@
+"""The MusicGen language model: a pre-norm transformer decoder over K parallel codebook streams.
+
+Input: one token per codebook per position; the K embeddings are summed, sinusoidal positions added.
+Each layer: causal self-attention (static KV cache), cross-attention to the projected text states,
+GELU feed-forward. Output: one linear head per codebook.
+
+Decoding follows gpt-fast: the KV cache is preallocated once per generation (`KVCache`), cross-attention
+keys/values are computed once (`cross_kv`), and a step writes into the cache at `pos` without allocating.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import LMConfig
+
+
+def sinusoids(length: int, dim: int) -> torch.Tensor:
+    """(length, dim) table, cos half then sin half (audiocraft / transformers convention)."""
+    half = dim // 2
+    freq = torch.exp(torch.arange(half, dtype=torch.int64).float() * -(math.log(10000) / (half - 1)))
+    angles = torch.arange(length, dtype=torch.int64).float()[:, None] * freq[None]
+    table = torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+    if dim % 2:
+        table = F.pad(table, (0, 1))
+    return table
+
+
+class KVCache(nn.Module):
+    """Static self-attention cache of one layer: (B, H, max_len, hd) keys and values."""
+
+    def __init__(self, batch: int, heads: int, max_len: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = pos + k.shape[2]
+        self.k[:, :, pos:end] = k
+        self.v[:, :, pos:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: LMConfig):
+        super().__init__()
+        self.heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)     # q, k, v fused: one matmul per step
+        self.out = nn.Linear(cfg.dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, pos: int, cache: KVCache | None) -> torch.Tensor:
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, hd)
+        if cache is not None:
+            k, v = cache.update(pos, k, v)                                   # (B, H, pos+T, hd)
+        if T == 1:
+            y = F.scaled_dot_product_attention(q, k, v)                      # one query sees every cached key
+        elif k.shape[2] == T:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # a block of queries after a cached prefix: query i sees keys up to pos + i
+            mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=pos)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out(y.transpose(1, 2).reshape(B, T, D))
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, cfg: LMConfig, context_dim: int):
+        super().__init__()
+        self.heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.q = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.kv = nn.Linear(context_dim, 2 * cfg.dim, bias=False)
+        self.out = nn.Linear(cfg.dim, cfg.dim, bias=False)
+
+    def project(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, S, _ = context.shape
+        k, v = self.kv(context).view(B, S, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return k, v                                                           # 2 x (B, H, S, hd)
+
+    def forward(self, x, kv: tuple[torch.Tensor, torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
+        B, T, D = x.shape
+        q = self.q(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        y = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=bias)
+        return self.out(y.transpose(1, 2).reshape(B, T, D))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LMConfig, context_dim: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
+        self.self_attn = SelfAttention(cfg)
+        self.norm_cross = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
+        self.cross_attn = CrossAttention(cfg, context_dim)
+        self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
+        self.fc1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.fc2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+        if cfg.activation not in ("gelu", "relu"):
+            raise ValueError(f"unsupported decoder activation {cfg.activation!r}")
+        self.act = F.gelu if cfg.activation == "gelu" else F.relu
+
+    def forward(self, x, pos, cache, cross_kv, cross_bias):
+        x = x + self.self_attn(self.norm1(x), pos, cache)
+        x = x + self.cross_attn(self.norm_cross(x), cross_kv, cross_bias)
+        return x + self.fc2(self.act(self.fc1(self.norm2(x))))
+
+
+class MusicLM(nn.Module):
+    def __init__(self, cfg: LMConfig, context_dim: int | None = None):
+        super().__init__()
+        self.cfg = cfg
+        context_dim = context_dim or cfg.dim
+        K, V, D = cfg.num_codebooks, cfg.vocab_size, cfg.dim
+        self.embed = nn.ModuleList([nn.Embedding(V + 1, D) for _ in range(K)])   # +1: the special token
+        self.layers = nn.ModuleList([DecoderLayer(cfg, context_dim) for _ in range(cfg.num_layers)])
+        self.norm = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
+        self.heads = nn.ModuleList([nn.Linear(D, V, bias=False) for _ in range(K)])
+        self.register_buffer("positions", sinusoids(cfg.max_position_embeddings, D), persistent=False)
+        self.embed_scale = math.sqrt(D) if cfg.scale_embedding else 1.0
+
+    # -- conditioning -----------------------------------------------------------------------------------
+    def cross_kv(self, context: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer cross-attention keys/values for (B, S, C) context: computed once per generation."""
+        return [layer.cross_attn.project(context) for layer in self.layers]
+
+    @staticmethod
+    def cross_bias(mask: torch.Tensor | None, dtype) -> torch.Tensor | None:
+        """(B, S) 0/1 text mask -> additive (B, 1, 1, S) bias; a fully masked row attends uniformly to zeros."""
+        if mask is None:
+            return None
+        return ((1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min).to(dtype)
+
+    def new_caches(self, batch: int, max_len: int, dtype=None, device=None) -> list[KVCache]:
+        p = self.norm.weight
+        return [KVCache(batch, self.cfg.num_heads, max_len, self.cfg.head_dim, dtype or p.dtype, device or p.device)
+                for _ in self.layers]
+
+    # -- forward --------------------------------------------------------------------------------------
+    def forward(self, codes: torch.Tensor, cross_kv, cross_bias=None, pos: int = 0,
+                caches: list[KVCache] | None = None) -> torch.Tensor:
+        """codes (B, K, T) ids at positions pos..pos+T-1 -> logits (B, K, T, V)."""
+        B, K, T = codes.shape
+        x = sum(self.embed[k](codes[:, k]) for k in range(K)) * self.embed_scale  # (B, T, D)
+        if pos + T > self.positions.shape[0]:
+            raise ValueError(f"sequence of {pos + T} steps exceeds the model's {self.positions.shape[0]} positions")
+        x = x + self.positions[pos:pos + T].to(x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, pos, caches[i] if caches is not None else None, cross_kv[i], cross_bias)
+        x = self.norm(x)
+        return torch.stack([head(x) for head in self.heads], dim=1)             # (B, K, T, V)

@@ -1,0 +1,138 @@
+"""Checkpoint formats and the errors a user sees when one is wrong."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import musicgen
+from musicgen.checkpoint import CheckpointError
+
+
+def copy_ckpt(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_sharded_safetensors_and_bin_load_equal(ckpt_dir, tmp_path, model):
+    state = load_file(str(ckpt_dir / "model.safetensors"))
+    names = sorted(state)
+    half = len(names) // 2
+    sharded = copy_ckpt(ckpt_dir, tmp_path / "sharded")
+    (sharded / "model.safetensors").unlink()
+    shards = {"model-00001-of-00002.safetensors": names[:half], "model-00002-of-00002.safetensors": names[half:]}
+    for fname, keys in shards.items():
+        save_file({k: state[k].contiguous() for k in keys}, str(sharded / fname), metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": {k: f for f, ks in shards.items() for k in ks}}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+
+    binary = copy_ckpt(ckpt_dir, tmp_path / "bin")
+    (binary / "model.safetensors").unlink()
+    torch.save(state, binary / "pytorch_model.bin")
+
+    ref = model.state_dict()
+    for folder in (sharded, binary):
+        got = musicgen.load(folder).state_dict()
+        assert all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+def test_bin_with_pickled_code_is_refused(ckpt_dir, tmp_path):
+    bad = copy_ckpt(ckpt_dir, tmp_path / "evil")
+    (bad / "model.safetensors").unlink()
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"x": Payload()}, bad / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="cannot read weights"):
+        musicgen.load(bad)
+
+
+def test_missing_config(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="config.json"):
+        musicgen.load(tmp_path / "empty")
+
+
+def test_missing_weights(ckpt_dir, tmp_path):
+    folder = copy_ckpt(ckpt_dir, tmp_path / "noweights")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="missing weights"):
+        musicgen.load(folder)
+
+
+def test_missing_tokenizer(ckpt_dir, tmp_path):
+    folder = copy_ckpt(ckpt_dir, tmp_path / "notok")
+    for name in ("tokenizer.json", "spiece.model"):
+        (folder / name).unlink(missing_ok=True)
+    with pytest.raises(ValueError, match="tokenizer"):
+        musicgen.load(folder)
+
+
+def test_weight_with_wrong_shape_is_named(ckpt_dir, tmp_path):
+    folder = copy_ckpt(ckpt_dir, tmp_path / "shape")
+    state = load_file(str(folder / "model.safetensors"))
+    state["decoder.lm_heads.2.weight"] = torch.zeros(3, 3)
+    save_file(state, str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"lm\.heads\.2\.weight.*shape"):
+        musicgen.load(folder)
+
+
+def test_missing_and_unexpected_weights_are_named(ckpt_dir, tmp_path):
+    folder = copy_ckpt(ckpt_dir, tmp_path / "names")
+    state = load_file(str(folder / "model.safetensors"))
+    del state["decoder.model.decoder.layer_norm.weight"]
+    save_file(state, str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"lm\.norm\.weight.*missing"):
+        musicgen.load(folder)
+    state = load_file(str(ckpt_dir / "model.safetensors"))
+    state["decoder.model.decoder.extra.weight"] = torch.zeros(2)
+    save_file(state, str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="unexpected weight 'decoder.model.decoder.extra.weight'"):
+        musicgen.load(folder)
+
+
+def test_config_that_is_not_musicgen(ckpt_dir, tmp_path):
+    folder = copy_ckpt(ckpt_dir, tmp_path / "bert")
+    (folder / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(CheckpointError, match="not a MusicGen"):
+        musicgen.load(folder)
+
+
+def test_unknown_model_names(tmp_path, monkeypatch):
+    with pytest.raises(CheckpointError, match="unknown model"):
+        musicgen.load("not a model name")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    import huggingface_hub.constants as c
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(CheckpointError, match="not in the cache"):
+        musicgen.load("facebook/musicgen-small")
+
+
+def test_hub_id_served_from_cache(ckpt_dir, tmp_path, monkeypatch):
+    """A hub id whose files are in the huggingface_hub cache loads offline, through the real cache layout."""
+    import huggingface_hub.constants as c
+
+    cache = tmp_path / "cache"
+    repo = cache / "models--facebook--musicgen-tiny"
+    commit = "0" * 40
+    snap = repo / "snapshots" / commit
+    shutil.copytree(ckpt_dir, snap)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
+    m = musicgen.load("facebook/musicgen-tiny")
+    assert m.sample_rate == 32000
+
+
+def test_bad_dtype(ckpt_dir):
+    with pytest.raises(ValueError, match="dtype"):
+        musicgen.load(ckpt_dir, dtype="int3")
