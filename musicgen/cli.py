@@ -49,7 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=_positive_float, default=1.0, help="softmax temperature (0: greedy)")
     g.add_argument("--guidance-scale", "--cfg", type=_positive_float, default=3.0, help="classifier-free guidance")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
-    g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="LM and text-encoder precision (float32 is the exact reference path)")
+    g.add_argument("--quantize", choices=("int8",), default=None,
+                   help="weight-only int8 LM and text encoder (fastest on CPU; bfloat16 activations)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the decoding step (CUDA graphs on GPU); pays a one-time warm-up")
     g.add_argument("-o", "--output", type=Path, default=Path("musicgen.wav"),
                    help="output file; several prompts give numbered files (out_0.wav, out_1.wav, ...)")
     g.add_argument("--format", choices=FORMATS, default=None, help="audio format (default: from the file suffix)")
@@ -140,7 +145,7 @@ def cmd_generate(args) -> int:
 
     import musicgen
 
-    model = musicgen.load(args.model, device=device, dtype=args.dtype)
+    model = musicgen.load(args.model, device=device, dtype=args.dtype, quantize=args.quantize, compile=args.compile)
     audio = model.generate(prompts, duration=args.duration, top_k=args.top_k, top_p=args.top_p,
                            temperature=args.temperature, guidance_scale=args.guidance_scale, seed=args.seed,
                            progress=not args.quiet)

@@ -44,6 +44,12 @@ class KVCache(nn.Module):
         self.v[:, :, pos:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
 
+    def write(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Static-shape update for compiled steps: `pos` is a (1,) tensor; returns the whole cache."""
+        self.k.index_copy_(2, pos, k)
+        self.v.index_copy_(2, pos, v)
+        return self.k, self.v
+
 
 class SelfAttention(nn.Module):
     def __init__(self, cfg: LMConfig):
@@ -55,6 +61,11 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, pos: int, cache: KVCache | None) -> torch.Tensor:
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, hd)
+        if isinstance(pos, torch.Tensor):  # compiled step: attend over the whole static cache, masked past pos
+            k, v = cache.write(pos, k, v)                                    # (B, H, max_len, hd)
+            mask = (torch.arange(k.shape[2], device=x.device) <= pos)[None]  # (1, max_len)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            return self.out(y.transpose(1, 2).reshape(B, T, D))
         if cache is not None:
             k, v = cache.update(pos, k, v)                                   # (B, H, pos+T, hd)
         if T == 1:
@@ -143,10 +154,18 @@ class MusicLM(nn.Module):
         """codes (B, K, T) ids at positions pos..pos+T-1 -> logits (B, K, T, V)."""
         B, K, T = codes.shape
         x = sum(self.embed[k](codes[:, k]) for k in range(K)) * self.embed_scale  # (B, T, D)
-        if pos + T > self.positions.shape[0]:
+        if isinstance(pos, torch.Tensor):   # one static-shape step (see `step`)
+            x = x + self.positions[pos].to(x.dtype)
+        elif pos + T > self.positions.shape[0]:
             raise ValueError(f"sequence of {pos + T} steps exceeds the model's {self.positions.shape[0]} positions")
-        x = x + self.positions[pos:pos + T].to(x.dtype)
+        else:
+            x = x + self.positions[pos:pos + T].to(x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, pos, caches[i] if caches is not None else None, cross_kv[i], cross_bias)
         x = self.norm(x)
         return torch.stack([head(x) for head in self.heads], dim=1)             # (B, K, T, V)
+
+    def step(self, codes: torch.Tensor, pos: torch.Tensor, cross_kv, cross_bias, caches: list[KVCache]) -> torch.Tensor:
+        """One decoding step with static shapes, for torch.compile / CUDA graphs: codes (B, K, 1), pos (1,) long
+        -> last-position logits (B, K, V). Attention runs over the full preallocated cache under a mask."""
+        return self.forward(codes, cross_kv, cross_bias, pos, caches)[:, :, -1]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -21,6 +22,7 @@ from .codec import EnCodec
 from .config import MusicGenConfig
 from .delay import build_pattern, pattern_length, revert_pattern
 from .lm import MusicLM, sinusoids
+from .quant import Int8Linear, quantize_int8
 from .sampling import SamplingParams, apply_cfg, sample
 from .t5 import T5Encoder
 from .tokenizer import TextTokenizer
@@ -155,9 +157,14 @@ class MusicGen(nn.Module):
         seq = seq.clone()
         rows = 2 * B if params.uses_cfg else B
         dtype = self.dtype
+        compiled = self._compiled_step is not None
+        if compiled:   # static shapes: pad the text to a bucket (padded keys are masked: exact) and reuse caches
+            states, mask = _pad_text(states, mask, bucket=32)
+            caches = self._static_caches(rows)
+        else:
+            caches = self.lm.new_caches(rows, L)
         cross_kv = self.lm.cross_kv(states.to(dtype))
         cross_bias = self.lm.cross_bias(mask, dtype)
-        caches = self.lm.new_caches(rows, L)
         generator = None
         if seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(int(seed))
@@ -166,6 +173,7 @@ class MusicGen(nn.Module):
         step_inputs = lambda x: torch.cat([x, x], dim=0) if params.uses_cfg else x  # noqa: E731
         bar = _progress(L - start, progress)
         logits = self.lm(step_inputs(seq[:, :, :start]), cross_kv, cross_bias, 0, caches)[:, :, -1]  # prefill
+        pos_t = torch.tensor([start], device=self.device)
         for pos in range(start, L):
             if params.uses_cfg:
                 logits = apply_cfg(logits.float(), params.guidance_scale)      # (B, K, V)
@@ -173,9 +181,55 @@ class MusicGen(nn.Module):
             seq[:, :, pos] = torch.where(seq[:, :, pos] == -1, token, seq[:, :, pos])
             bar.update(1)
             if pos + 1 < L:
-                logits = self.lm(step_inputs(seq[:, :, pos:pos + 1]), cross_kv, cross_bias, pos, caches)[:, :, -1]
+                step = step_inputs(seq[:, :, pos:pos + 1])                     # (rows, K, 1)
+                if compiled:
+                    pos_t.fill_(pos)
+                    logits = self._run_compiled(step, pos_t, cross_kv, cross_bias, caches)
+                else:
+                    logits = self.lm(step, cross_kv, cross_bias, pos, caches)[:, :, -1]
         bar.close()
         return seq
+
+    # -- compiled decoding ------------------------------------------------------------------------------
+    _compiled_step = None
+
+    def compile(self, mode: str | None = None, backend: str = "inductor") -> "MusicGen":
+        """Compile the one-token decoding step (static shapes; CUDA graphs with mode "reduce-overhead" on GPU).
+        The first generation pays the compile time; later ones with the same batch size reuse it."""
+        if mode is None:
+            mode = "reduce-overhead" if self.device.type == "cuda" else "default"
+        self._compiled_step = torch.compile(self.lm.step, mode=mode, backend=backend, fullgraph=True, dynamic=False)
+        self._caches = {}
+        return self
+
+    def _run_compiled(self, step, pos_t, cross_kv, cross_bias, caches) -> torch.Tensor:
+        key = (step.shape[0], cross_kv[0][0].shape[2])
+        warmed = self.__dict__.setdefault("_warmed", set())
+        if key in warmed:
+            return self._compiled_step(step, pos_t, cross_kv, cross_bias, caches).clone()
+        start = time.perf_counter()
+        out = self._compiled_step(step, pos_t, cross_kv, cross_bias, caches).clone()
+        warmed.add(key)
+        print(f"musicgen: compiled the decoding step for {key[0]} rows in {time.perf_counter() - start:.1f} s "
+              "(once per batch size)", file=sys.stderr)
+        return out
+
+    def _static_caches(self, rows: int):
+        caches = getattr(self, "_caches", {})
+        if rows not in caches:
+            caches.clear()   # one batch size at a time: caches are the biggest allocation of a generation
+            caches[rows] = self.lm.new_caches(rows, self.lm.positions.shape[0])
+        self._caches = caches
+        return caches[rows]
+
+
+def _pad_text(states: torch.Tensor, mask: torch.Tensor, bucket: int) -> tuple[torch.Tensor, torch.Tensor]:
+    S = states.shape[1]
+    target = -(-S // bucket) * bucket
+    if target == S:
+        return states, mask
+    pad = target - S
+    return (torch.nn.functional.pad(states, (0, 0, 0, pad)), torch.nn.functional.pad(mask, (0, pad)))
 
 
 def _progress(total: int, enabled: bool):
@@ -186,9 +240,17 @@ def _progress(total: int, enabled: bool):
 
 # -- loading ----------------------------------------------------------------------------------------------
 def load(name_or_path: str | os.PathLike = "facebook/musicgen-small", device: str | torch.device = "cpu",
-         dtype: str | torch.dtype = "float32") -> MusicGen:
-    """Load a MusicGen checkpoint (hub id or local folder in the Hugging Face format)."""
+         dtype: str | torch.dtype = "float32", quantize: str | None = None, compile: bool = False) -> MusicGen:
+    """Load a MusicGen checkpoint (hub id or local folder in the Hugging Face format).
+
+    dtype: precision of the LM and text encoder ("float32" is the exact reference path; "bfloat16",
+    "float16"). quantize="int8": weight-only int8 for every linear layer of the LM and text encoder, with
+    activations in `dtype` (bfloat16 if dtype is float32 on CPU, where the fused int8 kernel wants it).
+    compile=True: torch.compile the decoding step (CUDA graphs on GPU); the first generation pays for it.
+    """
     torch_dtype = _dtype(dtype)
+    if quantize not in (None, "int8"):
+        raise ValueError(f"unknown quantize {quantize!r}: choose None or 'int8'")
     device = torch.device(device)
     folder = ckpt.resolve(name_or_path)
     cfg, _ = ckpt.read_config(folder)
@@ -200,12 +262,20 @@ def load(name_or_path: str | os.PathLike = "facebook/musicgen-small", device: st
     _rebuild_buffers(model)
     model.eval().requires_grad_(False)
     model.to(device)
+    if quantize == "int8" and torch_dtype == torch.float32 and device.type == "cpu":
+        torch_dtype = torch.bfloat16
     # the LM and text encoder run in the chosen precision; the codec stays float32 (cheap, and its LSTM
     # and residual sums are where half precision audibly hurts)
-    model.lm.to(torch_dtype)
-    model.text_encoder.to(torch_dtype)
-    if model.text_proj is not None:
-        model.text_proj.to(torch_dtype)
+    for part in (model.lm, model.text_encoder, model.text_proj):
+        if part is not None:
+            part.to(torch_dtype)
+    if quantize == "int8":
+        quantize_int8(model.lm, torch_dtype)
+        quantize_int8(model.text_encoder, torch_dtype)
+        if model.text_proj is not None:
+            model.text_proj = Int8Linear.from_linear(model.text_proj, torch_dtype)
+    if compile:
+        model.compile()
     return model
 
 
