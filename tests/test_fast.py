@@ -18,7 +18,8 @@ def relative_error(model, ref):
     def logits(m):
         states, mask = m.encode_text(PROMPTS)
         with torch.inference_mode():
-            return m.lm(codes, m.lm.cross_kv(states.to(m.dtype)), m.lm.cross_bias(mask, m.dtype)).float()
+            return m.lm(codes.to(m.device), m.lm.cross_kv(states.to(m.dtype)),
+                        m.lm.cross_bias(mask, m.dtype)).float().cpu()
 
     a, b = logits(model), logits(ref)
     return ((a - b).abs().max() / b.std()).item()
@@ -83,3 +84,14 @@ def test_bad_precision_options(ckpt_dir):
         musicgen.load(ckpt_dir, quantize="int4")
     with pytest.raises(ValueError, match="dtype"):
         musicgen.load(ckpt_dir, dtype="float8")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kw", [dict(dtype="bfloat16"), dict(dtype="bfloat16", quantize="int8"),
+                                dict(dtype="bfloat16", compile=True)])
+def test_cuda_fast_paths_agree_with_cpu_float32(ckpt_dir, model, kw):
+    m = musicgen.load(ckpt_dir, device="cuda", **kw)
+    assert relative_error(m, model) < TOLERANCE["int8" if "quantize" in kw else "bfloat16"]
+    codes = m.generate_codes(PROMPTS, duration=0.4, seed=0)
+    assert codes.device.type == "cuda" and codes.shape == (2, 4, 20)

@@ -1,0 +1,234 @@
+"""Speed of this project against transformers on the same random-weight checkpoints at the real MusicGen shapes.
+
+    python benchmarks/speed.py                                   # CPU: small and medium, batch 1 and 4
+    python benchmarks/speed.py --sizes small --batches 1 --seconds 5
+    python benchmarks/speed.py --device cuda --sizes medium --modes float32,bfloat16,bfloat16+compile
+
+Speed does not depend on weight values, so checkpoints are built once with transformers (random weights, the
+published config values of facebook/musicgen-{small,medium,large}) into --cache and reused. Every row runs in
+its own process (clean peak memory). Guidance 3.0, top-k 250 throughout.
+
+Columns: decoding steps/s (LM steps only: ours = positions / (generate_codes - text encoding); transformers =
+rate of decoder forward calls inside generate()), time to first audio (the first streamed chunk where `model.stream`
+exists, otherwise the whole request), whole request for --seconds of audio (text -> audio), peak memory
+(CPU: max RSS; CUDA: max allocated), and the ratio of steps/s to transformers float32 at the same size/batch.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SIZES = {  # facebook/musicgen-* decoder shapes
+    "small": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, ffn_dim=4096),
+    "medium": dict(hidden_size=1536, num_hidden_layers=48, num_attention_heads=24, ffn_dim=6144),
+    "large": dict(hidden_size=2048, num_hidden_layers=48, num_attention_heads=32, ffn_dim=8192),
+}
+PROMPTS = ["80s pop track with bassy drums and synth", "lofi hip hop beat with mellow piano and vinyl crackle",
+           "epic orchestral soundtrack with strings, brass and choir", "techno with driving kick drum and acid bass"]
+
+
+# -- checkpoints -----------------------------------------------------------------------------------------
+def build_checkpoint(size: str, folder: Path) -> None:
+    """A hub-format checkpoint with random weights at the published shapes (transformers is the builder)."""
+    import torch
+    from transformers import (EncodecConfig, MusicgenConfig, MusicgenDecoderConfig,
+                              MusicgenForConditionalGeneration, T5Config)
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import save_checkpoint, train_spm
+
+    text = T5Config(vocab_size=32128, d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_heads=12,
+                    feed_forward_proj="relu")
+    codec = EncodecConfig(sampling_rate=32000, upsampling_ratios=[8, 5, 4, 4], use_causal_conv=False,
+                          use_conv_shortcut=False, codebook_size=2048, num_filters=64, hidden_size=128,
+                          codebook_dim=128, target_bandwidths=[2.2], normalize=False, chunk_length_s=None,
+                          audio_channels=1, compress=2, num_lstm_layers=2, residual_kernel_size=3)
+    decoder = MusicgenDecoderConfig(vocab_size=2048, num_codebooks=4, max_position_embeddings=2048,
+                                    pad_token_id=2048, bos_token_id=2048, **SIZES[size])
+    torch.manual_seed(0)
+    model = MusicgenForConditionalGeneration(MusicgenConfig(text_encoder=text, audio_encoder=codec, decoder=decoder))
+    for name, attr in (("pad_token_id", 2048), ("decoder_start_token_id", 2048), ("bos_token_id", 2048)):
+        setattr(model.generation_config, name, attr)
+    spm = train_spm(folder / "_spm")
+    save_checkpoint(model.eval(), folder, spm)
+
+
+def ensure_checkpoint(size: str, cache: Path) -> Path:
+    folder = cache / size
+    if not (folder / "config.json").is_file():
+        print(f"building a random {size} checkpoint in {folder} (once) ...", file=sys.stderr, flush=True)
+        subprocess.run([sys.executable, __file__, "--build", size, "--cache", str(cache)], check=True)
+    return folder
+
+
+# -- one measurement, in its own process -----------------------------------------------------------------
+def peak_memory_mb(device: str) -> float:
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def measure_ours(folder: Path, mode: str, batch: int, seconds: float, device: str) -> dict:
+    import torch
+
+    import musicgen
+
+    dtype = "bfloat16" if "bfloat16" in mode else "float16" if "float16" in mode else "float32"
+    quantize = "int8" if "int8" in mode else None
+    model = musicgen.load(folder, device=device, dtype=dtype, quantize=quantize, compile="compile" in mode)
+    prompts = (PROMPTS * batch)[:batch]
+    kw = dict(top_k=250, guidance_scale=3.0, seed=0)
+    model.generate(prompts, duration=0.2, **kw)                              # warm-up (and compile)
+    sync(device)
+    t0 = time.perf_counter()
+    model.encode_text(prompts)
+    sync(device)
+    text_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    codes = model.generate_codes(prompts, duration=seconds, **kw)
+    sync(device)
+    codes_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    model.decode(codes)
+    sync(device)
+    decode_s = time.perf_counter() - t0
+    steps = codes.shape[-1] + model.cfg.lm.num_codebooks - 1
+    request_s = codes_s + decode_s
+    first_audio_s = request_s
+    if hasattr(model, "stream"):
+        t0 = time.perf_counter()
+        for _ in model.stream(prompts[0], duration=seconds, **kw):
+            sync(device)
+            first_audio_s = time.perf_counter() - t0
+            break
+    return dict(steps_per_s=steps / (codes_s - text_s), first_audio_s=first_audio_s, request_s=request_s,
+                decode_s=decode_s, text_s=text_s, peak_mb=peak_memory_mb(device))
+
+
+def measure_transformers(folder: Path, mode: str, batch: int, seconds: float, device: str) -> dict:
+    import torch
+    from transformers import AutoTokenizer, MusicgenForConditionalGeneration
+
+    dtype = torch.bfloat16 if "bfloat16" in mode else torch.float16 if "float16" in mode else torch.float32
+    model = MusicgenForConditionalGeneration.from_pretrained(folder, dtype=dtype).to(device).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    prompts = (PROMPTS * batch)[:batch]
+    K = model.decoder.num_codebooks
+    steps = round(seconds * 50) + K - 1
+
+    times: list[float] = []   # one decoder forward per decoding step (its prefill included)
+
+    def tick(*_):
+        sync(device)
+        times.append(time.perf_counter())
+
+    def run(n):
+        inputs = tok(prompts, padding=True, return_tensors="pt").to(device)
+        with torch.no_grad():
+            return model.generate(**inputs, do_sample=True, top_k=250, guidance_scale=3.0, max_new_tokens=n)
+
+    run(10)                                                                   # warm-up
+    model.decoder.register_forward_hook(tick)
+    sync(device)
+    t0 = time.perf_counter()
+    run(steps)
+    sync(device)
+    request_s = time.perf_counter() - t0
+    rate = (len(times) - 1) / (times[-1] - times[0])
+    return dict(steps_per_s=rate, first_audio_s=request_s, request_s=request_s, decode_s=float("nan"),
+                text_s=float("nan"), peak_mb=peak_memory_mb(device))
+
+
+# -- the table -----------------------------------------------------------------------------------------
+def run_row(impl: str, size: str, mode: str, batch: int, args) -> dict | None:
+    cmd = [sys.executable, __file__, "--worker", impl, size, mode, str(batch), "--seconds", str(args.seconds),
+           "--device", args.device, "--cache", str(args.cache)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    if proc.returncode != 0:
+        print(f"{impl} {size} {mode} b{batch} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+        return None
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    row.update(impl=impl, size=size, mode=mode, batch=batch)
+    print(f"  {impl:12s} {size:6s} {mode:18s} b{batch}: {row['steps_per_s']:.1f} steps/s", file=sys.stderr, flush=True)
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", default="small,medium")
+    p.add_argument("--batches", default="1,4")
+    p.add_argument("--modes", default=None, help="ours: float32, bfloat16, float16, int8, any +compile "
+                   "(default CPU: float32,bfloat16,int8; CUDA: float32,bfloat16,bfloat16+compile,int8+compile)")
+    p.add_argument("--hf-modes", default=None, help="transformers rows (default: float32; CUDA: float32,bfloat16)")
+    p.add_argument("--seconds", type=float, default=10.0, help="audio per request")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "musicgen-bench")
+    p.add_argument("--build", help=argparse.SUPPRESS)
+    p.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.build:
+        build_checkpoint(args.build, args.cache / args.build)
+        return
+    if args.worker:
+        impl, size, mode, batch = args.worker
+        fn = measure_ours if impl == "musicgen" else measure_transformers
+        print(json.dumps(fn(args.cache / size, mode, int(batch), args.seconds, args.device)))
+        return
+
+    cuda = args.device.startswith("cuda")
+    modes = (args.modes or ("float32,bfloat16,bfloat16+compile,int8+compile" if cuda else
+                            "float32,bfloat16,int8")).split(",")
+    hf_modes = (args.hf_modes or ("float32,bfloat16" if cuda else "float32")).split(",")
+    rows = []
+    for size in args.sizes.split(","):
+        ensure_checkpoint(size, args.cache)
+        for batch in map(int, args.batches.split(",")):
+            rows += [run_row("transformers", size, m, batch, args) for m in hf_modes]
+            rows += [run_row("musicgen", size, m, batch, args) for m in modes]
+    print_table([r for r in rows if r], args)
+
+
+def print_table(rows: list[dict], args) -> None:
+    import torch
+
+    if args.device.startswith("cuda"):
+        hw = torch.cuda.get_device_name()
+    else:
+        hw = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    print(f"\ndevice: {args.device} ({hw}); torch {torch.__version__}; {args.seconds:g} s of audio per request; "
+          "guidance 3.0, top-k 250; random weights at the published shapes\n")
+    print("| size | batch | implementation | mode | steps/s | × transformers | first audio (s) | "
+          "request (s) | text (s) | codec decode (s) | peak memory (MB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        base = next((b for b in rows if b["impl"] == "transformers" and b["size"] == r["size"]
+                     and b["batch"] == r["batch"] and b["mode"] == "float32"), None)
+        ratio = f"{r['steps_per_s'] / base['steps_per_s']:.1f}×" if base else "-"
+        print(f"| {r['size']} | {r['batch']} | {r['impl']} | {r['mode']} | {r['steps_per_s']:.1f} | {ratio} | "
+              f"{r['first_audio_s']:.2f} | {r['request_s']:.2f} | {_s(r['text_s'])} | {_s(r['decode_s'])} | "
+              f"{r['peak_mb']:.0f} |")
+
+
+def _s(value: float) -> str:
+    return "-" if value != value else f"{value:.2f}"   # NaN: not separable in transformers' generate()
+
+
+if __name__ == "__main__":
+    main()
