@@ -20,6 +20,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from . import audiocraft_format
 from . import checkpoint as ckpt
 from . import chroma as chroma_mod
 from . import conditions
@@ -344,9 +345,12 @@ def load(name_or_path: str | os.PathLike = "facebook/musicgen-small", device: st
     torch_dtype = _dtype(dtype)
     device = torch.device(device)
     folder = ckpt.resolve(name_or_path)
-    cfg, _ = ckpt.read_config(folder)
-    tokenizer = TextTokenizer.from_dir(folder)
-    state = ckpt.map_hf_state(ckpt.read_weights(folder))
+    if audiocraft_format.is_audiocraft(folder):   # state_dict.bin + compression_state_dict.bin (+ t5/)
+        cfg, state, text_folder = audiocraft_format.read(folder)
+    else:
+        cfg, _ = ckpt.read_config(folder)
+        state, text_folder = ckpt.map_hf_state(ckpt.read_weights(folder)), folder
+    tokenizer = TextTokenizer.from_dir(text_folder)
     with torch.device("meta"):
         model = MusicGen(cfg, tokenizer)
     ckpt.load_into(model, state, str(folder))
