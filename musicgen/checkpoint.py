@@ -93,8 +93,8 @@ def read_config(folder: Path) -> tuple[MusicGenConfig, dict]:
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{f} is not valid JSON: {e}") from e
     model_type = raw.get("model_type")
-    if model_type not in (None, "musicgen"):
-        raise CheckpointError(f"{folder} holds a {model_type!r} model, not a MusicGen text-to-music checkpoint")
+    if model_type not in (None, "musicgen", "musicgen_melody"):
+        raise CheckpointError(f"{folder} holds a {model_type!r} model, not a MusicGen checkpoint")
     try:
         return MusicGenConfig.from_hf(raw, name=folder.name), raw
     except (ValueError, KeyError, TypeError) as e:
@@ -143,6 +143,7 @@ _LM_RENAMES = [
     (r"^decoder\.model\.decoder\.layers\.(\d+)\.final_layer_norm\.", r"lm.layers.\1.norm2."),
     (r"^decoder\.model\.decoder\.layers\.(\d+)\.(fc1|fc2)\.", r"lm.layers.\1.\2."),
     (r"^enc_to_dec_proj\.", "text_proj."),
+    (r"^audio_enc_to_dec_proj\.", "chroma_proj."),                           # melody checkpoints
     (r"^text_encoder\.", "text_encoder."),
     (r"^audio_encoder\.", "codec."),
 ]

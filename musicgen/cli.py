@@ -1,5 +1,12 @@
 """Command line: `musicgen generate "80s pop track with bassy drums and synth" --duration 8 -o pop.wav`.
 
+    musicgen generate "lofi" --melody tune.wav --model facebook/musicgen-melody   melody conditioning
+    musicgen generate "lofi" --continue intro.wav -d 20                           continuation (output starts
+                                                                                  with intro.wav)
+    musicgen generate --unconditional --batch-size 4 -d 10                        no text
+    musicgen generate "ambient" -d 120                                            long-form (window slides 18 s)
+    musicgen convert SRC DST                                                      Hugging Face <-> audiocraft
+
 A thin layer over the Python API. Every bad input is caught before the model loads where it can be, and
 ends the program with one line on stderr and exit status 2; nothing is overwritten without --force.
 """
@@ -62,10 +69,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="level normalisation: loudness (-14 LUFS), peak, clip or none")
     g.add_argument("-f", "--force", action="store_true", help="overwrite existing files")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--melody", type=Path, help="audio file whose melody (chromagram) conditions melody models")
+    g.add_argument("--no-demucs", action="store_true", help="take the melody from the full mix, without Demucs")
+    g.add_argument("--continue", dest="continue_from", type=Path,
+                   help="audio file to continue: the output starts with it; --duration is the total length")
+    g.add_argument("--unconditional", action="store_true", help="generate without text (no prompts allowed)")
+    g.add_argument("--batch-size", type=int, default=None, help="rows to generate when there is no text")
+    g.add_argument("--extend-stride", type=_positive_float, default=18.0,
+                   help="seconds the 30 s window advances beyond 30 s of audio (default 18)")
+    c = sub.add_parser("convert", help="convert a checkpoint between the Hugging Face and audiocraft formats")
+    c.add_argument("src", help="checkpoint folder (either format) or hub id")
+    c.add_argument("dst", type=Path, help="output folder, written in the other format")
+    c.add_argument("-f", "--force", action="store_true", help="write into a non-empty folder")
     return parser
 
 
-def _read_prompts(args) -> list[str]:
+def _read_prompts(args) -> list[str] | None:
+    if args.unconditional:
+        if args.prompts or args.prompts_file is not None:
+            raise UsageError("--unconditional takes no prompts")
+        return None
+    if not args.prompts and args.prompts_file is None and (args.melody or args.continue_from):
+        return None   # melody / continuation alone, without text
     prompts = list(args.prompts)
     if args.prompts_file is not None:
         try:
@@ -76,7 +101,7 @@ def _read_prompts(args) -> list[str]:
         if not lines or not any(line.strip() for line in lines):
             raise UsageError(f"prompts file {args.prompts_file} has no prompts")
     if not prompts:
-        raise UsageError("give at least one prompt (or --prompts-file)")
+        raise UsageError("give at least one prompt (or --prompts-file, or --unconditional)")
     for i, p in enumerate(prompts):
         if not p.strip():
             raise UsageError(f"prompt {i + 1} is empty")
@@ -105,12 +130,8 @@ def _output_paths(args, count: int) -> list[Path]:
 
 
 def _validate_sampling(args) -> None:
-    from .model import MAX_DURATION
-
     if args.duration <= 0:
         raise UsageError(f"--duration must be positive, got {args.duration:g}")
-    if args.duration > MAX_DURATION:
-        raise UsageError(f"--duration {args.duration:g} is longer than the model's {MAX_DURATION:g} s context")
     if args.top_k < 0:
         raise UsageError(f"--top-k must be >= 0, got {args.top_k}")
     if not 0.0 <= args.top_p <= 1.0:
@@ -140,18 +161,38 @@ def _device(name: str | None) -> str:
 def cmd_generate(args) -> int:
     prompts = _read_prompts(args)
     _validate_sampling(args)
-    paths = _output_paths(args, len(prompts))
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.batch_size is not None and prompts is not None and args.batch_size != len(prompts):
+        raise UsageError(f"--batch-size {args.batch_size} does not match the {len(prompts)} prompt(s)")
+    rows = len(prompts) if prompts is not None else (args.batch_size or 1)
+    paths = _output_paths(args, rows)
     device = _device(args.device)
 
     import musicgen
 
+    extra = {}
+    if args.melody is not None:
+        wav, sr = musicgen.load_audio(args.melody)
+        extra.update(melody=wav, melody_sample_rate=sr, demucs=not args.no_demucs)
+    if args.continue_from is not None:
+        wav, sr = musicgen.load_audio(args.continue_from)
+        extra.update(prompt_audio=wav, prompt_sample_rate=sr)
     model = musicgen.load(args.model, device=device, dtype=args.dtype, quantize=args.quantize, compile=args.compile)
     audio = model.generate(prompts, duration=args.duration, top_k=args.top_k, top_p=args.top_p,
                            temperature=args.temperature, guidance_scale=args.guidance_scale, seed=args.seed,
-                           progress=not args.quiet)
+                           progress=not args.quiet, batch_size=rows, extend_stride=args.extend_stride, **extra)
     for path, wav in zip(paths, audio):
         musicgen.save_audio(path, wav, model.sample_rate, strategy=args.strategy, format=args.format)
         print(path)
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from .convert import convert
+
+    written = convert(args.src, args.dst, force=args.force)
+    print(f"{args.dst} ({written} format)")
     return 0
 
 
@@ -160,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args = build_parser().parse_args(argv)
-        return {"generate": cmd_generate}[args.command](args)
+        return {"generate": cmd_generate, "convert": cmd_convert}[args.command](args)
     except (UsageError, CheckpointError, ValueError, FileExistsError) as e:
         print(f"musicgen: error: {e}", file=sys.stderr)
         return 2

@@ -135,6 +135,7 @@ class LMConfig:
     scale_embedding: bool = False
     cross_attention_dim: int | None = None   # None: the text states are projected to `dim` first
     layer_norm_eps: float = 1e-5
+    prefix_conditioning: bool = False    # melody checkpoints: conditions are prepended tokens, no cross-attention
 
     @property
     def special_token(self) -> int:
@@ -162,11 +163,21 @@ class LMConfig:
 
 
 @dataclass(frozen=True)
+class MelodyConfig:
+    """Chroma conditioning of the melody checkpoints (audiocraft's ChromaStemConditioner)."""
+    num_chroma: int = 12                 # pitch classes
+    chroma_length: int = 235             # chroma frames the LM sees: 30 s at hop 4096 and 32 kHz, center padded
+    n_fft: int = 16384                   # STFT window (audiocraft radix2_exp=14)
+    hop_length: int = 4096               # n_fft // 4
+
+
+@dataclass(frozen=True)
 class MusicGenConfig:
     codec: CodecConfig = field(default_factory=CodecConfig)
     text: T5Config = field(default_factory=T5Config)
     lm: LMConfig = field(default_factory=LMConfig)
     name: str = "custom"
+    melody: MelodyConfig | None = None   # set for musicgen-melody checkpoints (prefix conditioning on chroma)
 
     @property
     def sample_rate(self) -> int:
@@ -185,8 +196,13 @@ class MusicGenConfig:
         for part in ("text_encoder", "audio_encoder", "decoder"):
             if part not in d:
                 raise ValueError(f"config.json has no '{part}' section: not a MusicGen checkpoint")
+        lm = LMConfig.from_hf(d["decoder"])
+        melody = None
+        if d.get("model_type") == "musicgen_melody":
+            melody = MelodyConfig(num_chroma=d.get("num_chroma", 12), chroma_length=d.get("chroma_length", 235))
+            lm = replace(lm, prefix_conditioning=True)
         cfg = cls(codec=CodecConfig.from_hf(d["audio_encoder"]), text=T5Config.from_hf(d["text_encoder"]),
-                  lm=LMConfig.from_hf(d["decoder"]), name=name)
+                  lm=lm, name=name, melody=melody)
         cfg.validate()
         return cfg
 
@@ -213,7 +229,14 @@ _LM_SIZES = {
 
 
 def preset(name: str) -> MusicGenConfig:
-    """Named architecture presets: small, medium, large, stereo-{size}, and `debug` (tiny, for tests)."""
+    """Named architecture presets: small, medium, large, melody, stereo-{size}, stereo-melody, and `debug` /
+    `debug-melody` (tiny, for tests)."""
+    if name == "debug-melody":
+        return replace(preset("debug"), lm=replace(preset("debug").lm, prefix_conditioning=True),
+                       melody=MelodyConfig(), name=name)
+    if name in ("melody", "stereo-melody", "melody-large", "stereo-melody-large"):
+        base = preset(name.replace("melody-large", "large").replace("melody", "medium"))
+        return replace(base, lm=replace(base.lm, prefix_conditioning=True), melody=MelodyConfig(), name=name)
     if name == "debug":
         return MusicGenConfig(
             codec=CodecConfig(num_filters=4, hidden_size=16, codebook_size=64, ratios=(8, 5, 4, 4)),
@@ -223,7 +246,8 @@ def preset(name: str) -> MusicGenConfig:
     stereo = name.startswith("stereo-")
     size = name.removeprefix("stereo-")
     if size not in _LM_SIZES:
-        raise ValueError(f"unknown preset {name!r}: choose debug, small, medium, large or stereo-<size>")
+        raise ValueError(f"unknown preset {name!r}: choose debug, debug-melody, small, medium, large, melody, "
+                         f"melody-large or stereo-<any of those>")
     lm = LMConfig(**_LM_SIZES[size], num_codebooks=8 if stereo else 4, audio_channels=2 if stereo else 1)
     return MusicGenConfig(lm=lm, name=name)
 

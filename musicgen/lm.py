@@ -4,6 +4,10 @@ Input: one token per codebook per position; the K embeddings are summed, sinusoi
 Each layer: causal self-attention (static KV cache), cross-attention to the projected text states,
 GELU feed-forward. Output: one linear head per codebook.
 
+Melody checkpoints (`cfg.prefix_conditioning`) have no cross-attention: the conditions (projected chroma,
+then projected text) are prepended as the first positions of the sequence (`forward(..., prefix=...)`), so
+they sit in the self-attention cache and code positions count on after them.
+
 Decoding follows gpt-fast: the KV cache is preallocated once per generation (`KVCache`), cross-attention
 keys/values are computed once (`cross_kv`), and a step writes into the cache at `pos` without allocating.
 """
@@ -103,8 +107,9 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
         self.self_attn = SelfAttention(cfg)
-        self.norm_cross = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
-        self.cross_attn = CrossAttention(cfg, context_dim)
+        prefix = cfg.prefix_conditioning   # conditions are prepended tokens: no cross-attention sub-layer
+        self.norm_cross = None if prefix else nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
+        self.cross_attn = None if prefix else CrossAttention(cfg, context_dim)
         self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
         self.fc1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.fc2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
@@ -114,7 +119,8 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, pos, cache, cross_kv, cross_bias):
         x = x + self.self_attn(self.norm1(x), pos, cache)
-        x = x + self.cross_attn(self.norm_cross(x), cross_kv, cross_bias)
+        if self.cross_attn is not None:
+            x = x + self.cross_attn(self.norm_cross(x), cross_kv, cross_bias)
         return x + self.fc2(self.act(self.fc1(self.norm2(x))))
 
 
@@ -134,6 +140,8 @@ class MusicLM(nn.Module):
     # -- conditioning -----------------------------------------------------------------------------------
     def cross_kv(self, context: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer cross-attention keys/values for (B, S, C) context: computed once per generation."""
+        if self.cfg.prefix_conditioning:
+            return None
         return [layer.cross_attn.project(context) for layer in self.layers]
 
     @staticmethod
@@ -150,10 +158,17 @@ class MusicLM(nn.Module):
 
     # -- forward --------------------------------------------------------------------------------------
     def forward(self, codes: torch.Tensor, cross_kv, cross_bias=None, pos: int = 0,
-                caches: list[KVCache] | None = None) -> torch.Tensor:
-        """codes (B, K, T) ids at positions pos..pos+T-1 -> logits (B, K, T, V)."""
+                caches: list[KVCache] | None = None, prefix: torch.Tensor | None = None) -> torch.Tensor:
+        """codes (B, K, T) ids at positions pos..pos+T-1 -> logits (B, K, T, V).
+
+        prefix (B, P, D): condition embeddings placed before the codes (prefix-conditioned models, at pos 0);
+        they take positions 0..P-1 and the codes P..P+T-1; logits are returned for the codes only.
+        """
         B, K, T = codes.shape
         x = sum(self.embed[k](codes[:, k]) for k in range(K)) * self.embed_scale  # (B, T, D)
+        if prefix is not None:
+            x = torch.cat([prefix.to(x.dtype), x], dim=1)                      # (B, P+T, D)
+        T = x.shape[1]
         if isinstance(pos, torch.Tensor):   # one static-shape step (see `step`)
             x = x + self.positions[pos].to(x.dtype)
         elif pos + T > self.positions.shape[0]:
@@ -161,8 +176,9 @@ class MusicLM(nn.Module):
         else:
             x = x + self.positions[pos:pos + T].to(x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, pos, caches[i] if caches is not None else None, cross_kv[i], cross_bias)
-        x = self.norm(x)
+            x = layer(x, pos, caches[i] if caches is not None else None,
+                      cross_kv[i] if cross_kv is not None else None, cross_bias)
+        x = self.norm(x[:, x.shape[1] - codes.shape[2]:])                       # drop the prefix positions
         return torch.stack([head(x) for head in self.heads], dim=1)             # (B, K, T, V)
 
     def step(self, codes: torch.Tensor, pos: torch.Tensor, cross_kv, cross_bias, caches: list[KVCache]) -> torch.Tensor:

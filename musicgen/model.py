@@ -5,6 +5,10 @@
 
 Generation is split the gpt-fast way: text states and cross-attention keys/values once, a prefill over the
 known prefix of the delayed grid, then one cached step per position.
+
+Every mode of the original goes through `generate_codes`: text, melody (chroma prefix, melody checkpoints),
+continuation (`prompt_audio`: its codes are the known prefix of the grid), unconditional (`prompts=None`),
+stereo (8 interleaved codebooks) and long-form (duration beyond 30 s: windows slid by `extend_stride`).
 """
 from __future__ import annotations
 
@@ -17,10 +21,15 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from . import audiocraft_format
 from . import checkpoint as ckpt
+from . import chroma as chroma_mod
+from . import conditions
+from .audio import convert_channels, resample
 from .codec import EnCodec
 from .config import MusicGenConfig
-from .delay import build_pattern, pattern_length, revert_pattern
+from .delay import build_pattern, revert_pattern
+from .longform import generate_long
 from .lm import MusicLM, sinusoids
 from .quant import Int8Linear, quantize_int8
 from .sampling import SamplingParams, apply_cfg, sample
@@ -29,7 +38,8 @@ from .tokenizer import TextTokenizer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
-MAX_DURATION = 30.0   # seconds: the context MusicGen was trained on
+MAX_DURATION = 30.0   # seconds: the context MusicGen was trained on; longer runs slide a window over it
+EXTEND_STRIDE = 18.0  # seconds the window advances in long-form generation (audiocraft's extend_stride)
 
 
 class MusicGen(nn.Module):
@@ -44,6 +54,10 @@ class MusicGen(nn.Module):
         self.lm = MusicLM(cfg.lm, context_dim=cfg.lm.dim if needs_proj or cfg.lm.cross_attention_dim is None
                           else cfg.text.d_model)
         self.codec = EnCodec(cfg.codec)
+        # melody checkpoints project 12 chroma bins to the LM width (transformers' audio_enc_to_dec_proj)
+        self.chroma_proj = None
+        if cfg.melody is not None and cfg.melody.num_chroma != cfg.lm.dim:
+            self.chroma_proj = nn.Linear(cfg.melody.num_chroma, cfg.lm.dim)
 
     # -- facts ------------------------------------------------------------------------------------------
     @property
@@ -57,6 +71,10 @@ class MusicGen(nn.Module):
     @property
     def audio_channels(self) -> int:
         return self.cfg.audio_channels
+
+    @property
+    def supports_melody(self) -> bool:
+        return self.cfg.melody is not None
 
     @property
     def device(self) -> torch.device:
@@ -111,69 +129,140 @@ class MusicGen(nn.Module):
         return next(self.codec.parameters()).device
 
     # -- generation -------------------------------------------------------------------------------------
-    def generate(self, prompts: Sequence[str] | str, duration: float = 8.0, *, top_k: int = 250, top_p: float = 0.0,
+    def generate(self, prompts: Sequence[str] | str | None = None, duration: float = 8.0, *,
+                 melody=None, melody_sample_rate: int | None = None, prompt_audio=None,
+                 prompt_sample_rate: int | None = None, batch_size: int | None = None, demucs: bool = True,
+                 extend_stride: float = EXTEND_STRIDE, top_k: int = 250, top_p: float = 0.0,
                  temperature: float = 1.0, guidance_scale: float = 3.0, seed: int | None = None,
                  progress: bool = False) -> torch.Tensor:
-        """Text prompts -> float32 audio (B, channels, samples) at model.sample_rate."""
-        codes = self.generate_codes(prompts, duration, top_k=top_k, top_p=top_p, temperature=temperature,
-                                    guidance_scale=guidance_scale, seed=seed, progress=progress)
+        """Prompts (or None) -> float32 audio (B, channels, samples) at model.sample_rate; see generate_codes.
+        With `prompt_audio` the output starts with the prompt (re-synthesised by the codec)."""
+        codes = self.generate_codes(prompts, duration, melody=melody, melody_sample_rate=melody_sample_rate,
+                                    prompt_audio=prompt_audio, prompt_sample_rate=prompt_sample_rate,
+                                    batch_size=batch_size, demucs=demucs, extend_stride=extend_stride, top_k=top_k,
+                                    top_p=top_p, temperature=temperature, guidance_scale=guidance_scale, seed=seed,
+                                    progress=progress)
         return self.decode(codes)
 
     @torch.inference_mode()
-    def generate_codes(self, prompts: Sequence[str] | str, duration: float = 8.0, *, top_k: int = 250,
-                       top_p: float = 0.0, temperature: float = 1.0, guidance_scale: float = 3.0,
-                       seed: int | None = None, progress: bool = False) -> torch.Tensor:
-        """Text prompts -> codes (B, K, frames) with frames = round(duration * frame_rate)."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not prompts:
-            raise ValueError("give at least one prompt")
-        for i, p in enumerate(prompts):
-            if not isinstance(p, str) or not p.strip():
-                raise ValueError(f"prompt {i} is empty")
-        frames = self.frames_for(duration)
+    def generate_codes(self, prompts: Sequence[str] | str | None = None, duration: float = 8.0, *,
+                       melody=None, melody_sample_rate: int | None = None, prompt_audio=None,
+                       prompt_sample_rate: int | None = None, batch_size: int | None = None, demucs: bool = True,
+                       extend_stride: float = EXTEND_STRIDE, top_k: int = 250, top_p: float = 0.0,
+                       temperature: float = 1.0, guidance_scale: float = 3.0, seed: int | None = None,
+                       progress: bool = False) -> torch.Tensor:
+        """Conditions -> codes (B, K, frames), frames = round(duration * frame_rate), `duration` the total length.
+
+        prompts        text per row; None for no text (unconditional, or melody / continuation alone)
+        melody         melody checkpoints: (channels, samples) for every row, or one per row as a list or a
+                       (B, channels, samples) tensor, at `melody_sample_rate` (default model.sample_rate);
+                       drums and bass are removed with Demucs first when installed and `demucs` is True
+        prompt_audio   continuation: audio the output starts with, same layouts, at `prompt_sample_rate`
+        batch_size     rows when nothing else fixes it (unconditional generation)
+        duration       beyond 30 s the 30 s window slides by `extend_stride` seconds, re-conditioned each time
+        """
         params = SamplingParams(top_k=top_k, top_p=top_p, temperature=temperature, guidance_scale=guidance_scale)
         params.validate()
-        states, mask = self.encode_text(prompts)
-        if params.uses_cfg:  # unconditional rows: zero text states, fully masked (transformers / audiocraft null text)
-            states = torch.cat([states, torch.zeros_like(states)], dim=0)
-            mask = torch.cat([mask, torch.zeros_like(mask)], dim=0)
-        K = self.cfg.lm.num_codebooks
-        known = torch.zeros(len(prompts), K, 0, dtype=torch.long, device=self.device)
-        seq = build_pattern(known, frames, self.cfg.lm.special_token, self.audio_channels)
-        seq = self._decode_grid(seq, states, mask, params, seed, progress)
-        return revert_pattern(seq, frames, self.audio_channels)
+        frames = self.frames_for(duration)
+        prompts, B = _batch(prompts, batch_size, [_rows(melody), _rows(prompt_audio)])
+        known = self._prompt_codes(prompt_audio, prompt_sample_rate, B)       # (B, K, P)
+        if known.shape[2] > frames:
+            raise ValueError(f"the audio prompt ({known.shape[2] / self.frame_rate:g} s) is longer than the "
+                             f"duration to generate ({duration:g} s)")
+        melodies = self._melodies(melody, melody_sample_rate, B, demucs)     # B mono 32 kHz waves, or None
+        if prompts is None and melodies is None:
+            params = SamplingParams(top_k=top_k, top_p=top_p, temperature=temperature, guidance_scale=1.0)
+        states, mask = (self.encode_text(prompts) if prompts is not None
+                        else conditions.null_text(B, self.cfg.lm.dim, self.device, self.dtype))
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(int(seed))
+
+        def window(known_codes: torch.Tensor, window_frames: int, window_melodies) -> torch.Tensor:
+            cond = self._conditions(states, mask, window_melodies, params.uses_cfg)
+            seq = build_pattern(known_codes, window_frames, self.cfg.lm.special_token, self.audio_channels)
+            seq = self._decode_grid(seq, cond, params, generator, progress)
+            return revert_pattern(seq, window_frames, self.audio_channels)
+
+        window_frames = round(MAX_DURATION * self.frame_rate)
+        if frames <= window_frames:
+            return window(known, frames, melodies)
+        if not 0 < extend_stride < MAX_DURATION:
+            raise ValueError(f"extend_stride must be in (0, {MAX_DURATION:g}) seconds, got {extend_stride!r}")
+        return generate_long(window, known, frames, window_frames, round(extend_stride * self.frame_rate),
+                             melodies, chroma_mod.CHROMA_SAMPLE_RATE / self.frame_rate,
+                             round(MAX_DURATION * chroma_mod.CHROMA_SAMPLE_RATE))
 
     def frames_for(self, duration: float) -> int:
-        if not isinstance(duration, (int, float)) or not duration > 0:
+        if isinstance(duration, bool) or not isinstance(duration, (int, float)) or not duration > 0:
             raise ValueError(f"duration must be a positive number of seconds, got {duration!r}")
-        if duration > MAX_DURATION:
-            raise ValueError(f"duration {duration:g} s is longer than the model's {MAX_DURATION:g} s context")
+        if duration == float("inf"):
+            raise ValueError("duration must be finite")
         return max(1, round(duration * self.frame_rate))
 
-    def _decode_grid(self, seq: torch.Tensor, states: torch.Tensor, mask: torch.Tensor, params: SamplingParams,
-                     seed: int | None, progress: bool) -> torch.Tensor:
+    # -- conditioning inputs ----------------------------------------------------------------------------
+    def _prompt_codes(self, audio, sample_rate: int | None, batch: int) -> torch.Tensor:
+        """Continuation prompt -> its codes (B, K, P); P = 0 without a prompt."""
+        K = self.cfg.lm.num_codebooks
+        if audio is None:
+            return torch.zeros(batch, K, 0, dtype=torch.long, device=self.device)
+        waves = _per_row(audio, batch, "prompt_audio")
+        sr = self.sample_rate if sample_rate is None else _rate(sample_rate, "prompt_sample_rate")
+        # like audiocraft's convert_audio: down-mix or duplicate channels, resample to the codec rate
+        waves = [resample(convert_channels(w, self.audio_channels), sr, self.sample_rate) for w in waves]
+        length = min(w.shape[-1] for w in waves)
+        if length == 0:
+            raise ValueError("prompt_audio is empty (0 samples)")
+        if any(w.shape[-1] != length for w in waves):
+            raise ValueError("prompt_audio rows have different lengths; trim them to one length")
+        return self.encode(torch.stack(waves)).to(self.device)                 # (B, K, P)
+
+    def _melodies(self, melody, sample_rate: int | None, batch: int, demucs: bool) -> list[torch.Tensor] | None:
+        if melody is None:
+            return None
+        if not self.supports_melody:
+            raise ValueError(f"model {self.cfg.name!r} has no melody conditioning; use a melody checkpoint such as "
+                             f"facebook/musicgen-melody")
+        sr = self.sample_rate if sample_rate is None else _rate(sample_rate, "melody_sample_rate")
+        return [chroma_mod.prepare_melody(w, sr, demucs) for w in _per_row(melody, batch, "melody")]
+
+    def melody_chroma(self, melodies: list[torch.Tensor] | None, batch: int) -> torch.Tensor:
+        """Mono 32 kHz melodies (or None) -> chroma (B, chroma_length, 12) as the LM sees it."""
+        mc = self.cfg.melody
+        if melodies is None:
+            return chroma_mod.null_chroma(batch, mc, self.device)
+        out = [chroma_mod.fit_length(chroma_mod.chromagram(w[None].to(self.device), mc), mc.chroma_length)
+               for w in melodies]
+        return torch.cat(out)
+
+    def _conditions(self, states, mask, melodies, cfg_rows: bool) -> conditions.Conditions:
+        B = states.shape[0]
+        if not self.cfg.lm.prefix_conditioning:
+            if self._compiled_step is not None:   # static shapes: pad the text to a bucket (padding is masked: exact)
+                states, mask = _pad_text(states, mask, bucket=32)
+            return conditions.cross_attention(self.lm, states, mask, cfg_rows)
+        chroma = self.melody_chroma(melodies, B)
+        null = chroma_mod.null_chroma(B, self.cfg.melody, self.device)
+        return conditions.prefix(self.chroma_proj, states.to(self.dtype), chroma, null, cfg_rows)
+
+    # -- decoding -----------------------------------------------------------------------------------------
+    def _decode_grid(self, seq: torch.Tensor, cond: conditions.Conditions, params: SamplingParams,
+                     generator: torch.Generator | None, progress: bool) -> torch.Tensor:
         """Fill every -1 of the delayed grid (B, K, L), left to right, with sampled codes."""
         B, K, L = seq.shape
         seq = seq.clone()
         rows = 2 * B if params.uses_cfg else B
-        dtype = self.dtype
+        P = cond.prefix_length                                                 # prepended condition tokens
         compiled = self._compiled_step is not None
-        if compiled:   # static shapes: pad the text to a bucket (padded keys are masked: exact) and reuse caches
-            states, mask = _pad_text(states, mask, bucket=32)
-            caches = self._static_caches(rows)
-        else:
-            caches = self.lm.new_caches(rows, L)
-        cross_kv = self.lm.cross_kv(states.to(dtype))
-        cross_bias = self.lm.cross_bias(mask, dtype)
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(int(seed))
+        # static shapes under compile: caches over every position, reused across generations of one batch size
+        caches = self._static_caches(rows) if compiled else self.lm.new_caches(rows, P + L)
+        kv, bias = cond.cross_kv, cond.cross_bias
         open_ = (seq == -1).any(dim=1).any(dim=0)                              # (L,) positions with work left
         start = int(open_.nonzero()[0]) if open_.any() else L                  # first position to generate
         step_inputs = lambda x: torch.cat([x, x], dim=0) if params.uses_cfg else x  # noqa: E731
         bar = _progress(L - start, progress)
-        logits = self.lm(step_inputs(seq[:, :, :start]), cross_kv, cross_bias, 0, caches)[:, :, -1]  # prefill
-        pos_t = torch.tensor([start], device=self.device)
+        logits = self.lm(step_inputs(seq[:, :, :start]), kv, bias, 0, caches, prefix=cond.prefix)[:, :, -1]  # prefill
+        pos_t = torch.tensor([P + start], device=self.device)
         for pos in range(start, L):
             if params.uses_cfg:
                 logits = apply_cfg(logits.float(), params.guidance_scale)      # (B, K, V)
@@ -183,10 +272,10 @@ class MusicGen(nn.Module):
             if pos + 1 < L:
                 step = step_inputs(seq[:, :, pos:pos + 1])                     # (rows, K, 1)
                 if compiled:
-                    pos_t.fill_(pos)
-                    logits = self._run_compiled(step, pos_t, cross_kv, cross_bias, caches)
+                    pos_t.fill_(P + pos)
+                    logits = self._run_compiled(step, pos_t, kv, bias, caches)
                 else:
-                    logits = self.lm(step, cross_kv, cross_bias, pos, caches)[:, :, -1]
+                    logits = self.lm(step, kv, bias, P + pos, caches)[:, :, -1]
         bar.close()
         return seq
 
@@ -203,7 +292,7 @@ class MusicGen(nn.Module):
         return self
 
     def _run_compiled(self, step, pos_t, cross_kv, cross_bias, caches) -> torch.Tensor:
-        key = (step.shape[0], cross_kv[0][0].shape[2])
+        key = (step.shape[0], cross_kv[0][0].shape[2] if cross_kv is not None else 0)
         warmed = self.__dict__.setdefault("_warmed", set())
         if key in warmed:
             return self._compiled_step(step, pos_t, cross_kv, cross_bias, caches).clone()
@@ -232,6 +321,70 @@ def _pad_text(states: torch.Tensor, mask: torch.Tensor, bucket: int) -> tuple[to
     return (torch.nn.functional.pad(states, (0, 0, 0, pad)), torch.nn.functional.pad(mask, (0, pad)))
 
 
+def _batch(prompts, batch_size: int | None, rows: list[int | None]) -> tuple[list[str] | None, int]:
+    """Validate prompts and settle the batch size from prompts, batch_size, melody or prompt audio rows."""
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    sizes = {n for n in rows if n is not None}
+    if prompts is not None:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise ValueError("give at least one prompt, or prompts=None for generation without text")
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str) or not p.strip():
+                raise ValueError(f"prompt {i} is empty")
+        sizes.add(len(prompts))
+    if batch_size is not None:
+        sizes.add(batch_size)
+    if len(sizes) > 1:
+        raise ValueError(f"inconsistent batch: prompts, batch_size, melody and prompt_audio give {sorted(sizes)} rows")
+    return prompts, (sizes.pop() if sizes else 1)
+
+
+def _rows(audio) -> int | None:
+    """Rows an audio argument fixes: a list's length or a 3-d tensor's batch; None for one shared signal."""
+    if isinstance(audio, (list, tuple)):
+        return len(audio)
+    if isinstance(audio, torch.Tensor) and audio.dim() == 3:
+        return audio.shape[0]
+    return None
+
+
+def _per_row(audio, batch: int, what: str) -> list[torch.Tensor]:
+    """(samples,), (channels, samples) for every row, (B, channels, samples) or a list of rows -> B tensors."""
+    if isinstance(audio, (list, tuple)):
+        items = [torch.as_tensor(a, dtype=torch.float32) for a in audio]
+    else:
+        audio = torch.as_tensor(audio, dtype=torch.float32)
+        if audio.dim() == 3:
+            items = list(audio)
+        elif audio.dim() in (1, 2):
+            items = [audio] * batch
+        else:
+            raise ValueError(f"{what} must be (samples,), (channels, samples) or (batch, channels, samples), "
+                             f"got shape {tuple(audio.shape)}")
+    out = []
+    for a in items:
+        a = a.detach().float().cpu()
+        a = a[None] if a.dim() == 1 else a
+        if a.dim() != 2:
+            raise ValueError(f"each {what} must be (channels, samples), got shape {tuple(a.shape)}")
+        if a.shape[0] > 2:
+            raise ValueError(f"{what} has {a.shape[0]} channels; expected mono or stereo (channels, samples)")
+        if not torch.isfinite(a).all():
+            raise ValueError(f"{what} holds NaN or infinite samples")
+        out.append(a)
+    if len(out) != batch:
+        raise ValueError(f"{len(out)} {what} rows for a batch of {batch}")
+    return out
+
+
+def _rate(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{what} must be a positive integer (Hz), got {value!r}")
+    return value
+
+
 def _progress(total: int, enabled: bool):
     from tqdm import tqdm
     return tqdm(total=total, unit="step", desc="decoding", file=sys.stderr, disable=not enabled, leave=False,
@@ -253,9 +406,12 @@ def load(name_or_path: str | os.PathLike = "facebook/musicgen-small", device: st
         raise ValueError(f"unknown quantize {quantize!r}: choose None or 'int8'")
     device = torch.device(device)
     folder = ckpt.resolve(name_or_path)
-    cfg, _ = ckpt.read_config(folder)
-    tokenizer = TextTokenizer.from_dir(folder)
-    state = ckpt.map_hf_state(ckpt.read_weights(folder))
+    if audiocraft_format.is_audiocraft(folder):   # state_dict.bin + compression_state_dict.bin (+ t5/)
+        cfg, state, text_folder = audiocraft_format.read(folder)
+    else:
+        cfg, _ = ckpt.read_config(folder)
+        state, text_folder = ckpt.map_hf_state(ckpt.read_weights(folder)), folder
+    tokenizer = TextTokenizer.from_dir(text_folder)
     with torch.device("meta"):
         model = MusicGen(cfg, tokenizer)
     ckpt.load_into(model, state, str(folder))
@@ -266,7 +422,7 @@ def load(name_or_path: str | os.PathLike = "facebook/musicgen-small", device: st
         torch_dtype = torch.bfloat16
     # the LM and text encoder run in the chosen precision; the codec stays float32 (cheap, and its LSTM
     # and residual sums are where half precision audibly hurts)
-    for part in (model.lm, model.text_encoder, model.text_proj):
+    for part in (model.lm, model.text_encoder, model.text_proj, model.chroma_proj):
         if part is not None:
             part.to(torch_dtype)
     if quantize == "int8":

@@ -69,6 +69,28 @@ def build_hf_model(seed: int = 0, **kw):
     return model
 
 
+def build_hf_melody_model(seed: int = 0, stereo: bool = False, chroma_length: int = 24):
+    """A tiny random MusicgenMelodyForConditionalGeneration (prefix conditioning on chroma + text)."""
+    from transformers import MusicgenMelodyConfig, MusicgenMelodyDecoderConfig, MusicgenMelodyForConditionalGeneration
+
+    base = hf_config(stereo=stereo)
+    decoder = MusicgenMelodyDecoderConfig(**{k: v for k, v in base.decoder.to_dict().items()
+                                             if k in MusicgenMelodyDecoderConfig().to_dict()
+                                             and k not in ("model_type", "architectures", "transformers_version")})
+    cfg = MusicgenMelodyConfig(text_encoder=base.text_encoder, audio_encoder=base.audio_encoder, decoder=decoder,
+                               chroma_length=chroma_length)
+    torch.manual_seed(seed)
+    model = MusicgenMelodyForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for layer in model.audio_encoder.quantizer.layers:
+            layer.codebook.embed.normal_()
+    vocab = model.config.decoder.vocab_size
+    model.generation_config.pad_token_id = vocab
+    model.generation_config.decoder_start_token_id = vocab
+    model.generation_config.bos_token_id = vocab
+    return model
+
+
 def save_checkpoint(model, folder: Path, spm_model: Path, old_weight_norm: bool = False) -> Path:
     """save_pretrained plus tokenizer files; optionally rewrite weight norm in the weight_g/weight_v spelling."""
     import shutil
@@ -108,6 +130,23 @@ def ckpt_dir(tmp_path_factory, hf_model, spm_model) -> Path:
 @pytest.fixture(scope="session")
 def ckpt_dir_old_wn(tmp_path_factory, hf_model, spm_model) -> Path:
     return save_checkpoint(hf_model, tmp_path_factory.mktemp("tiny_wn"), spm_model, old_weight_norm=True)
+
+
+@pytest.fixture(scope="session")
+def hf_melody_model():
+    return build_hf_melody_model()
+
+
+@pytest.fixture(scope="session")
+def melody_ckpt_dir(tmp_path_factory, hf_melody_model, spm_model) -> Path:
+    return save_checkpoint(hf_melody_model, tmp_path_factory.mktemp("tiny_melody"), spm_model)
+
+
+@pytest.fixture(scope="session")
+def melody_model(melody_ckpt_dir):
+    import musicgen
+
+    return musicgen.load(melody_ckpt_dir)
 
 
 @pytest.fixture(scope="session")

@@ -57,7 +57,7 @@ def test_refuses_to_overwrite_without_force(ckpt_dir, tmp_path, capsys):
     (["generate"], "at least one prompt"),
     (["generate", "x", "--duration", "0"], "--duration must be positive"),
     (["generate", "x", "--duration", "-3"], "--duration must be positive"),
-    (["generate", "x", "--duration", "600"], "longer than"),
+    (["generate", "x", "--duration", "inf"], "not a finite number"),
     (["generate", "x", "--duration", "abc"], "not a number"),
     (["generate", "x", "--top-k", "-5"], "--top-k"),
     (["generate", "x", "--top-p", "2"], "--top-p"),
@@ -102,3 +102,48 @@ def test_hub_unreachable_and_not_cached(tmp_path):
                         "-o", str(tmp_path / "a.wav")], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 2
     assert len(r.stderr.strip().splitlines()) == 1 and "not in the cache" in r.stderr
+
+
+# -- modes from the command line --------------------------------------------------------------------------
+def test_cli_continuation_unconditional_and_melody(ckpt_dir, melody_ckpt_dir, tmp_path):
+    import numpy as np
+
+    intro = tmp_path / "intro.wav"
+    sf.write(intro, 0.3 * np.random.default_rng(0).standard_normal((8000, 2)).astype("float32"), 16000)  # stereo 16 kHz
+    r = run("generate", "--continue", intro, "--model", ckpt_dir, "-d", "1", "-o", tmp_path / "c.wav", "-q")
+    assert r.returncode == 0, r.stderr
+    assert sf.info(tmp_path / "c.wav").frames == 32000
+    r = run("generate", "--unconditional", "--batch-size", "2", "--model", ckpt_dir, "-d", "0.2",
+            "-o", tmp_path / "u.wav", "-q")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "u_0.wav").is_file() and (tmp_path / "u_1.wav").is_file()
+    r = run("generate", "lofi", "--melody", intro, "--model", melody_ckpt_dir, "-d", "0.2", "-o", tmp_path / "m.wav",
+            "-q")
+    assert r.returncode == 0, r.stderr
+    assert "demucs" in r.stderr                                 # says once that drums and bass stay in
+    r = run("generate", "lofi", "--melody", intro, "--no-demucs", "--model", melody_ckpt_dir, "-d", "0.2",
+            "-o", tmp_path / "m2.wav", "-q")
+    assert r.returncode == 0 and "demucs" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("make_args, message", [
+    (lambda d, m, t: ["generate", "x", "--melody", t / "missing.wav", "--model", m], "does not exist"),
+    (lambda d, m, t: ["generate", "x", "--melody", t / "junk.wav", "--model", m], "cannot read audio file"),
+    (lambda d, m, t: ["generate", "x", "--melody", t / "ok.wav", "--model", d], "no melody conditioning"),
+    (lambda d, m, t: ["generate", "x", "--unconditional", "--model", d], "takes no prompts"),
+    (lambda d, m, t: ["generate", "x", "--batch-size", "3", "--model", d], "does not match"),
+    (lambda d, m, t: ["convert", t / "nowhere", t / "out"], "unknown model"),
+    (lambda d, m, t: ["convert", t, t / "out"], "config.json"),
+])
+def test_cli_mode_errors(ckpt_dir, melody_ckpt_dir, tmp_path, make_args, message):
+    import numpy as np
+
+    (tmp_path / "junk.wav").write_bytes(b"RIFF....not audio")
+    sf.write(tmp_path / "ok.wav", np.zeros(3200, dtype="float32"), 32000)
+    r = run(*make_args(ckpt_dir, melody_ckpt_dir, tmp_path), "-o" if make_args(ckpt_dir, melody_ckpt_dir, tmp_path)[0]
+            == "generate" else "--force", *( [tmp_path / "o.wav"] if make_args(ckpt_dir, melody_ckpt_dir, tmp_path)[0]
+                                            == "generate" else []))
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert message in lines[0]

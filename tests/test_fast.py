@@ -79,6 +79,16 @@ def test_compiled_step_equals_eager(ckpt_dir, model):
                            model.generate_codes(prompts, duration=0.3, top_k=1))
 
 
+def test_compiled_step_equals_eager_for_melody_models(melody_ckpt_dir, melody_model):
+    """Prefix-conditioned checkpoints: the compiled step sees positions shifted by the condition tokens."""
+    m = musicgen.load(melody_ckpt_dir)
+    m.compile(backend="aot_eager")
+    tune = torch.sin(torch.arange(32000) / 32000 * 2 * torch.pi * 440.0)
+    for kw in ({}, {"melody": tune, "melody_sample_rate": 32000, "demucs": False}):
+        assert torch.equal(m.generate_codes(PROMPTS, duration=0.3, top_k=1, **kw),
+                           melody_model.generate_codes(PROMPTS, duration=0.3, top_k=1, **kw))
+
+
 def test_bad_precision_options(ckpt_dir):
     with pytest.raises(ValueError, match="quantize"):
         musicgen.load(ckpt_dir, quantize="int4")

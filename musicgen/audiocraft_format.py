@@ -1,0 +1,261 @@
+"""The checkpoint format audiocraft publishes: state_dict.bin (LM) + compression_state_dict.bin (EnCodec).
+
+    state_dict.bin               {'best_state': LM tensors, 'xp.cfg': YAML text (or a pickled omegaconf config)}
+    compression_state_dict.bin   {'best_state': EnCodec tensors (weight norm as weight_g / weight_v), 'xp.cfg'}
+    t5/                          not part of audiocraft's files: the T5 encoder in the Hugging Face format
+
+Both files are read with `torch.load(weights_only=True)`; nothing is unpickled beyond tensors and plain
+containers. A pickled omegaconf 'xp.cfg' is read through inert stand-in classes that only record their state
+(no omegaconf code runs), then turned into plain dicts. The architecture is taken from the tensor shapes;
+xp.cfg contributes the head count, sample rate and activation when readable, else documented defaults
+(head dim 64, 32 kHz, GELU). audiocraft loads T5 by name (t5-base) from the hub rather than storing it, so
+a `t5` folder holding a Hugging Face T5 encoder must sit beside the two files (`musicgen convert` writes one).
+"""
+from __future__ import annotations
+
+import pickle
+import re
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CheckpointError
+from .config import CodecConfig, LMConfig, MelodyConfig, MusicGenConfig, T5Config
+
+LM_FILE, CODEC_FILE, T5_FOLDER = "state_dict.bin", "compression_state_dict.bin", "t5"
+
+
+def is_audiocraft(folder: Path) -> bool:
+    return (Path(folder) / LM_FILE).is_file()
+
+
+# -- reading files safely -------------------------------------------------------------------------------
+class _Inert:
+    """Stand-in for a pickled omegaconf class: records its state, runs nothing."""
+
+    def __init__(self, *args, **kwargs):
+        self.state = {}
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+def read_package(f: Path) -> dict:
+    """A torch-saved dict, loaded with weights_only=True; omegaconf objects become inert records."""
+    stand_ins = []
+    for _ in range(32):   # each refusal names one more disallowed global
+        try:
+            with torch.serialization.safe_globals(stand_ins):
+                pkg = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            break
+        except pickle.UnpicklingError as e:
+            m = re.search(r"GLOBAL ([\w.]+) was not an allowed global", str(e))
+            if not m or not m.group(1).startswith(("omegaconf.", "typing.Any")):
+                raise CheckpointError(f"{f} holds objects other than tensors and plain containers; refusing to "
+                                      f"unpickle it ({m.group(1) if m else e})") from None
+            stand_ins.append((type(m.group(1).rsplit(".", 1)[1], (_Inert,), {}), m.group(1)))
+        except Exception as e:
+            raise CheckpointError(f"{f} is not a torch checkpoint ({describe(f)}): {e}") from None
+    else:  # pragma: no cover - a config of more than 32 kinds of node
+        raise CheckpointError(f"{f}: too many unknown classes in its pickled config")
+    if not isinstance(pkg, dict) or "best_state" not in pkg:
+        what = sorted(pkg)[:5] if isinstance(pkg, dict) else type(pkg).__name__
+        raise CheckpointError(f"{f} is not an audiocraft checkpoint: expected a dict with 'best_state', got {what}")
+    return pkg
+
+
+def describe(f: Path) -> str:
+    """A plain word on what a file is, for errors."""
+    head = Path(f).read_bytes()[:8] if Path(f).is_file() else b""
+    if head[:2] == b"PK":
+        return "a zip archive (torch.save format) with unexpected content"
+    if head[:1] == b"{" or (len(head) == 8 and int.from_bytes(head, "little") < 10**8):
+        return "apparently a safetensors file"
+    if head[:1] == b"\x80":
+        return "a legacy (non-zip) pickle"
+    return "not a checkpoint file"
+
+
+def _plain(obj):
+    """Inert omegaconf records / containers -> plain Python values."""
+    if isinstance(obj, _Inert):
+        state = obj.state if isinstance(obj.state, dict) else {}
+        if "_content" in state:
+            return _plain(state["_content"])
+        return _plain(state.get("_val"))
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def xp_config(pkg: dict) -> dict:
+    cfg = pkg.get("xp.cfg")
+    if isinstance(cfg, str):
+        import yaml
+
+        try:
+            return yaml.safe_load(cfg) or {}
+        except yaml.YAMLError:
+            return {}
+    out = _plain(cfg)
+    return out if isinstance(out, dict) else {}
+
+
+# -- audiocraft names <-> ours ----------------------------------------------------------------------------
+_LM = [(r"^emb\.(\d+)\.", r"lm.embed.\1."), (r"^linears\.(\d+)\.", r"lm.heads.\1."), (r"^out_norm\.", "lm.norm."),
+       (r"^transformer\.layers\.(\d+)\.self_attn\.in_proj_weight$", r"lm.layers.\1.self_attn.qkv.weight"),
+       (r"^transformer\.layers\.(\d+)\.self_attn\.out_proj\.", r"lm.layers.\1.self_attn.out."),
+       (r"^transformer\.layers\.(\d+)\.cross_attention\.out_proj\.", r"lm.layers.\1.cross_attn.out."),
+       (r"^transformer\.layers\.(\d+)\.(norm1|norm2|norm_cross)\.", r"lm.layers.\1.\2."),
+       (r"^transformer\.layers\.(\d+)\.linear(1|2)\.", r"lm.layers.\1.fc\2."),
+       (r"^condition_provider\.conditioners\.description\.output_proj\.", "text_proj."),
+       (r"^condition_provider\.conditioners\.self_wav\.output_proj\.", "chroma_proj.")]
+_CROSS_IN = re.compile(r"^transformer\.layers\.(\d+)\.cross_attention\.in_proj_weight$")
+_CODEC = [(r"^(encoder|decoder)\.model\.", r"codec.\1.layers."), (r"\.conv\.conv\.", ".conv."),
+          (r"\.convtr\.convtr\.", ".conv."), (r"^quantizer\.vq\.layers\.(\d+)\._codebook\.", r"codec.quantizer.layers.\1.codebook.")]
+
+
+def _rename(name: str, rules) -> str | None:
+    for pattern, repl in rules:
+        name, n = re.subn(pattern, repl, name)
+    return name
+
+
+def lm_to_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, t in state.items():
+        m = _CROSS_IN.match(name)
+        if m:   # q from the decoder stream, k and v from the text: split the fused projection
+            d = t.shape[0] // 3
+            out[f"lm.layers.{m.group(1)}.cross_attn.q.weight"] = t[:d]
+            out[f"lm.layers.{m.group(1)}.cross_attn.kv.weight"] = t[d:]
+            continue
+        for pattern, repl in _LM:
+            new, n = re.subn(pattern, repl, name)
+            if n:
+                out[new] = t
+                break
+        else:
+            out[name] = t  # reported by load_into as unexpected
+    return out
+
+
+def codec_to_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    from .codec import fold_weight_norm
+
+    renamed = {}
+    for name, t in state.items():
+        new = name
+        for pattern, repl in _CODEC:
+            new = re.sub(pattern, repl, new)
+        renamed[new] = t
+    return {k: v for k, v in fold_weight_norm(renamed).items()}
+
+
+def ours_to_audiocraft(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """Our state dict -> (LM best_state, EnCodec best_state) in audiocraft's names (weight norm unfolded)."""
+    lm, codec = {}, {}
+    cross_q = {}
+    transposed = {n.rsplit(".", 2)[0] for n in _transposed_names(tuple(state))}   # codec.decoder.layers.<i>
+    inverse = [(r"^lm\.embed\.(\d+)\.", r"emb.\1."), (r"^lm\.heads\.(\d+)\.", r"linears.\1."), (r"^lm\.norm\.", "out_norm."),
+               (r"^lm\.layers\.(\d+)\.self_attn\.qkv\.weight$", r"transformer.layers.\1.self_attn.in_proj_weight"),
+               (r"^lm\.layers\.(\d+)\.self_attn\.out\.", r"transformer.layers.\1.self_attn.out_proj."),
+               (r"^lm\.layers\.(\d+)\.cross_attn\.out\.", r"transformer.layers.\1.cross_attention.out_proj."),
+               (r"^lm\.layers\.(\d+)\.(norm1|norm2|norm_cross)\.", r"transformer.layers.\1.\2."),
+               (r"^lm\.layers\.(\d+)\.fc(1|2)\.", r"transformer.layers.\1.linear\2."),
+               (r"^text_proj\.", "condition_provider.conditioners.description.output_proj."),
+               (r"^chroma_proj\.", "condition_provider.conditioners.self_wav.output_proj.")]
+    for name, t in state.items():
+        m = re.match(r"^lm\.layers\.(\d+)\.cross_attn\.(q|kv)\.weight$", name)
+        if m:
+            cross_q.setdefault(m.group(1), {})[m.group(2)] = t
+        elif name.startswith("codec."):
+            new = name.removeprefix("codec.")
+            new = re.sub(r"^quantizer\.layers\.(\d+)\.codebook\.", r"quantizer.vq.layers.\1._codebook.", new)
+            m2 = re.match(r"^(encoder|decoder)\.layers\.(\d+)\.(.*)$", new)
+            if m2:
+                conv = "convtr.convtr" if name.rsplit(".", 2)[0] in transposed else "conv.conv"
+                rest = re.sub(r"^(block\.\d+\.|shortcut\.)?conv\.", lambda mm: f"{mm.group(1) or ''}{conv}.", m2.group(3))
+                new = f"{m2.group(1)}.model.{m2.group(2)}.{rest}"
+            if new.endswith(("conv.weight", "convtr.weight")):   # audiocraft keeps weight norm: g and v
+                codec[new[:-len("weight")] + "weight_g"] = t.norm(dim=tuple(range(1, t.dim())), keepdim=True)
+                codec[new[:-len("weight")] + "weight_v"] = t
+            else:
+                codec[new] = t
+        elif not name.startswith("text_encoder."):
+            for pattern, repl in inverse:
+                new, n = re.subn(pattern, repl, name)
+                if n:
+                    lm[new] = t
+                    break
+    for i, parts in cross_q.items():
+        lm[f"transformer.layers.{i}.cross_attention.in_proj_weight"] = torch.cat([parts["q"], parts["kv"]])
+    return lm, codec
+
+
+def _transposed_names(names: tuple) -> set:
+    # a decoder conv followed by a residual block at the next index is an upsampling (transposed) conv
+    out = set()
+    for n in names:
+        m = re.match(r"^codec\.decoder\.layers\.(\d+)\.conv\.weight$", n)
+        if m and f"codec.decoder.layers.{int(m.group(1)) + 1}.block.1.conv.weight" in names:
+            out.add(n)
+    return out
+
+
+# -- architecture from shapes -------------------------------------------------------------------------
+def config_from(lm: dict, codec: dict, xp: dict, text: T5Config, name: str) -> MusicGenConfig:
+    """Our (renamed) LM and codec tensors + audiocraft's xp.cfg (possibly empty) -> MusicGenConfig."""
+    tl = xp.get("transformer_lm", {}) if isinstance(xp.get("transformer_lm"), dict) else {}
+    K = len([k for k in lm if re.match(r"^lm\.embed\.\d+\.weight$", k)])
+    dim = lm["lm.embed.0.weight"].shape[1]
+    layers = len({k.split(".")[2] for k in lm if k.startswith("lm.layers.")})
+    melody = "chroma_proj.weight" in lm
+    channels = int(xp.get("channels", 2 if K == 8 else 1))
+    lm_cfg = LMConfig(vocab_size=lm["lm.embed.0.weight"].shape[0] - 1, dim=dim, num_layers=layers,
+                      num_heads=int(tl.get("num_heads", dim // 64)), ffn_dim=lm["lm.layers.0.fc1.weight"].shape[0],
+                      num_codebooks=K, audio_channels=channels, activation=str(tl.get("activation", "gelu")),
+                      prefix_conditioning=melody)
+    enc = sorted((int(k.split(".")[3]), v) for k, v in codec.items()
+                 if re.match(r"^codec\.encoder\.layers\.\d+\.conv\.weight$", k))
+    ups = sorted((int(k.split(".")[3]), v) for k, v in codec.items() if k in _transposed_names(tuple(codec)))
+    books = [v for k, v in codec.items() if k.endswith(".codebook.embed")]
+    lstm = {k.split("_l")[-1] for k in codec if ".lstm.weight_ih_l" in k and k.startswith("codec.encoder")}
+    codec_cfg = CodecConfig(sample_rate=int(xp.get("sample_rate", 32000)), num_filters=enc[0][1].shape[0],
+                            hidden_size=books[0].shape[1], ratios=tuple(v.shape[2] // 2 for _, v in ups),
+                            kernel_size=enc[0][1].shape[2], last_kernel_size=enc[-1][1].shape[2],
+                            num_lstm_layers=len(lstm), codebook_size=books[0].shape[0],
+                            num_codebooks=K // channels, num_quantizers=len(books))
+    cfg = MusicGenConfig(codec=codec_cfg, text=text, lm=lm_cfg, name=name, melody=MelodyConfig() if melody else None)
+    cfg.validate()
+    return cfg
+
+
+def read(folder: Path):
+    """An audiocraft folder -> (config, our state dict, folder of the tokenizer files)."""
+    from . import checkpoint as ckpt
+
+    folder = Path(folder)
+    for f in (folder / LM_FILE, folder / CODEC_FILE):
+        if not f.is_file():
+            raise CheckpointError(f"missing {f}: an audiocraft checkpoint has {LM_FILE} and {CODEC_FILE}")
+    lm_pkg, codec_pkg = read_package(folder / LM_FILE), read_package(folder / CODEC_FILE)
+    if "pretrained" in codec_pkg and not codec_pkg.get("best_state"):
+        raise CheckpointError(f"{folder / CODEC_FILE} only names a pretrained codec ({codec_pkg['pretrained']}); "
+                              f"it holds no weights")
+    t5 = folder / T5_FOLDER
+    if not (t5 / "config.json").is_file():
+        raise CheckpointError(f"{folder} is an audiocraft checkpoint, which does not include the T5 text encoder "
+                              f"(audiocraft downloads t5-base by name): put a Hugging Face T5 encoder folder with "
+                              f"its tokenizer at {t5}")
+    import json
+
+    text_cfg = T5Config.from_hf(json.loads((t5 / "config.json").read_text()))
+    lm = lm_to_ours(lm_pkg["best_state"])
+    codec = codec_to_ours(codec_pkg["best_state"])
+    text = {("text_encoder." + k): v for k, v in ckpt.read_weights(t5).items()}
+    text = ckpt.map_hf_state(text)
+    cfg = config_from(lm, codec, xp_config(lm_pkg), text_cfg, folder.name)
+    return cfg, {**lm, **codec, **text}, t5
