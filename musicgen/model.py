@@ -141,6 +141,12 @@ class MusicGen(nn.Module):
         seq = self._decode_grid(seq, states, mask, params, seed, progress)
         return revert_pattern(seq, frames, self.audio_channels)
 
+    def stream(self, prompts: Sequence[str] | str, duration: float = 8.0, chunk_seconds: float = 1.0, **sampling):
+        """Yield float32 audio (B, channels, samples) while it is generated, about `chunk_seconds` at a time;
+        joined, it equals `generate` with the same arguments up to float rounding (see musicgen.streaming)."""
+        from .streaming import stream
+        return stream(self, prompts, duration, chunk_seconds, **sampling)
+
     def frames_for(self, duration: float) -> int:
         if not isinstance(duration, (int, float)) or not duration > 0:
             raise ValueError(f"duration must be a positive number of seconds, got {duration!r}")
