@@ -42,7 +42,8 @@ class Request:
     params: SamplingParams = field(default_factory=SamplingParams)
     seed: int | None = None
     prefix: torch.Tensor | None = None           # (K, P) known codes: a continuation prompt
-    on_step: object = None                       # callable(request) after each of its steps (worker thread)
+    on_step: object = None                       # callable(request) after each of its steps (decoding thread)
+    on_done: object = None                       # callable(request) when it leaves: done, cancelled or failed
     # scheduler state, written by the decoding thread only
     seq: torch.Tensor | None = None              # (K, L) delayed grid; -1 where codes are still to come
     pos: int = 0                                 # next position fed to the LM
@@ -115,9 +116,12 @@ class Scheduler:
         return req
 
     def cancel(self, req: Request) -> None:
-        """Takes effect at the next step boundary."""
+        """A waiting request leaves now, a running one at the next step boundary."""
         with self.lock:
             req.cancelled = True
+            if req in self.pending:
+                self.pending.remove(req)
+                _finish(req, "cancelled")
             self.lock.notify_all()
 
     @property
@@ -131,8 +135,15 @@ class Scheduler:
             with self.lock:
                 while not self.pending and not self.active and not self._stop.is_set():
                     self.lock.wait(0.5)
-            if not self._stop.is_set():
+            if self._stop.is_set():
+                break
+            try:
                 self.step()
+            except Exception as e:  # e.g. out of memory: fail what was in flight, keep serving the rest
+                with self.lock:
+                    for req in list(self.active):
+                        req.error = f"{type(e).__name__}: {e}"
+                        self._release(req, "failed")
 
     def stop(self) -> None:
         self._stop.set()
@@ -149,14 +160,13 @@ class Scheduler:
             while self.pending and len(self.active) < self.max_batch:
                 req = self.pending.popleft()
                 if req.cancelled:
-                    req.status = "cancelled"
-                    req.done.set()
+                    _finish(req, "cancelled")
                     continue
                 try:
                     self._admit(req)
                 except Exception as e:  # a bad request must not take the loop down
-                    req.status, req.error = "failed", f"{type(e).__name__}: {e}"
-                    req.done.set()
+                    req.error = f"{type(e).__name__}: {e}"
+                    _finish(req, "failed")
         n = len(self.active)
         if n == 0:
             return 0
@@ -217,8 +227,7 @@ class Scheduler:
                 t[dst] = t[src]
             self.active[i] = self.active[last]
         self.active.pop()
-        req.status = status
-        req.done.set()
+        _finish(req, status)
 
     def _grow(self, length: int, text_length: int) -> None:
         """Make room for a grid of `length` positions and a text of `text_length` tokens (keeps contents)."""
@@ -271,3 +280,10 @@ class Scheduler:
             x = x + layer.fc2(layer.act(layer.fc1(layer.norm2(x))))
         x = lm.norm(x)
         return torch.stack([head(x[:, 0]) for head in lm.heads], dim=1)                 # (R, K, V)
+
+
+def _finish(req: Request, status: str) -> None:
+    req.status = status
+    req.done.set()
+    if req.on_done is not None:
+        req.on_done(req)
