@@ -44,6 +44,7 @@ class Request:
     prefix: torch.Tensor | None = None           # (K, P) known codes: a continuation prompt
     on_step: object = None                       # callable(request) after each of its steps (decoding thread)
     on_done: object = None                       # callable(request) when it leaves: done, cancelled or failed
+    tag: dict = field(default_factory=dict)      # the caller's bookkeeping (the service's job id)
     # scheduler state, written by the decoding thread only
     seq: torch.Tensor | None = None              # (K, L) delayed grid; -1 where codes are still to come
     pos: int = 0                                 # next position fed to the LM

@@ -57,6 +57,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="level normalisation: loudness (-14 LUFS), peak, clip or none")
     g.add_argument("-f", "--force", action="store_true", help="overwrite existing files")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--stream", action="store_true",
+                   help="write 16-bit WAV while it is generated, about a second at a time (-o - : to stdout, "
+                        "e.g. | aplay); the level is left as generated (clipped), not normalised")
+    s = sub.add_parser("serve", help="HTTP service with continuous batching, streaming and a web page")
+    s.add_argument("--model", default="facebook/musicgen-small", help="hub id or a local checkpoint folder")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    s.add_argument("--data-dir", type=Path, default=Path("musicgen-data"),
+                   help="job database and result files (default ./musicgen-data); survives restarts")
+    s.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default 8)")
+    s.add_argument("--max-queue", type=int, default=32, help="waiting jobs before answering 429 (default 32)")
+    s.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $MUSICGEN_API_KEY, else none)")
+    s.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    s.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     return parser
 
 
@@ -141,6 +156,8 @@ def cmd_generate(args) -> int:
     import musicgen
 
     model = musicgen.load(args.model, device=device, dtype=args.dtype)
+    if args.stream:
+        return _generate_streaming(model, prompts, paths, args)
     audio = model.generate(prompts, duration=args.duration, top_k=args.top_k, top_p=args.top_p,
                            temperature=args.temperature, guidance_scale=args.guidance_scale, seed=args.seed,
                            progress=not args.quiet)
@@ -150,12 +167,69 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _generate_streaming(model, prompts, paths, args) -> int:
+    from .service import pcm16, wav_header
+
+    if any(p.suffix.lower() != ".wav" for p in paths) and str(args.output) != "-":
+        raise UsageError("--stream writes WAV only; use a .wav output (or -o - for stdout)")
+    to_stdout = str(args.output) == "-"
+    if to_stdout and len(prompts) > 1:
+        raise UsageError("--stream to stdout takes one prompt")
+    outs = [sys.stdout.buffer] if to_stdout else [open(p, "wb") for p in paths]
+    header = wav_header(model.sample_rate, model.audio_channels)
+    for f in outs:
+        f.write(header)
+    written = 0
+    chunks = model.stream(prompts, duration=args.duration, chunk_seconds=1.0, top_k=args.top_k, top_p=args.top_p,
+                          temperature=args.temperature, guidance_scale=args.guidance_scale, seed=args.seed)
+    for chunk in chunks:                                  # (B, channels, samples)
+        for f, wav in zip(outs, chunk):
+            f.write(pcm16(wav))
+            f.flush()
+        written += chunk.shape[-1]
+        if not args.quiet:
+            print(f"\rstreamed {written / model.sample_rate:.1f} s", end="", file=sys.stderr, flush=True)
+    if not args.quiet:
+        print(file=sys.stderr)
+    if not to_stdout:
+        for f, path in zip(outs, paths):                  # now the length is known: fix the header's sizes
+            data = written * model.audio_channels * 2
+            f.seek(4)
+            f.write((36 + data).to_bytes(4, "little"))
+            f.seek(40)
+            f.write(data.to_bytes(4, "little"))
+            f.close()
+            print(path)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port must be in 1..65535, got {args.port}")
+    if args.max_batch < 1 or args.max_queue < 1:
+        raise UsageError("--max-batch and --max-queue must be at least 1")
+    try:
+        import uvicorn
+
+        from .service import Service, create_app
+    except ImportError as e:
+        raise UsageError(f"the service needs its extra: pip install 'musicgen[serve]' ({e.name} is missing)") from None
+    import musicgen
+
+    device = _device(args.device)
+    model = musicgen.load(args.model, device=device, dtype=args.dtype)
+    service = Service(model, args.data_dir, model_name=str(args.model), max_batch=args.max_batch,
+                      max_queue=args.max_queue, api_key=args.api_key or os.environ.get("MUSICGEN_API_KEY"))
+    uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="info")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
 
     try:
         args = build_parser().parse_args(argv)
-        return {"generate": cmd_generate}[args.command](args)
+        return {"generate": cmd_generate, "serve": cmd_serve}[args.command](args)
     except (UsageError, CheckpointError, ValueError, FileExistsError) as e:
         print(f"musicgen: error: {e}", file=sys.stderr)
         return 2
