@@ -151,6 +151,11 @@ def cmd_generate(args) -> int:
     prompts = _read_prompts(args)
     _validate_sampling(args)
     paths = _output_paths(args, len(prompts))
+    if args.stream:   # checked before the model loads
+        if any(p.suffix.lower() != ".wav" for p in paths) and str(args.output) != "-":
+            raise UsageError("--stream writes WAV only; use a .wav output (or -o - for stdout)")
+        if str(args.output) == "-" and len(prompts) > 1:
+            raise UsageError("--stream to stdout takes one prompt")
     device = _device(args.device)
 
     import musicgen
@@ -170,11 +175,7 @@ def cmd_generate(args) -> int:
 def _generate_streaming(model, prompts, paths, args) -> int:
     from .service import pcm16, wav_header
 
-    if any(p.suffix.lower() != ".wav" for p in paths) and str(args.output) != "-":
-        raise UsageError("--stream writes WAV only; use a .wav output (or -o - for stdout)")
     to_stdout = str(args.output) == "-"
-    if to_stdout and len(prompts) > 1:
-        raise UsageError("--stream to stdout takes one prompt")
     outs = [sys.stdout.buffer] if to_stdout else [open(p, "wb") for p in paths]
     header = wav_header(model.sample_rate, model.audio_channels)
     for f in outs:
