@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .delay import build_pattern, codebook_delays, revert_pattern
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams, sample_rows
 
 GROW = 64   # cache length grows in steps of this many positions
 
@@ -174,13 +174,18 @@ class Scheduler:
         tokens = torch.stack([r.seq[:, r.pos] for r in self.active])                     # (n, K)
         pos = torch.tensor([r.pos for r in self.active], device=self.model.device)       # (n,)
         logits = self._forward(tokens.repeat_interleave(2, 0), pos.repeat_interleave(2, 0))  # (2n, K, V)
-        cond, uncond = logits[0::2].float(), logits[1::2].float()
+        cond, uncond = logits[0::2].float(), logits[1::2].float()                        # (n, K, V)
+        groups: dict[SamplingParams, list[int]] = {}
+        for i, req in enumerate(self.active):      # requests with equal parameters sample as one batch
+            groups.setdefault(req.params, []).append(i)
+        tokens = torch.empty(n, self.K, dtype=torch.long, device=logits.device)         # (n, K)
+        for p, idx in groups.items():
+            c, u = (cond, uncond) if len(idx) == n else (cond[idx], uncond[idx])
+            guided = u + (c - u) * p.guidance_scale if p.uses_cfg else c                 # (g, K, V)
+            tokens[idx] = sample_rows(guided, p, [self.active[i].generator for i in idx])
         for i, req in enumerate(list(self.active)):
-            p = req.params
-            guided = uncond[i] + (cond[i] - uncond[i]) * p.guidance_scale if p.uses_cfg else cond[i]  # (K, V)
-            token = sample(guided[None], p, req.generator)[0]                            # (K,)
             nxt = req.seq[:, req.pos + 1]
-            req.seq[:, req.pos + 1] = torch.where(nxt == -1, token, nxt)
+            req.seq[:, req.pos + 1] = torch.where(nxt == -1, tokens[i], nxt)
             req.pos += 1
             req.steps += 1
             req.shared_steps += n > 1

@@ -2,7 +2,7 @@
 
     POST   /v1/generate            JSON (or multipart with a `continuation` audio file) -> 202 {"id": ...}
     GET    /v1/jobs                recent jobs, newest first (the page's history)
-    GET    /v1/jobs/{id}           state, progress, request, error
+    GET    /v1/jobs/{id}           state, progress, request, error (?wait=S: long poll until finished)
     GET    /v1/jobs/{id}/audio     the result file (wav / flac / ogg / mp3), loudness-normalised
     GET    /v1/jobs/{id}/stream    16-bit WAV sent while it is generated (chunked; the client leaving cancels)
     DELETE /v1/jobs/{id}           cancel
@@ -30,7 +30,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from fastapi import Depends, FastAPI, HTTPException, Request as HTTPRequest
+from fastapi import Depends, FastAPI, HTTPException, Query, Request as HTTPRequest
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -131,21 +131,43 @@ class Service:
             self.store.update(r.tag["job_id"], status="running")
 
     def _finisher(self) -> None:
-        """Decode and write finished jobs off the decoding thread, so the batch keeps stepping."""
-        while (r := self.finished.get()) is not None:
-            job_id, fmt = r.tag["job_id"], r.tag["format"]
-            try:
-                if r.status == "done":
-                    audio = self.model.decode(r.codes[None])[0]                          # (channels, samples)
-                    np.save(self.store.path(job_id, "codes", "npy"), r.codes.cpu().numpy())
-                    save_audio(self.store.path(job_id, "audio", fmt), audio, self.model.sample_rate, format=fmt)
-                    self.store.update(job_id, status="done", progress=1.0)
-                else:
-                    self.store.update(job_id, status=r.status, progress=r.progress, error=r.error)
-            except Exception as e:
-                self.store.update(job_id, status="failed", error=f"{type(e).__name__}: {e}")
-            finally:
-                self.live.pop(job_id, None)
+        """Decode and write finished jobs off the decoding thread, so the batch keeps stepping. Jobs that
+        finish together (they often do: they shared their steps) are decoded as one codec batch."""
+        while True:
+            batch = [self.finished.get()]
+            while not self.finished.empty() and len(batch) < self.scheduler.max_batch:
+                batch.append(self.finished.get())
+            if None in batch:
+                return
+            done = [r for r in batch if r.status == "done"]
+            for frames in sorted({r.frames for r in done}):
+                group = [r for r in done if r.frames == frames]
+                try:
+                    audio = self.model.decode(torch.stack([r.codes for r in group]))     # (g, channels, samples)
+                except Exception as e:
+                    audio = [None] * len(group)
+                    for r in group:
+                        r.error = f"{type(e).__name__}: {e}"
+                for r, wav in zip(group, audio):
+                    self._write(r, wav)
+            for r in batch:
+                if r.status != "done":
+                    self._write(r, None)
+
+    def _write(self, r: Request, audio: torch.Tensor | None) -> None:
+        job_id, fmt = r.tag["job_id"], r.tag["format"]
+        try:
+            if r.status == "done" and audio is not None:
+                np.save(self.store.path(job_id, "codes", "npy"), r.codes.cpu().numpy())
+                save_audio(self.store.path(job_id, "audio", fmt), audio, self.model.sample_rate, format=fmt)
+                self.store.update(job_id, status="done", progress=1.0)
+            else:
+                status = r.status if r.status != "done" else "failed"
+                self.store.update(job_id, status=status, progress=r.progress, error=r.error)
+        except Exception as e:
+            self.store.update(job_id, status="failed", error=f"{type(e).__name__}: {e}")
+        finally:
+            self.live.pop(job_id, None)
 
     def job(self, job_id: str) -> dict:
         rec = self.store.get(job_id)
@@ -267,7 +289,12 @@ def create_app(service: Service) -> FastAPI:
         return [service.job(r["id"]) for r in service.store.list(max(1, min(limit, 500)))]
 
     @app.get("/v1/jobs/{id}", dependencies=[Depends(auth)])
-    def job(id: str = Depends(job_id)):
+    async def job(id: str = Depends(job_id), wait: float = Query(0, ge=0, le=60, description=
+                  "long poll: answer when the job has finished or after this many seconds")):
+        live = service.live.get(id)
+        deadline = asyncio.get_running_loop().time() + wait
+        while live is not None and id in service.live and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.02)       # cheap: no database work until the job has left the live set
         return service.job(id)
 
     @app.delete("/v1/jobs/{id}", dependencies=[Depends(auth)])

@@ -50,6 +50,17 @@ def test_requests_joining_at_different_steps_keep_their_solo_codes(model):
     assert all(r.shared_steps > 0 for r in (a, b, c, d))
 
 
+def test_requests_with_equal_parameters_sample_together_with_their_own_seeds(model):
+    params = SamplingParams(top_k=20, temperature=1.2, guidance_scale=2.7)
+    sched = Scheduler(model, max_batch=4)
+    reqs = [sched.submit(Request(p, 9, params, seed=s)) for p, s in [("lofi", 1), ("lofi", 2), ("rock", 1)]]
+    run_to_end(sched)
+    for r in reqs:
+        assert torch.equal(r.codes, solo(model, r.prompt, 9, top_k=20, temperature=1.2, guidance_scale=2.7,
+                                         seed=r.seed))
+    assert not torch.equal(reqs[0].codes, reqs[1].codes)
+
+
 def test_cancel_releases_at_the_next_step(model):
     sched = Scheduler(model, max_batch=2)
     a = sched.submit(Request("ambient", 30, SamplingParams(top_k=1)))
