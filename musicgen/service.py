@@ -84,7 +84,7 @@ class Service:
     def start(self) -> None:
         for rec in self.store.unfinished():   # a restart: queue unfinished work again, same seed, same codes
             try:
-                self._enqueue(rec["id"], GenerateRequest(**rec["request"]), force=True)
+                self._enqueue(rec["id"], GenerateRequest(**rec["request"]))
             except Exception as e:
                 self.store.update(rec["id"], status="failed", error=f"could not resume: {e}")
         for t in self._threads:
@@ -114,8 +114,7 @@ class Service:
         self._enqueue(job_id, req, prefix)
         return job_id
 
-    def _enqueue(self, job_id: str, req: GenerateRequest, prefix: torch.Tensor | None = None,
-                 force: bool = False) -> None:
+    def _enqueue(self, job_id: str, req: GenerateRequest, prefix: torch.Tensor | None = None) -> None:
         if prefix is None and self.store.path(job_id, "codes", "prefix.npy").exists():
             prefix = torch.from_numpy(np.load(self.store.path(job_id, "codes", "prefix.npy")))
         params = SamplingParams(top_k=req.top_k, top_p=req.top_p, temperature=req.temperature,
