@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from musicgen.batching import Request, Scheduler
-from musicgen.sampling import SamplingParams
+from musicgen.sampling import SamplingParams, sample, sample_rows
 
 
 def run_to_end(sched: Scheduler, limit: int = 10_000):
@@ -18,6 +18,16 @@ def run_to_end(sched: Scheduler, limit: int = 10_000):
 
 def solo(model, prompt, frames, **kw):
     return model.generate_codes([prompt], duration=frames / model.frame_rate, **kw)[0]
+
+
+@pytest.mark.parametrize("params", [SamplingParams(top_k=7), SamplingParams(top_k=0, top_p=0.8, temperature=0.7),
+                                    SamplingParams(top_k=0), SamplingParams(top_k=1)])
+def test_sample_rows_gives_each_row_its_solo_draw(params):
+    logits = torch.randn(5, 4, 300, generator=torch.Generator().manual_seed(0))
+    seeds = [3, 1, 4, 1, 5]
+    rows = sample_rows(logits, params, [torch.Generator().manual_seed(s) for s in seeds])
+    solo_draws = [sample(logits[i:i + 1], params, torch.Generator().manual_seed(s))[0] for i, s in enumerate(seeds)]
+    assert torch.equal(rows, torch.stack(solo_draws))
 
 
 def test_one_request_alone_equals_generate_codes(model):
