@@ -77,10 +77,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=None, help="rows to generate when there is no text")
     g.add_argument("--extend-stride", type=_positive_float, default=18.0,
                    help="seconds the 30 s window advances beyond 30 s of audio (default 18)")
+    g.add_argument("--stream", action="store_true",
+                   help="write 16-bit WAV while it is generated, about a second at a time (-o - : to stdout, "
+                        "e.g. | aplay); the level is left as generated (clipped), not normalised")
     c = sub.add_parser("convert", help="convert a checkpoint between the Hugging Face and audiocraft formats")
     c.add_argument("src", help="checkpoint folder (either format) or hub id")
     c.add_argument("dst", type=Path, help="output folder, written in the other format")
     c.add_argument("-f", "--force", action="store_true", help="write into a non-empty folder")
+    s = sub.add_parser("serve", help="HTTP service with continuous batching, streaming and a web page")
+    s.add_argument("--model", default="facebook/musicgen-small", help="hub id or a local checkpoint folder")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    s.add_argument("--data-dir", type=Path, default=Path("musicgen-data"),
+                   help="job database and result files (default ./musicgen-data); survives restarts")
+    s.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default 8)")
+    s.add_argument("--max-queue", type=int, default=32, help="waiting jobs before answering 429 (default 32)")
+    s.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $MUSICGEN_API_KEY, else none)")
+    s.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    s.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    s.add_argument("--quantize", choices=("int8",), default=None, help="weight-only int8 LM and text encoder")
     return parser
 
 
@@ -167,6 +183,11 @@ def cmd_generate(args) -> int:
         raise UsageError(f"--batch-size {args.batch_size} does not match the {len(prompts)} prompt(s)")
     rows = len(prompts) if prompts is not None else (args.batch_size or 1)
     paths = _output_paths(args, rows)
+    if args.stream:   # checked before the model loads
+        if any(p.suffix.lower() != ".wav" for p in paths) and str(args.output) != "-":
+            raise UsageError("--stream writes WAV only; use a .wav output (or -o - for stdout)")
+        if str(args.output) == "-" and rows > 1:
+            raise UsageError("--stream to stdout takes one prompt")
     device = _device(args.device)
 
     import musicgen
@@ -179,6 +200,8 @@ def cmd_generate(args) -> int:
         wav, sr = musicgen.load_audio(args.continue_from)
         extra.update(prompt_audio=wav, prompt_sample_rate=sr)
     model = musicgen.load(args.model, device=device, dtype=args.dtype, quantize=args.quantize, compile=args.compile)
+    if args.stream:
+        return _generate_streaming(model, prompts, paths, args, rows, extra)
     audio = model.generate(prompts, duration=args.duration, top_k=args.top_k, top_p=args.top_p,
                            temperature=args.temperature, guidance_scale=args.guidance_scale, seed=args.seed,
                            progress=not args.quiet, batch_size=rows, extend_stride=args.extend_stride, **extra)
@@ -196,12 +219,66 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def _generate_streaming(model, prompts, paths, args, rows: int, extra: dict) -> int:
+    from .service import pcm16, wav_header
+
+    to_stdout = str(args.output) == "-"
+    outs = [sys.stdout.buffer] if to_stdout else [open(p, "wb") for p in paths]
+    header = wav_header(model.sample_rate, model.audio_channels)
+    for f in outs:
+        f.write(header)
+    written = 0
+    chunks = model.stream(prompts, duration=args.duration, chunk_seconds=1.0, top_k=args.top_k, top_p=args.top_p,
+                          temperature=args.temperature, guidance_scale=args.guidance_scale, seed=args.seed,
+                          batch_size=rows, **extra)
+    for chunk in chunks:                                  # (B, channels, samples)
+        for f, wav in zip(outs, chunk):
+            f.write(pcm16(wav))
+            f.flush()
+        written += chunk.shape[-1]
+        if not args.quiet:
+            print(f"\rstreamed {written / model.sample_rate:.1f} s", end="", file=sys.stderr, flush=True)
+    if not args.quiet:
+        print(file=sys.stderr)
+    if not to_stdout:
+        for f, path in zip(outs, paths):                  # now the length is known: fix the header's sizes
+            data = written * model.audio_channels * 2
+            f.seek(4)
+            f.write((36 + data).to_bytes(4, "little"))
+            f.seek(40)
+            f.write(data.to_bytes(4, "little"))
+            f.close()
+            print(path)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port must be in 1..65535, got {args.port}")
+    if args.max_batch < 1 or args.max_queue < 1:
+        raise UsageError("--max-batch and --max-queue must be at least 1")
+    try:
+        import uvicorn
+
+        from .service import Service, create_app
+    except ImportError as e:
+        raise UsageError(f"the service needs its extra: pip install 'musicgen[serve]' ({e.name} is missing)") from None
+    import musicgen
+
+    device = _device(args.device)
+    model = musicgen.load(args.model, device=device, dtype=args.dtype, quantize=args.quantize)
+    service = Service(model, args.data_dir, model_name=str(args.model), max_batch=args.max_batch,
+                      max_queue=args.max_queue, api_key=args.api_key or os.environ.get("MUSICGEN_API_KEY"))
+    uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="info")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
 
     try:
         args = build_parser().parse_args(argv)
-        return {"generate": cmd_generate, "convert": cmd_convert}[args.command](args)
+        return {"generate": cmd_generate, "convert": cmd_convert, "serve": cmd_serve}[args.command](args)
     except (UsageError, CheckpointError, ValueError, FileExistsError) as e:
         print(f"musicgen: error: {e}", file=sys.stderr)
         return 2

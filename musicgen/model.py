@@ -161,6 +161,28 @@ class MusicGen(nn.Module):
         batch_size     rows when nothing else fixes it (unconditional generation)
         duration       beyond 30 s the 30 s window slides by `extend_stride` seconds, re-conditioned each time
         """
+        frames, known, melodies, params, states, mask, generator = self._prepare(
+            prompts, duration, melody, melody_sample_rate, prompt_audio, prompt_sample_rate, batch_size, demucs,
+            top_k, top_p, temperature, guidance_scale, seed)
+
+        def window(known_codes: torch.Tensor, window_frames: int, window_melodies) -> torch.Tensor:
+            cond = self._conditions(states, mask, window_melodies, params.uses_cfg)
+            seq = build_pattern(known_codes, window_frames, self.cfg.lm.special_token, self.audio_channels)
+            seq = self._decode_grid(seq, cond, params, generator, progress)
+            return revert_pattern(seq, window_frames, self.audio_channels)
+
+        window_frames = round(MAX_DURATION * self.frame_rate)
+        if frames <= window_frames:
+            return window(known, frames, melodies)
+        if not 0 < extend_stride < MAX_DURATION:
+            raise ValueError(f"extend_stride must be in (0, {MAX_DURATION:g}) seconds, got {extend_stride!r}")
+        return generate_long(window, known, frames, window_frames, round(extend_stride * self.frame_rate),
+                             melodies, chroma_mod.CHROMA_SAMPLE_RATE / self.frame_rate,
+                             round(MAX_DURATION * chroma_mod.CHROMA_SAMPLE_RATE))
+
+    def _prepare(self, prompts, duration, melody, melody_sample_rate, prompt_audio, prompt_sample_rate, batch_size,
+                 demucs, top_k, top_p, temperature, guidance_scale, seed):
+        """Check and encode every input of a generation (shared by generate_codes and stream)."""
         params = SamplingParams(top_k=top_k, top_p=top_p, temperature=temperature, guidance_scale=guidance_scale)
         params.validate()
         frames = self.frames_for(duration)
@@ -178,20 +200,14 @@ class MusicGen(nn.Module):
         if seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(int(seed))
 
-        def window(known_codes: torch.Tensor, window_frames: int, window_melodies) -> torch.Tensor:
-            cond = self._conditions(states, mask, window_melodies, params.uses_cfg)
-            seq = build_pattern(known_codes, window_frames, self.cfg.lm.special_token, self.audio_channels)
-            seq = self._decode_grid(seq, cond, params, generator, progress)
-            return revert_pattern(seq, window_frames, self.audio_channels)
+        return frames, known, melodies, params, states, mask, generator
 
-        window_frames = round(MAX_DURATION * self.frame_rate)
-        if frames <= window_frames:
-            return window(known, frames, melodies)
-        if not 0 < extend_stride < MAX_DURATION:
-            raise ValueError(f"extend_stride must be in (0, {MAX_DURATION:g}) seconds, got {extend_stride!r}")
-        return generate_long(window, known, frames, window_frames, round(extend_stride * self.frame_rate),
-                             melodies, chroma_mod.CHROMA_SAMPLE_RATE / self.frame_rate,
-                             round(MAX_DURATION * chroma_mod.CHROMA_SAMPLE_RATE))
+    def stream(self, prompts: Sequence[str] | str | None = None, duration: float = 8.0, chunk_seconds: float = 1.0,
+               **kwargs):
+        """Yield float32 audio (B, channels, samples) while it is generated, about `chunk_seconds` at a time;
+        joined, it equals `generate` with the same arguments up to float rounding (see musicgen.streaming)."""
+        from .streaming import stream
+        return stream(self, prompts, duration, chunk_seconds, **kwargs)
 
     def frames_for(self, duration: float) -> int:
         if isinstance(duration, bool) or not isinstance(duration, (int, float)) or not duration > 0:
@@ -249,8 +265,16 @@ class MusicGen(nn.Module):
     def _decode_grid(self, seq: torch.Tensor, cond: conditions.Conditions, params: SamplingParams,
                      generator: torch.Generator | None, progress: bool) -> torch.Tensor:
         """Fill every -1 of the delayed grid (B, K, L), left to right, with sampled codes."""
-        B, K, L = seq.shape
         seq = seq.clone()
+        for _ in self._decode_steps(seq, cond, params, generator, progress):
+            pass
+        return seq
+
+    def _decode_steps(self, seq: torch.Tensor, cond: conditions.Conditions, params: SamplingParams,
+                      generator: torch.Generator | None, progress: bool = False):
+        """The decoding loop: fills the -1 entries of `seq` (B, K, L) in place and yields each position once it
+        is sampled (streaming reads the grid between steps)."""
+        B, K, L = seq.shape
         rows = 2 * B if params.uses_cfg else B
         P = cond.prefix_length                                                 # prepended condition tokens
         compiled = self._compiled_step is not None
@@ -269,6 +293,7 @@ class MusicGen(nn.Module):
             token = sample(logits, params, generator)                          # (B, K)
             seq[:, :, pos] = torch.where(seq[:, :, pos] == -1, token, seq[:, :, pos])
             bar.update(1)
+            yield pos
             if pos + 1 < L:
                 step = step_inputs(seq[:, :, pos:pos + 1])                     # (rows, K, 1)
                 if compiled:

@@ -72,3 +72,24 @@ def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) > top_p
     sorted_probs = sorted_probs.masked_fill(drop, 0.0)
     return torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+
+
+def sample_rows(logits: torch.Tensor, p: SamplingParams, generators: list) -> torch.Tensor:
+    """`sample` for rows that each have their own generator: (R, ..., V) -> (R, ...).
+
+    Row i gets exactly what `sample(logits[i:i+1], p, generators[i])` gives it (each row's noise is drawn
+    from its own generator, in the same order); the rest runs once for all rows. For batched decoding of
+    independent requests.
+    """
+    logits = logits.float()
+    if p.greedy:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / p.temperature, dim=-1)
+    if p.top_p > 0.0:
+        probs = _top_p(probs, p.top_p)
+    elif p.top_k > 0:
+        probs = _top_k(probs, p.top_k)
+    noise = torch.empty_like(probs)
+    for i, g in enumerate(generators):
+        noise[i:i + 1].exponential_(1.0, generator=g)
+    return (probs / noise).argmax(dim=-1)

@@ -5,7 +5,9 @@ test oracle), saves it exactly as the hub publishes them, and loads it back with
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -165,3 +167,31 @@ def model(ckpt_dir):
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+@contextlib.contextmanager
+def running_server(model, data_dir: Path, **kw):
+    """A real uvicorn server for `Service(model, data_dir, **kw)` on a free loopback port, in a thread."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    from musicgen.service import Service, create_app
+
+    service = Service(model, data_dir, model_name="tiny-random", **kw)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        assert time.time() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}", service
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()

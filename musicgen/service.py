@@ -1,0 +1,371 @@
+"""The HTTP service: `musicgen serve --model NAME --host 127.0.0.1 --port 8000`.
+
+    POST   /v1/generate            JSON (or multipart with a `continuation` audio file) -> 202 {"id": ...}
+    GET    /v1/jobs                recent jobs, newest first (the page's history)
+    GET    /v1/jobs/{id}           state, progress, request, error (?wait=S: long poll until finished)
+    GET    /v1/jobs/{id}/audio     the result file (wav / flac / ogg / mp3), loudness-normalised
+    GET    /v1/jobs/{id}/stream    16-bit WAV sent while it is generated (chunked; the client leaving cancels)
+    DELETE /v1/jobs/{id}           cancel
+    GET    /v1/model, /health, /docs, /openapi.json, and the web page at /
+
+All generation goes through one `Scheduler` (continuous batching) on one decoding thread. Job state lives in
+SQLite and results in files named by job id (`JobStore`), so a restart keeps finished results and queues
+unfinished jobs again with their recorded seed. With an API key (`--api-key` or MUSICGEN_API_KEY) every /v1
+route wants `Authorization: Bearer <key>` (or `?access_token=<key>`, for <audio src=...>).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import io
+import json
+import queue
+import secrets
+import struct
+import threading
+import uuid
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from fastapi import Depends, FastAPI, HTTPException, Query, Request as HTTPRequest
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .audio import convert_channels, resample, save_audio
+from .batching import Request, Scheduler
+from .jobs import FINISHED, JobStore
+from .sampling import SamplingParams
+from .streaming import MultiChannelDecoder
+
+MEDIA = {"wav": "audio/wav", "flac": "audio/flac", "ogg": "audio/ogg", "mp3": "audio/mpeg"}
+MAX_UPLOAD = 20 * 2 ** 20           # bytes of continuation audio accepted
+WEB = Path(__file__).with_name("web")
+
+
+class GenerateRequest(BaseModel):
+    """What POST /v1/generate accepts; anything else is a 422 naming the field."""
+    model_config = ConfigDict(extra="forbid")
+    prompt: str = Field(min_length=1, max_length=2000, description="text description of the music")
+    duration: float = Field(8.0, gt=0, le=30, description="seconds of audio (the model's context allowing)")
+    top_k: int = Field(250, ge=0, le=100_000)
+    top_p: float = Field(0.0, ge=0, le=1)
+    temperature: float = Field(1.0, ge=0, le=100)
+    guidance_scale: float = Field(3.0, ge=0, le=100)
+    seed: int | None = Field(None, ge=0, lt=2 ** 63, description="omit for a server-chosen (recorded) seed")
+    format: Literal["wav", "flac", "ogg", "mp3"] = "wav"
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("prompt is empty")
+        return v
+
+
+class Service:
+    """The model, the scheduler thread, the job store and the live requests, shared by all routes."""
+
+    def __init__(self, model, data_dir: str | Path, model_name: str = "", max_batch: int = 8, max_queue: int = 32,
+                 api_key: str | None = None):
+        self.model, self.model_name = model, model_name
+        self.store = JobStore(data_dir)
+        self.scheduler = Scheduler(model, max_batch=max_batch)
+        self.max_queue, self.api_key = max_queue, api_key or None
+        self.live: dict[str, Request] = {}
+        self.finished: queue.Queue = queue.Queue()
+        self.max_frames = model.lm.positions.shape[0] - model.cfg.lm.num_codebooks
+        self._threads = [threading.Thread(target=self.scheduler.run, name="musicgen-decode", daemon=True),
+                         threading.Thread(target=self._finisher, name="musicgen-finish", daemon=True)]
+
+    def start(self) -> None:
+        for rec in self.store.unfinished():   # a restart: queue unfinished work again, same seed, same codes
+            try:
+                self._enqueue(rec["id"], GenerateRequest(**rec["request"]))
+            except Exception as e:
+                self.store.update(rec["id"], status="failed", error=f"could not resume: {e}")
+        for t in self._threads:
+            t.start()
+
+    def stop(self) -> None:
+        self.scheduler.stop()
+        self.finished.put(None)
+        for t in self._threads:
+            t.join(timeout=10)
+        self.store.close()
+
+    # -- jobs -----------------------------------------------------------------------------------------
+    def submit(self, req: GenerateRequest, prefix: torch.Tensor | None = None) -> str:
+        if len(self.scheduler.pending) >= self.max_queue:
+            raise HTTPException(429, f"the queue is full ({self.max_queue} jobs waiting); try again later")
+        frames = self.model.frames_for(req.duration)
+        if frames > self.max_frames:
+            raise HTTPException(422, f"duration {req.duration:g} s is longer than this model's "
+                                     f"{self.max_frames / self.model.frame_rate:g} s")
+        if req.seed is None:
+            req = req.model_copy(update={"seed": secrets.randbelow(2 ** 31)})
+        job_id = uuid.uuid4().hex
+        if prefix is not None:
+            np.save(self.store.path(job_id, "codes", "prefix.npy"), prefix.numpy().astype(np.int64))
+        self.store.add(job_id, req.model_dump())
+        self._enqueue(job_id, req, prefix)
+        return job_id
+
+    def _enqueue(self, job_id: str, req: GenerateRequest, prefix: torch.Tensor | None = None) -> None:
+        if prefix is None and self.store.path(job_id, "codes", "prefix.npy").exists():
+            prefix = torch.from_numpy(np.load(self.store.path(job_id, "codes", "prefix.npy")))
+        params = SamplingParams(top_k=req.top_k, top_p=req.top_p, temperature=req.temperature,
+                                guidance_scale=req.guidance_scale)
+        r = Request(req.prompt, self.model.frames_for(req.duration), params, req.seed, prefix=prefix,
+                    on_step=self._on_step, on_done=self.finished.put)
+        r.tag = {"job_id": job_id, "format": req.format}
+        self.live[job_id] = r
+        self.scheduler.submit(r)
+
+    def _on_step(self, r: Request) -> None:
+        if r.steps == 1:
+            self.store.update(r.tag["job_id"], status="running")
+
+    def _finisher(self) -> None:
+        """Decode and write finished jobs off the decoding thread, so the batch keeps stepping. Jobs that
+        finish together (they often do: they shared their steps) are decoded as one codec batch."""
+        while True:
+            batch = [self.finished.get()]
+            while not self.finished.empty() and len(batch) < self.scheduler.max_batch:
+                batch.append(self.finished.get())
+            if None in batch:
+                return
+            done = [r for r in batch if r.status == "done"]
+            for frames in sorted({r.frames for r in done}):
+                group = [r for r in done if r.frames == frames]
+                try:
+                    audio = self.model.decode(torch.stack([r.codes for r in group]))     # (g, channels, samples)
+                except Exception as e:
+                    audio = [None] * len(group)
+                    for r in group:
+                        r.error = f"{type(e).__name__}: {e}"
+                for r, wav in zip(group, audio):
+                    self._write(r, wav)
+            for r in batch:
+                if r.status != "done":
+                    self._write(r, None)
+
+    def _write(self, r: Request, audio: torch.Tensor | None) -> None:
+        job_id, fmt = r.tag["job_id"], r.tag["format"]
+        try:
+            if r.status == "done" and audio is not None:
+                np.save(self.store.path(job_id, "codes", "npy"), r.codes.cpu().numpy())
+                save_audio(self.store.path(job_id, "audio", fmt), audio, self.model.sample_rate, format=fmt)
+                self.store.update(job_id, status="done", progress=1.0)
+            else:
+                status = r.status if r.status != "done" else "failed"
+                self.store.update(job_id, status=status, progress=r.progress, error=r.error)
+        except Exception as e:
+            self.store.update(job_id, status="failed", error=f"{type(e).__name__}: {e}")
+        finally:
+            self.live.pop(job_id, None)
+
+    def job(self, job_id: str) -> dict:
+        rec = self.store.get(job_id)
+        if rec is None:
+            raise HTTPException(404, f"no job {job_id}")
+        live = self.live.get(job_id)
+        if live is not None and rec["status"] not in FINISHED:
+            rec["progress"] = live.progress
+            rec["status"] = "running" if live.status == "running" else rec["status"]
+        rec["audio_url"] = f"/v1/jobs/{job_id}/audio" if rec["status"] == "done" else None
+        rec["stream_url"] = f"/v1/jobs/{job_id}/stream"
+        if live is not None:
+            rec["shared_steps"] = live.shared_steps
+        return rec
+
+    def cancel(self, job_id: str) -> dict:
+        rec = self.job(job_id)
+        live = self.live.get(job_id)
+        if rec["status"] in FINISHED or live is None:
+            raise HTTPException(409, f"job {job_id} is already {rec['status']}")
+        self.scheduler.cancel(live)
+        return {"id": job_id, "status": "cancelling"}
+
+    def info(self) -> dict:
+        cfg = self.model.cfg
+        return {"model": self.model_name, "sample_rate": self.model.sample_rate,
+                "audio_channels": self.model.audio_channels, "codebooks": cfg.lm.num_codebooks,
+                "layers": cfg.lm.num_layers, "dim": cfg.lm.dim,
+                "parameters": sum(p.numel() for p in self.model.parameters()),
+                "max_duration": round(self.max_frames / self.model.frame_rate, 2),
+                "max_batch": self.scheduler.max_batch, "max_queue": self.max_queue,
+                "continuation": True, "melody": False, "auth": self.api_key is not None}
+
+    async def prefix_from_upload(self, upload) -> torch.Tensor:
+        data = await upload.read(MAX_UPLOAD + 1)
+        if len(data) > MAX_UPLOAD:
+            raise HTTPException(413, f"continuation audio is larger than {MAX_UPLOAD // 2 ** 20} MiB")
+        return await run_in_threadpool(self._encode_prompt_audio, data)
+
+    def _encode_prompt_audio(self, data: bytes) -> torch.Tensor:
+        import soundfile as sf
+
+        try:
+            wav, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        except Exception:
+            raise HTTPException(422, "continuation: not an audio file this server can read") from None
+        if wav.shape[0] == 0:
+            raise HTTPException(422, "continuation: the audio file is empty")
+        audio = convert_channels(torch.from_numpy(np.ascontiguousarray(wav.T)), self.model.audio_channels)
+        audio = resample(audio, sr, self.model.sample_rate)
+        return self.model.encode(audio[None])[0].cpu()                                   # (K, P)
+
+
+def create_app(service: Service) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        service.start()
+        yield
+        service.stop()
+
+    app = FastAPI(title="musicgen", version="0.1.0", lifespan=lifespan,
+                  description="MusicGen text-to-music: jobs, continuous batching, streaming audio.")
+    app.state.service = service
+
+    def auth(request: HTTPRequest) -> None:
+        if service.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        token = header[7:] if header.lower().startswith("bearer ") else request.query_params.get("access_token", "")
+        if not token or not hmac.compare_digest(token.encode(), service.api_key.encode()):
+            raise HTTPException(401, "missing or wrong API key (Authorization: Bearer <key>)",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    def job_id(id: uuid.UUID) -> str:       # FastAPI answers 422 for anything that is not a uuid
+        return id.hex
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page():
+        return (WEB / "index.html").read_text(encoding="utf-8")
+
+    @app.get("/health")
+    def health():
+        s = service.scheduler
+        return {"status": "ok", "queued": len(s.pending), "running": len(s.active), "steps": s.steps,
+                "request_steps": s.request_steps}
+
+    @app.get("/v1/model", dependencies=[Depends(auth)])
+    def model_info():
+        return service.info()
+
+    @app.post("/v1/generate", status_code=202, dependencies=[Depends(auth)],
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": {"schema": {"$ref": "#/components/schemas/GenerateRequest"}},
+                  "multipart/form-data": {"schema": {"type": "object", "properties": {
+                      "request": {"type": "string", "description": "GenerateRequest as JSON"},
+                      "continuation": {"type": "string", "format": "binary",
+                                       "description": "audio the result continues"}}}}}}})
+    async def generate(request: HTTPRequest):
+        prefix = None
+        try:
+            if request.headers.get("content-type", "").startswith("multipart/form-data"):
+                form = await request.form()
+                if "melody" in form:
+                    raise HTTPException(422, "melody conditioning needs a melody checkpoint; this one has none")
+                body = GenerateRequest.model_validate_json(form.get("request") or "{}")
+                if form.get("continuation") is not None:
+                    prefix = await service.prefix_from_upload(form["continuation"])
+            else:
+                body = GenerateRequest.model_validate_json(await request.body())
+        except ValidationError as e:
+            return JSONResponse({"detail": json.loads(e.json(include_url=False, include_context=False))}, 422)
+        if prefix is not None and prefix.shape[-1] >= service.model.frames_for(body.duration):
+            raise HTTPException(422, "continuation audio is as long as the requested duration or longer")
+        job = service.submit(body, prefix)
+        return {"id": job, "status": "queued", "url": f"/v1/jobs/{job}"}
+
+    @app.get("/v1/jobs", dependencies=[Depends(auth)])
+    def jobs(limit: int = 50):
+        return [service.job(r["id"]) for r in service.store.list(max(1, min(limit, 500)))]
+
+    @app.get("/v1/jobs/{id}", dependencies=[Depends(auth)])
+    async def job(id: str = Depends(job_id), wait: float = Query(0, ge=0, le=60, description=
+                  "long poll: answer when the job has finished or after this many seconds")):
+        live = service.live.get(id)
+        deadline = asyncio.get_running_loop().time() + wait
+        while live is not None and id in service.live and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.02)       # cheap: no database work until the job has left the live set
+        return service.job(id)
+
+    @app.delete("/v1/jobs/{id}", dependencies=[Depends(auth)])
+    def cancel(id: str = Depends(job_id)):
+        return service.cancel(id)
+
+    @app.get("/v1/jobs/{id}/audio", dependencies=[Depends(auth)])
+    def audio(id: str = Depends(job_id)):
+        rec = service.job(id)
+        if rec["status"] != "done":
+            raise HTTPException(409, f"job {id} is {rec['status']}, not done")
+        fmt = rec["request"]["format"]
+        return FileResponse(service.store.path(id, "audio", fmt), media_type=MEDIA[fmt],
+                            filename=f"musicgen-{id[:8]}.{fmt}")
+
+    @app.get("/v1/jobs/{id}/stream", dependencies=[Depends(auth)])
+    def stream(id: str = Depends(job_id)):
+        rec = service.job(id)
+        live = service.live.get(id)
+        if live is None and rec["status"] != "done":
+            raise HTTPException(409, f"job {id} is {rec['status']}")
+        codes = None if live is not None else torch.from_numpy(np.load(service.store.path(id, "codes", "npy")))
+        return StreamingResponse(_wav_stream(service, live, codes), media_type="audio/wav",
+                                 headers={"Cache-Control": "no-store"})
+
+    return app
+
+
+async def _wav_stream(service: Service, live: Request | None, codes: torch.Tensor | None):
+    """A WAV header of unknown length, then 16-bit PCM as frames complete; leaving early cancels the job."""
+    model = service.model
+    yield wav_header(model.sample_rate, model.audio_channels)
+    decoder = MultiChannelDecoder(model.codec, model.audio_channels)
+    finished = False
+    try:
+        if codes is not None:                                        # already done: stream the stored codes
+            audio = await run_in_threadpool(decoder.push, codes[None], True)
+            yield pcm16(audio[0])
+            finished = True
+            return
+        sent = 0
+        while True:
+            done = live.done.is_set()
+            ready = live.complete_frames
+            if live.status in ("cancelled", "failed"):
+                return
+            if ready > sent or (done and not finished):
+                last = done and ready >= live.frames
+                chunk = live.codes_between(sent, ready)[None]
+                audio = await run_in_threadpool(decoder.push, chunk, last)
+                sent = ready
+                if audio.shape[-1]:
+                    yield pcm16(audio[0])
+                if last:
+                    finished = True
+                    return
+            else:
+                await asyncio.sleep(0.05)
+    finally:
+        if not finished and live is not None and not live.done.is_set():
+            service.scheduler.cancel(live)                           # the listener left: stop the work
+
+
+def wav_header(sample_rate: int, channels: int) -> bytes:
+    """RIFF/WAVE header for 16-bit PCM whose length is not known yet (sizes set to the maximum)."""
+    unknown = 0xFFFFFFFF
+    return (b"RIFF" + struct.pack("<I", unknown) + b"WAVE" + b"fmt " +
+            struct.pack("<IHHIIHH", 16, 1, channels, sample_rate, sample_rate * channels * 2, channels * 2, 16) +
+            b"data" + struct.pack("<I", unknown - 36))
+
+
+def pcm16(audio: torch.Tensor) -> bytes:
+    """(channels, samples) float -> interleaved little-endian int16 bytes (clipped, not normalised)."""
+    a = (audio.clamp(-1, 1) * 32767).round().to(torch.int16)
+    return a.t().contiguous().numpy().tobytes()

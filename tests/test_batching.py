@@ -1,0 +1,88 @@
+"""Continuous batching: every request gets exactly its solo codes, whoever shares its steps and whenever it
+joins; steps are shared; cancelled requests leave at the next step boundary."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from musicgen.batching import Request, Scheduler
+from musicgen.sampling import SamplingParams, sample, sample_rows
+
+
+def run_to_end(sched: Scheduler, limit: int = 10_000):
+    for _ in range(limit):
+        if not sched.step() and not sched.pending:
+            return
+    raise AssertionError("scheduler did not finish")
+
+
+def solo(model, prompt, frames, **kw):
+    return model.generate_codes([prompt], duration=frames / model.frame_rate, **kw)[0]
+
+
+@pytest.mark.parametrize("params", [SamplingParams(top_k=7), SamplingParams(top_k=0, top_p=0.8, temperature=0.7),
+                                    SamplingParams(top_k=0), SamplingParams(top_k=1)])
+def test_sample_rows_gives_each_row_its_solo_draw(params):
+    logits = torch.randn(5, 4, 300, generator=torch.Generator().manual_seed(0))
+    seeds = [3, 1, 4, 1, 5]
+    rows = sample_rows(logits, params, [torch.Generator().manual_seed(s) for s in seeds])
+    solo_draws = [sample(logits[i:i + 1], params, torch.Generator().manual_seed(s))[0] for i, s in enumerate(seeds)]
+    assert torch.equal(rows, torch.stack(solo_draws))
+
+
+def test_one_request_alone_equals_generate_codes(model):
+    sched = Scheduler(model, max_batch=4)
+    req = sched.submit(Request("lofi hip hop beat", frames=12, params=SamplingParams(top_k=1)))
+    run_to_end(sched)
+    assert req.status == "done" and req.done.is_set()
+    assert torch.equal(req.codes, solo(model, "lofi hip hop beat", 12, top_k=1))
+    assert sched.steps == req.steps == 12 + 3 + 1 - 1
+
+
+def test_requests_joining_at_different_steps_keep_their_solo_codes(model):
+    greedy, sampled = SamplingParams(top_k=1), SamplingParams(top_k=5, temperature=0.9, guidance_scale=2.0)
+    sched = Scheduler(model, max_batch=3)
+    a = sched.submit(Request("epic orchestral soundtrack with strings, brass and choir", 20, greedy))
+    for _ in range(5):
+        sched.step()
+    b = sched.submit(Request("techno", 8, sampled, seed=11))            # joins at step 5, leaves first
+    sched.step()
+    c = sched.submit(Request("jazz trio", 10, SamplingParams(top_k=1, guidance_scale=1.0)))
+    d = sched.submit(Request("reggae groove", 6, greedy))               # waits: the batch is full
+    run_to_end(sched)
+    assert torch.equal(a.codes, solo(model, a.prompt, 20, top_k=1))
+    assert torch.equal(b.codes, solo(model, b.prompt, 8, top_k=5, temperature=0.9, guidance_scale=2.0, seed=11))
+    assert torch.equal(c.codes, solo(model, c.prompt, 10, top_k=1, guidance_scale=1.0))
+    assert torch.equal(d.codes, solo(model, d.prompt, 6, top_k=1))
+    # they shared decoding steps: fewer forward passes than the requests' steps added up
+    assert sched.request_steps == sum(r.steps for r in (a, b, c, d))
+    assert sched.steps < sched.request_steps
+    assert all(r.shared_steps > 0 for r in (a, b, c, d))
+
+
+def test_requests_with_equal_parameters_sample_together_with_their_own_seeds(model):
+    params = SamplingParams(top_k=20, temperature=1.2, guidance_scale=2.7)
+    sched = Scheduler(model, max_batch=4)
+    reqs = [sched.submit(Request(p, 9, params, seed=s)) for p, s in [("lofi", 1), ("lofi", 2), ("rock", 1)]]
+    run_to_end(sched)
+    for r in reqs:
+        assert torch.equal(r.codes, solo(model, r.prompt, 9, top_k=20, temperature=1.2, guidance_scale=2.7,
+                                         seed=r.seed))
+    assert not torch.equal(reqs[0].codes, reqs[1].codes)
+
+
+def test_cancel_releases_at_the_next_step(model):
+    sched = Scheduler(model, max_batch=2)
+    a = sched.submit(Request("ambient", 30, SamplingParams(top_k=1)))
+    b = sched.submit(Request("rock", 5, SamplingParams(top_k=1)))
+    sched.step()
+    sched.cancel(a)
+    sched.step()
+    assert a.status == "cancelled" and a.done.is_set() and a.steps == 1
+    run_to_end(sched)
+    assert b.status == "done" and torch.equal(b.codes, solo(model, "rock", 5, top_k=1))
+
+
+def test_too_long_requests_are_refused(model):
+    with pytest.raises(ValueError, match="positions"):
+        Scheduler(model).submit(Request("x", frames=600))

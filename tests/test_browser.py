@@ -1,0 +1,94 @@
+"""The web page in a real headless browser (Debian's chromium + chromedriver, driven by selenium): type a
+prompt, press Generate, watch progress, hear the stream start, get a playable, downloadable file.
+
+Skipped when chromium or chromedriver is missing, unless MUSICGEN_REQUIRE_BROWSER=1 (CI sets it), which
+turns the skip into a failure. Debian/Ubuntu: apt-get install chromium chromium-driver.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+import pytest
+
+from conftest import running_server
+
+pytestmark = pytest.mark.browser
+
+
+def chrome():
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    driver = shutil.which("chromedriver")
+    if not (chromium and driver):
+        why = "the browser test needs chromium and chromedriver (apt-get install chromium chromium-driver)"
+        if os.environ.get("MUSICGEN_REQUIRE_BROWSER") == "1":
+            pytest.fail(why)
+        pytest.skip(why)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--autoplay-policy=no-user-gesture-required", "--mute-audio"):
+        opts.add_argument(arg)
+    return webdriver.Chrome(service=Service(driver), options=opts)
+
+
+def poll(what, timeout=60, every=0.02):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = what()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError("timed out")
+
+
+def test_type_generate_see_progress_play_and_download(model, tmp_path):
+    browser = chrome()
+    try:
+        with running_server(model, tmp_path) as (url, service):
+            browser.get(url + "/")
+            poll(lambda: "parameters" in browser.find_element("id", "model").text)       # model info shown
+            browser.find_element("id", "prompt").send_keys("lofi hip hop beat with mellow piano")
+            duration = browser.find_element("id", "duration")
+            duration.clear()
+            duration.send_keys("8")
+            browser.find_element("id", "seed").send_keys("0")
+            browser.find_element("id", "generate").click()
+
+            # progress while it runs, and the live stream already playing in the <audio> element
+            seen = poll(lambda: browser.execute_script(
+                "const p = document.getElementById('progress').value, a = document.getElementById('player');"
+                "return p > 0 && p < 1 && a.src.includes('/stream') ? [p, a.readyState] : null;"))
+            assert 0 < seen[0] < 1
+            poll(lambda: browser.execute_script(
+                "const a = document.getElementById('player'); return a.readyState >= 2 && a.currentTime > 0;"))
+
+            # done: progress full, download link, waveform drawn, the file decodes to 8 s of audio
+            poll(lambda: browser.find_element("id", "download").is_displayed())
+            assert browser.execute_script("return document.getElementById('progress').value") == 1
+            href = browser.find_element("id", "download").get_attribute("href")
+            assert "/audio" in href
+            browser.set_script_timeout(30)
+            seconds = browser.execute_async_script(
+                "const done = arguments[arguments.length - 1];"
+                "fetch(arguments[0]).then(r => r.arrayBuffer())"
+                ".then(b => new OfflineAudioContext(1, 1, 32000).decodeAudioData(b))"
+                ".then(a => done(a.duration), e => done(String(e)));", href)
+            assert abs(seconds - 8.0) < 0.05
+            poll(lambda: browser.execute_script(
+                "const c = document.getElementById('wave');"
+                "const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
+                "for (let i = 3; i < d.length; i += 4) if (d[i]) return true; return false;"))
+            # a file <audio> can play: swap the player to it and wait for its metadata
+            browser.execute_script("const a = document.getElementById('player'); a.src = arguments[0]; a.load();",
+                                   href)
+            poll(lambda: browser.execute_script(
+                "const a = document.getElementById('player'); return a.readyState >= 1 && a.duration > 7.9;"))
+            # the history lists the job
+            poll(lambda: "lofi hip hop" in browser.find_element("id", "history").text)
+    finally:
+        browser.quit()

@@ -1,0 +1,206 @@
+"""The HTTP service over real loopback HTTP: round trips, batching, streaming, cancel on disconnect,
+restart persistence, and the 401 / 404 / 409 / 422 / 429 paths."""
+from __future__ import annotations
+
+import io
+import time
+
+import httpx
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from conftest import running_server
+
+FAST = dict(top_k=1)                       # greedy: results comparable to model.generate_codes
+
+
+def wait(client, job_id, states=("done", "failed", "cancelled"), timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        j = client.get(f"/v1/jobs/{job_id}").json()
+        if j["status"] in states:
+            return j
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} still {j['status']}")
+
+
+def stored_codes(service, job_id):
+    return torch.from_numpy(np.load(service.store.path(job_id, "codes", "npy")))
+
+
+@pytest.fixture(scope="module")
+def server(model, tmp_path_factory):
+    with running_server(model, tmp_path_factory.mktemp("data"), max_batch=4, max_queue=8) as (url, service):
+        with httpx.Client(base_url=url, timeout=60) as client:
+            yield client, service
+
+
+def test_generate_poll_download(server, model):
+    client, service = server
+    r = client.post("/v1/generate", json=dict(prompt="lofi beat", duration=0.4, seed=5, format="flac", **FAST))
+    assert r.status_code == 202
+    job = r.json()["id"]
+    j = wait(client, job)
+    assert j["status"] == "done" and j["progress"] == 1.0 and j["request"]["seed"] == 5
+    audio = client.get(j["audio_url"])
+    assert audio.status_code == 200 and audio.headers["content-type"] == "audio/flac"
+    data, sr = sf.read(io.BytesIO(audio.content))
+    assert sr == 32000 and data.shape == (20 * 640,)
+    assert torch.equal(stored_codes(service, job), model.generate_codes(["lofi beat"], duration=0.4, **FAST)[0])
+    assert job in [x["id"] for x in client.get("/v1/jobs").json()]
+    assert client.get("/health").json()["status"] == "ok"
+    info = client.get("/v1/model").json()
+    assert info["sample_rate"] == 32000 and info["max_batch"] == 4
+    spec = client.get("/openapi.json").json()
+    assert {"/v1/generate", "/v1/jobs/{id}", "/v1/jobs/{id}/audio", "/v1/jobs/{id}/stream"} <= set(spec["paths"])
+    assert "Generate" in client.get("/").text
+
+
+def test_concurrent_requests_share_decoding_steps(server, model):
+    client, service = server
+    before = client.get("/health").json()
+    prompts = ["techno with acid bass", "jazz trio", "epic orchestral soundtrack with strings", "reggae"]
+    ids = [client.post("/v1/generate", json=dict(prompt=p, duration=1.0, **FAST)).json()["id"] for p in prompts]
+    for i in ids:
+        assert wait(client, i)["status"] == "done"
+    after = client.get("/health").json()
+    steps, request_steps = after["steps"] - before["steps"], after["request_steps"] - before["request_steps"]
+    assert request_steps == 4 * (50 + 3)
+    assert steps < 0.6 * request_steps                      # the four requests shared most of their steps
+    for p, i in zip(prompts, ids):                            # and each still got exactly its solo codes
+        assert torch.equal(stored_codes(service, i), model.generate_codes([p], duration=1.0, **FAST)[0])
+
+
+def test_stream_sends_a_wav_while_generating(server, model):
+    client, service = server
+    job = client.post("/v1/generate", json=dict(prompt="ambient pads", duration=0.6, seed=1, **FAST)).json()["id"]
+    with client.stream("GET", f"/v1/jobs/{job}/stream") as r:
+        assert r.status_code == 200 and r.headers["content-type"] == "audio/wav"
+        body = b"".join(r.iter_bytes())
+    assert body[:4] == b"RIFF" and body[8:12] == b"WAVE"
+    pcm = np.frombuffer(body[44:], dtype="<i2")
+    assert pcm.size == 30 * 640
+    ref = model.decode(model.generate_codes(["ambient pads"], duration=0.6, **FAST))[0, 0]
+    expected = (ref.clamp(-1, 1) * 32767).round().numpy()
+    assert np.abs(pcm - expected).max() <= 1                  # the one-shot decode, to int16 rounding
+    # a finished job streams from its stored codes
+    again = client.get(f"/v1/jobs/{job}/stream").content
+    assert len(again) == len(body) and np.abs(np.frombuffer(again[44:], dtype="<i2") - pcm).max() <= 1
+
+
+def test_client_leaving_a_stream_cancels_the_job(server):
+    client, service = server
+    job = client.post("/v1/generate", json=dict(prompt="rock", duration=9.0, **FAST)).json()["id"]
+    with client.stream("GET", f"/v1/jobs/{job}/stream") as r:
+        received = b""
+        for piece in r.iter_bytes():
+            received += piece
+            if len(received) > 44 + 640 * 2:
+                break
+        assert received.startswith(b"RIFF")
+        # audio arrived while the job was still being generated
+        assert client.get(f"/v1/jobs/{job}").json()["progress"] < 1.0
+    j = wait(client, job, timeout=30)
+    assert j["status"] == "cancelled" and j["progress"] < 1.0
+
+
+def test_delete_cancels(server):
+    client, _ = server
+    job = client.post("/v1/generate", json=dict(prompt="rock", duration=9.0, **FAST)).json()["id"]
+    assert client.delete(f"/v1/jobs/{job}").status_code == 200
+    assert wait(client, job, timeout=30)["status"] == "cancelled"
+    assert client.delete(f"/v1/jobs/{job}").status_code == 409
+    assert client.get(f"/v1/jobs/{job}/audio").status_code == 409
+
+
+@pytest.mark.parametrize("body, field", [
+    (dict(prompt=""), "prompt"),
+    (dict(prompt="   "), "prompt"),
+    (dict(prompt="x", duration=0), "duration"),
+    (dict(prompt="x", duration=-3), "duration"),
+    (dict(prompt="x", top_p=2), "top_p"),
+    (dict(prompt="x", top_k=-1), "top_k"),
+    (dict(prompt="x", format="exe"), "format"),
+    (dict(prompt="x", seed="abc"), "seed"),
+    (dict(prompt="x", path="/etc/passwd"), "path"),
+    (dict(duration=1), "prompt"),
+])
+def test_invalid_input_is_422_naming_the_field(server, body, field):
+    client, _ = server
+    r = client.post("/v1/generate", json=body)
+    assert r.status_code == 422
+    assert field in str(r.json()["detail"])
+
+
+def test_other_bad_requests(server):
+    client, _ = server
+    assert client.post("/v1/generate", content=b"not json", headers={"content-type": "application/json"}
+                       ).status_code == 422
+    r = client.post("/v1/generate", json=dict(prompt="x", duration=20.0))     # the tiny model has 512 positions
+    assert r.status_code == 422 and "longer than" in r.json()["detail"]
+    assert client.get("/v1/jobs/..%2F..%2Fetc%2Fpasswd").status_code in (404, 422)
+    assert client.get("/v1/jobs/not-a-uuid/audio").status_code == 422
+    assert client.get(f"/v1/jobs/{'0' * 32}").status_code == 404
+
+
+def test_continuation_upload(server, model):
+    client, service = server
+    prompt_audio = model.decode(torch.randint(0, 64, (1, 4, 10)))[0]              # 10 frames of audio
+    buf = io.BytesIO()
+    sf.write(buf, prompt_audio[0].numpy(), 32000, format="WAV", subtype="FLOAT")
+    r = client.post("/v1/generate", data={"request": '{"prompt": "jazz", "duration": 0.5, "top_k": 1}'},
+                    files={"continuation": ("p.wav", buf.getvalue(), "audio/wav")})
+    assert r.status_code == 202, r.text
+    assert wait(client, r.json()["id"])["status"] == "done"
+    codes = stored_codes(service, r.json()["id"])
+    assert codes.shape == (4, 25)
+    assert torch.equal(codes[:, :10], model.encode(prompt_audio[None])[0])           # the prompt, kept
+    bad = client.post("/v1/generate", data={"request": '{"prompt": "jazz"}'},
+                      files={"continuation": ("p.wav", b"garbage", "audio/wav")})
+    assert bad.status_code == 422
+
+
+def test_full_queue_answers_429(model, tmp_path):
+    with running_server(model, tmp_path, max_batch=1, max_queue=1) as (url, _):
+        with httpx.Client(base_url=url, timeout=60) as client:
+            codes = [client.post("/v1/generate", json=dict(prompt="x", duration=9.0, **FAST)) for _ in range(4)]
+            assert [c.status_code for c in codes].count(429) >= 2
+            assert "queue is full" in next(c for c in codes if c.status_code == 429).json()["detail"]
+            for c in codes:
+                if c.status_code == 202:
+                    client.delete(f"/v1/jobs/{c.json()['id']}")
+
+
+def test_api_key(model, tmp_path):
+    with running_server(model, tmp_path, api_key="s3cret") as (url, _):
+        with httpx.Client(base_url=url, timeout=60) as client:
+            assert client.get("/v1/jobs").status_code == 401
+            assert client.get("/v1/jobs", headers={"Authorization": "Bearer wrong"}).status_code == 401
+            r = client.post("/v1/generate", json=dict(prompt="x", duration=0.1))
+            assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+            assert client.get("/v1/jobs", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+            assert client.get("/v1/model?access_token=s3cret").status_code == 200
+            assert client.get("/health").status_code == 200 and client.get("/").status_code == 200
+
+
+def test_restart_keeps_results_and_resumes_unfinished_work(model, tmp_path):
+    with running_server(model, tmp_path, max_batch=1) as (url, service):
+        with httpx.Client(base_url=url, timeout=60) as client:
+            done = client.post("/v1/generate", json=dict(prompt="lofi", duration=0.2, **FAST)).json()["id"]
+            wait(client, done)
+            running = client.post("/v1/generate", json=dict(prompt="techno", duration=8.0, **FAST)).json()["id"]
+            queued = client.post("/v1/generate", json=dict(prompt="jazz", duration=0.3, seed=4)).json()["id"]
+            wait(client, running, states=("running",))
+            audio = client.get(f"/v1/jobs/{done}/audio").content
+    # the server is gone mid-job (as after a crash): one job 'running', one 'queued' in the database
+    with running_server(model, tmp_path, max_batch=2) as (url, service):
+        with httpx.Client(base_url=url, timeout=60) as client:
+            assert client.get(f"/v1/jobs/{done}/audio").content == audio
+            assert wait(client, running)["status"] == "done"
+            assert wait(client, queued)["status"] == "done"
+            assert torch.equal(stored_codes(service, running),
+                               model.generate_codes(["techno"], duration=8.0, **FAST)[0])
+            assert torch.equal(stored_codes(service, queued),
+                               model.generate_codes(["jazz"], duration=0.3, seed=4)[0])
