@@ -42,12 +42,14 @@ class Request:
     params: SamplingParams = field(default_factory=SamplingParams)
     seed: int | None = None
     prefix: torch.Tensor | None = None           # (K, P) known codes: a continuation prompt
+    melody: torch.Tensor | None = None           # (samples,) mono melody at 32 kHz: melody checkpoints
     on_step: object = None                       # callable(request) after each of its steps (decoding thread)
     on_done: object = None                       # callable(request) when it leaves: done, cancelled or failed
     tag: dict = field(default_factory=dict)      # the caller's bookkeeping (the service's job id)
     # scheduler state, written by the decoding thread only
     seq: torch.Tensor | None = None              # (K, L) delayed grid; -1 where codes are still to come
-    pos: int = 0                                 # next position fed to the LM
+    pos: int = 0                                 # next position of the grid fed to the LM
+    offset: int = 0                              # LM positions taken by prepended condition tokens
     steps: int = 0                               # steps taken
     shared_steps: int = 0                        # steps taken together with at least one other request
     status: str = "queued"                       # queued, running, done, cancelled, failed
@@ -108,6 +110,10 @@ class Scheduler:
     def submit(self, req: Request) -> Request:
         limit = self.lm.positions.shape[0]
         L = req.frames + max(codebook_delays(self.K, self.model.audio_channels)) + 1
+        if self.model.cfg.lm.prefix_conditioning:   # chroma frames and text come first
+            L += self.model.cfg.melody.chroma_length + 1
+        if req.melody is not None and not self.model.cfg.lm.prefix_conditioning:
+            raise ValueError("melody conditioning needs a melody checkpoint")
         if L > limit:
             raise ValueError(f"{req.frames} frames need {L} positions; the model has {limit}")
         req.params.validate()
@@ -172,7 +178,7 @@ class Scheduler:
         if n == 0:
             return 0
         tokens = torch.stack([r.seq[:, r.pos] for r in self.active])                     # (n, K)
-        pos = torch.tensor([r.pos for r in self.active], device=self.model.device)       # (n,)
+        pos = torch.tensor([r.offset + r.pos for r in self.active], device=self.model.device)  # (n,)
         logits = self._forward(tokens.repeat_interleave(2, 0), pos.repeat_interleave(2, 0))  # (2n, K, V)
         cond, uncond = logits[0::2].float(), logits[1::2].float()                        # (n, K, V)
         groups: dict[SamplingParams, list[int]] = {}
@@ -210,9 +216,24 @@ class Scheduler:
         if req.seed is not None:
             req.generator = torch.Generator(device=model.device).manual_seed(int(req.seed))
         states, mask = model.encode_text([req.prompt])                                   # (1, S, C), (1, S)
-        self._grow(req.seq.shape[-1], states.shape[1])
         slot = len(self.active)
         rows = slice(2 * slot, 2 * slot + 2)
+        if model.cfg.lm.prefix_conditioning:   # melody models: prefill the prepended tokens into the slot
+            melodies = None if req.melody is None else [req.melody.to(model.device)]
+            prefix = model._conditions(states, mask, melodies, cfg_rows=True).prefix    # (2, P, D)
+            req.offset = prefix.shape[1]
+            if req.offset + req.seq.shape[-1] > self.lm.positions.shape[0]:
+                raise ValueError(f"the text and melody take {req.offset} positions; with {req.frames} frames that "
+                                 f"exceeds the model's {self.lm.positions.shape[0]}; shorten the prompt or duration")
+            self._grow(req.offset + req.seq.shape[-1], 0)
+            caches = self.lm.new_caches(2, req.offset)
+            self.lm(torch.zeros(2, self.K, 0, dtype=torch.long, device=model.device), None, None, 0, caches,
+                    prefix=prefix)
+            for i, c in enumerate(caches):
+                self.k[i][rows, :, :req.offset], self.v[i][rows, :, :req.offset] = c.k, c.v
+            self.active.append(req)
+            return
+        self._grow(req.seq.shape[-1], states.shape[1])
         S = states.shape[1]
         pair = torch.cat([states, torch.zeros_like(states)]).to(model.dtype)            # (2, S, C)
         pair_mask = torch.cat([mask, torch.zeros_like(mask)])                           # (2, S)
@@ -282,7 +303,8 @@ class Scheduler:
             y = F.scaled_dot_product_attention(q, self.k[i][:R, :, :span], self.v[i][:R, :, :span],
                                                attn_mask=visible)                        # (R, H, 1, hd)
             x = x + att.out(y.transpose(1, 2).reshape(R, 1, H * hd))
-            x = x + layer.cross_attn(layer.norm_cross(x), (self.ck[i][:R], self.cv[i][:R]), self.bias[:R])
+            if layer.cross_attn is not None:
+                x = x + layer.cross_attn(layer.norm_cross(x), (self.ck[i][:R], self.cv[i][:R]), self.bias[:R])
             x = x + layer.fc2(layer.act(layer.fc1(layer.norm2(x))))
         x = lm.norm(x)
         return torch.stack([head(x[:, 0]) for head in lm.heads], dim=1)                 # (R, K, V)

@@ -78,6 +78,8 @@ class Service:
         self.live: dict[str, Request] = {}
         self.finished: queue.Queue = queue.Queue()
         self.max_frames = model.lm.positions.shape[0] - model.cfg.lm.num_codebooks
+        if model.cfg.lm.prefix_conditioning:   # the chroma frames and the text come first
+            self.max_frames -= model.cfg.melody.chroma_length + 1
         self._threads = [threading.Thread(target=self.scheduler.run, name="musicgen-decode", daemon=True),
                          threading.Thread(target=self._finisher, name="musicgen-finish", daemon=True)]
 
@@ -98,7 +100,8 @@ class Service:
         self.store.close()
 
     # -- jobs -----------------------------------------------------------------------------------------
-    def submit(self, req: GenerateRequest, prefix: torch.Tensor | None = None) -> str:
+    def submit(self, req: GenerateRequest, prefix: torch.Tensor | None = None,
+               melody: torch.Tensor | None = None) -> str:
         if len(self.scheduler.pending) >= self.max_queue:
             raise HTTPException(429, f"the queue is full ({self.max_queue} jobs waiting); try again later")
         frames = self.model.frames_for(req.duration)
@@ -110,16 +113,21 @@ class Service:
         job_id = uuid.uuid4().hex
         if prefix is not None:
             np.save(self.store.path(job_id, "codes", "prefix.npy"), prefix.numpy().astype(np.int64))
+        if melody is not None:
+            np.save(self.store.path(job_id, "codes", "melody.npy"), melody.numpy().astype(np.float32))
         self.store.add(job_id, req.model_dump())
-        self._enqueue(job_id, req, prefix)
+        self._enqueue(job_id, req, prefix, melody)
         return job_id
 
-    def _enqueue(self, job_id: str, req: GenerateRequest, prefix: torch.Tensor | None = None) -> None:
+    def _enqueue(self, job_id: str, req: GenerateRequest, prefix: torch.Tensor | None = None,
+                 melody: torch.Tensor | None = None) -> None:
         if prefix is None and self.store.path(job_id, "codes", "prefix.npy").exists():
             prefix = torch.from_numpy(np.load(self.store.path(job_id, "codes", "prefix.npy")))
+        if melody is None and self.store.path(job_id, "codes", "melody.npy").exists():
+            melody = torch.from_numpy(np.load(self.store.path(job_id, "codes", "melody.npy")))
         params = SamplingParams(top_k=req.top_k, top_p=req.top_p, temperature=req.temperature,
                                 guidance_scale=req.guidance_scale)
-        r = Request(req.prompt, self.model.frames_for(req.duration), params, req.seed, prefix=prefix,
+        r = Request(req.prompt, self.model.frames_for(req.duration), params, req.seed, prefix=prefix, melody=melody,
                     on_step=self._on_step, on_done=self.finished.put)
         r.tag = {"job_id": job_id, "format": req.format}
         self.live[job_id] = r
@@ -198,7 +206,7 @@ class Service:
                 "parameters": sum(p.numel() for p in self.model.parameters()),
                 "max_duration": round(self.max_frames / self.model.frame_rate, 2),
                 "max_batch": self.scheduler.max_batch, "max_queue": self.max_queue,
-                "continuation": True, "melody": False, "auth": self.api_key is not None}
+                "continuation": True, "melody": self.model.supports_melody, "auth": self.api_key is not None}
 
     async def prefix_from_upload(self, upload) -> torch.Tensor:
         data = await upload.read(MAX_UPLOAD + 1)
@@ -206,18 +214,39 @@ class Service:
             raise HTTPException(413, f"continuation audio is larger than {MAX_UPLOAD // 2 ** 20} MiB")
         return await run_in_threadpool(self._encode_prompt_audio, data)
 
-    def _encode_prompt_audio(self, data: bytes) -> torch.Tensor:
-        import soundfile as sf
+    async def melody_from_upload(self, upload) -> torch.Tensor:
+        data = await upload.read(MAX_UPLOAD + 1)
+        if len(data) > MAX_UPLOAD:
+            raise HTTPException(413, f"melody audio is larger than {MAX_UPLOAD // 2 ** 20} MiB")
+        return await run_in_threadpool(self._prepare_melody, data)
 
+    def _prepare_melody(self, data: bytes) -> torch.Tensor:
+        """An uploaded reference tune -> mono 32 kHz samples (drums and bass removed when Demucs is installed)."""
+        wav, sr = _read_upload(data, "melody")
         try:
-            wav, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
-        except Exception:
-            raise HTTPException(422, "continuation: not an audio file this server can read") from None
-        if wav.shape[0] == 0:
-            raise HTTPException(422, "continuation: the audio file is empty")
+            return self.model._melodies(torch.from_numpy(np.ascontiguousarray(wav.T)), sr, 1, demucs=True)[0]
+        except ValueError as e:
+            raise HTTPException(422, f"melody: {e}") from None
+
+    def _encode_prompt_audio(self, data: bytes) -> torch.Tensor:
+        wav, sr = _read_upload(data, "continuation")
         audio = convert_channels(torch.from_numpy(np.ascontiguousarray(wav.T)), self.model.audio_channels)
         audio = resample(audio, sr, self.model.sample_rate)
         return self.model.encode(audio[None])[0].cpu()                                   # (K, P)
+
+
+def _read_upload(data: bytes, what: str):
+    import soundfile as sf
+
+    try:
+        wav, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    except Exception:
+        raise HTTPException(422, f"{what}: not an audio file this server can read") from None
+    if wav.shape[0] == 0:
+        raise HTTPException(422, f"{what}: the audio file is empty")
+    if not np.isfinite(wav).all():
+        raise HTTPException(422, f"{what}: the audio holds NaN or infinite samples")
+    return wav, sr
 
 
 def create_app(service: Service) -> FastAPI:
@@ -263,24 +292,28 @@ def create_app(service: Service) -> FastAPI:
                   "multipart/form-data": {"schema": {"type": "object", "properties": {
                       "request": {"type": "string", "description": "GenerateRequest as JSON"},
                       "continuation": {"type": "string", "format": "binary",
-                                       "description": "audio the result continues"}}}}}}})
+                                       "description": "audio the result continues"},
+                      "melody": {"type": "string", "format": "binary",
+                                 "description": "reference tune whose melody the result follows (melody models)"}}}}}}})
     async def generate(request: HTTPRequest):
-        prefix = None
+        prefix = melody = None
         try:
             if request.headers.get("content-type", "").startswith("multipart/form-data"):
                 form = await request.form()
-                if "melody" in form:
+                if "melody" in form and not service.model.supports_melody:
                     raise HTTPException(422, "melody conditioning needs a melody checkpoint; this one has none")
                 body = GenerateRequest.model_validate_json(form.get("request") or "{}")
                 if form.get("continuation") is not None:
                     prefix = await service.prefix_from_upload(form["continuation"])
+                if form.get("melody") is not None:
+                    melody = await service.melody_from_upload(form["melody"])
             else:
                 body = GenerateRequest.model_validate_json(await request.body())
         except ValidationError as e:
             return JSONResponse({"detail": json.loads(e.json(include_url=False, include_context=False))}, 422)
         if prefix is not None and prefix.shape[-1] >= service.model.frames_for(body.duration):
             raise HTTPException(422, "continuation audio is as long as the requested duration or longer")
-        job = service.submit(body, prefix)
+        job = service.submit(body, prefix, melody)
         return {"id": job, "status": "queued", "url": f"/v1/jobs/{job}"}
 
     @app.get("/v1/jobs", dependencies=[Depends(auth)])

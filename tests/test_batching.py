@@ -86,3 +86,23 @@ def test_cancel_releases_at_the_next_step(model):
 def test_too_long_requests_are_refused(model):
     with pytest.raises(ValueError, match="positions"):
         Scheduler(model).submit(Request("x", frames=600))
+
+
+def test_melody_models_batch_with_their_solo_codes(melody_model):
+    """Prefix-conditioned checkpoints: each request's chroma and text tokens are prefilled into its own slot."""
+    tune = torch.sin(torch.arange(32000) / 32000 * 2 * torch.pi * 220.0)
+    sched = Scheduler(melody_model, max_batch=3)
+    a = sched.submit(Request("folk song with a fiddle", 10, SamplingParams(top_k=1), melody=tune))
+    sched.step()
+    b = sched.submit(Request("rock", 6, SamplingParams(top_k=4), seed=2))               # no melody: null chroma
+    run_to_end(sched)
+    rate = melody_model.frame_rate
+    assert torch.equal(a.codes, melody_model.generate_codes(["folk song with a fiddle"], duration=10 / rate,
+                                                            top_k=1, melody=tune, demucs=False)[0])
+    assert torch.equal(b.codes, melody_model.generate_codes(["rock"], duration=6 / rate, top_k=4, seed=2)[0])
+    assert a.shared_steps > 0 and b.shared_steps > 0
+
+
+def test_melody_given_to_a_text_model_is_refused(model):
+    with pytest.raises(ValueError, match="melody checkpoint"):
+        Scheduler(model).submit(Request("x", 5, melody=torch.zeros(3200)))

@@ -204,3 +204,32 @@ def test_restart_keeps_results_and_resumes_unfinished_work(model, tmp_path):
                                model.generate_codes(["techno"], duration=8.0, **FAST)[0])
             assert torch.equal(stored_codes(service, queued),
                                model.generate_codes(["jazz"], duration=0.3, seed=4)[0])
+
+
+def test_melody_upload(melody_model, tmp_path):
+    """A melody checkpoint takes a reference tune as an upload; the job's codes are generate_codes' codes."""
+    sr = 16000
+    tune = 0.5 * np.sin(np.arange(sr) / sr * 2 * np.pi * 330.0).astype(np.float32)
+    buf = io.BytesIO()
+    sf.write(buf, tune, sr, format="WAV", subtype="FLOAT")
+    with running_server(melody_model, tmp_path, max_batch=2) as (url, service):
+        with httpx.Client(base_url=url, timeout=60) as client:
+            assert client.get("/v1/model").json()["melody"] is True
+            r = client.post("/v1/generate", data={"request": '{"prompt": "folk", "duration": 0.2, "top_k": 1}'},
+                            files={"melody": ("m.wav", buf.getvalue(), "audio/wav")})
+            assert r.status_code == 202, r.text
+            assert wait(client, r.json()["id"])["status"] == "done"
+            ref = melody_model.generate_codes(["folk"], duration=0.2, top_k=1, melody=torch.from_numpy(tune),
+                                              melody_sample_rate=sr)[0]
+            assert torch.equal(stored_codes(service, r.json()["id"]), ref)
+            bad = client.post("/v1/generate", data={"request": '{"prompt": "folk"}'},
+                              files={"melody": ("m.wav", b"garbage", "audio/wav")})
+            assert bad.status_code == 422 and "melody" in bad.json()["detail"]
+
+
+def test_melody_upload_to_a_text_model_is_422(server):
+    client, _ = server
+    assert client.get("/v1/model").json()["melody"] is False
+    r = client.post("/v1/generate", data={"request": '{"prompt": "folk"}'},
+                    files={"melody": ("m.wav", b"RIFF", "audio/wav")})
+    assert r.status_code == 422 and "melody checkpoint" in r.json()["detail"]
