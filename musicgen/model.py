@@ -31,6 +31,7 @@ from .config import MusicGenConfig
 from .delay import build_pattern, revert_pattern
 from .longform import generate_long
 from .lm import MusicLM, sinusoids
+from .kernels import int8_gemv
 from .quant import Int8Linear, quantize_int8
 from .sampling import SamplingParams, apply_cfg, sample
 from .t5 import T5Encoder
@@ -423,7 +424,7 @@ def load(name_or_path: str | os.PathLike = "facebook/musicgen-small", device: st
 
     dtype: precision of the LM and text encoder ("float32" is the exact reference path; "bfloat16",
     "float16"). quantize="int8": weight-only int8 for every linear layer of the LM and text encoder, with
-    activations in `dtype` (bfloat16 if dtype is float32 on CPU, where the fused int8 kernel wants it).
+    activations in `dtype` (on CPU without our AVX2 kernel, bfloat16 for float32, as PyTorch's int8 kernel wants).
     compile=True: torch.compile the decoding step (CUDA graphs on GPU); the first generation pays for it.
     """
     torch_dtype = _dtype(dtype)
@@ -443,8 +444,8 @@ def load(name_or_path: str | os.PathLike = "facebook/musicgen-small", device: st
     _rebuild_buffers(model)
     model.eval().requires_grad_(False)
     model.to(device)
-    if quantize == "int8" and torch_dtype == torch.float32 and device.type == "cpu":
-        torch_dtype = torch.bfloat16
+    if quantize == "int8" and torch_dtype == torch.float32 and device.type == "cpu" and int8_gemv() is None:
+        torch_dtype = torch.bfloat16   # without our kernel, PyTorch's fused int8 kernel wants bfloat16 activations
     # the LM and text encoder run in the chosen precision; the codec stays float32 (cheap, and its LSTM
     # and residual sums are where half precision audibly hurts)
     for part in (model.lm, model.text_encoder, model.text_proj, model.chroma_proj):

@@ -2,15 +2,20 @@
 
 Decoding one step reads every LM weight once, so it is bound by memory traffic; int8 weights halve the bytes
 of bfloat16 and quarter those of float32. Each output channel gets its own scale (symmetric, max-abs / 127);
-activations stay in the model's floating dtype. On CPU with bfloat16 activations the fused
-`aten._weight_int8pack_mm` kernel does the matmul straight from int8; elsewhere the weight is widened
-on the fly (which torch.compile fuses on CUDA).
+activations stay in the model's floating dtype. On x86 CPUs the decoding steps (a few rows) go to our AVX2
+kernel (musicgen/kernels, float32 activations, built on first use); failing that, with bfloat16 activations,
+to PyTorch's fused `aten._weight_int8pack_mm`; everywhere else (prefill, GPU) the weight is widened on the
+fly (which torch.compile fuses on CUDA).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .kernels import int8_gemv
+
+GEMV_ROWS = 16   # up to this many rows per call the int8 kernel beats widening the weight
 
 
 def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,6 +47,12 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])                                          # (M, K)
+        kernel = int8_gemv() if x.device.type == "cpu" and x2.shape[0] <= GEMV_ROWS else None
+        if kernel is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            if getattr(self, "_f32", None) is None:   # float32 copies of the small vectors, made once
+                self._f32 = (self.scales.float(), None if self.bias is None else self.bias.float())
+            y = kernel(x2.float(), self.weight, *self._f32)
+            return y.to(x.dtype).view(*shape[:-1], self.out_features)
         if x.device.type == "cpu" and x.dtype == torch.bfloat16 and self.scales.dtype == torch.bfloat16:
             y = torch._weight_int8pack_mm(x2.contiguous(), self.weight, self.scales)
         else:

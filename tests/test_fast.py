@@ -1,6 +1,8 @@
 """Fast paths measured against the exact float32 path: bfloat16, int8 weight-only, compiled step."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -69,6 +71,38 @@ def test_int8_linear_equals_dequantised_matmul():
         m = Int8Linear.from_linear(lin, dtype)
         ref = x.to(dtype).float() @ (q.float() * m.scales.float()[:, None]).t() + m.bias.float()
         torch.testing.assert_close(m(x.to(dtype)).float(), ref, atol=0.05, rtol=0.02)
+
+
+@pytest.mark.parametrize("M,N,K,bias", [(1, 7, 5, True), (2, 64, 100, False), (3, 33, 64, True),
+                                        (5, 130, 1030, True), (8, 96, 4096, False), (16, 40, 6000, True)])
+def test_int8_kernel_equals_dequantised_matmul(M, N, K, bias):
+    from musicgen.kernels import int8_gemv
+
+    kernel = int8_gemv()
+    if kernel is None:
+        if os.environ.get("MUSICGEN_REQUIRE_KERNEL") == "1":
+            pytest.fail("the int8 CPU kernel did not build (MUSICGEN_REQUIRE_KERNEL=1)")
+        pytest.skip("no AVX2/FMA CPU or C++ compiler: the int8 kernel is not built here")
+    g = torch.Generator().manual_seed(M * N + K)
+    x = torch.randn(M, K, generator=g)
+    q = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g)
+    s, b = torch.rand(N, generator=g), (torch.randn(N, generator=g) if bias else None)
+    ref = x.double() @ (q.double() * s.double()[:, None]).t() + (b.double() if bias else 0)
+    torch.testing.assert_close(kernel(x, q, s, b).double(), ref, atol=1e-6 * K ** 0.5 * 127, rtol=1e-5)
+
+
+def test_int8_linear_without_the_kernel_agrees(monkeypatch):
+    """The fallback (PyTorch's kernels) and the AVX2 kernel compute the same layer."""
+    import musicgen.quant as quant
+
+    lin = torch.nn.Linear(256, 96)
+    m = Int8Linear.from_linear(lin, torch.float32)
+    x = torch.randn(2, 3, 256)
+    with torch.inference_mode():
+        fast = m(x)
+        monkeypatch.setattr(quant, "int8_gemv", lambda: None)
+        slow = m(x)
+    torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)
 
 
 def test_compiled_step_equals_eager(ckpt_dir, model):
