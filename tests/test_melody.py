@@ -10,6 +10,7 @@ import torch
 
 import musicgen
 from musicgen import chroma
+from musicgen.audio import resample
 from musicgen.config import MelodyConfig
 
 PROMPTS = ["80s pop track with bassy drums and synth", "lofi"]
@@ -133,6 +134,52 @@ def test_melody_without_demucs_says_so_once(melody_model):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         melody_model.generate_codes(["x"], duration=0.1, top_k=1, melody=tone(0.5), demucs=False)
+
+
+def test_demucs_keeps_vocals_and_other_stems(monkeypatch):
+    """With demucs installed, the melody is htdemucs' vocals + other stems (drums and bass dropped), mono at
+    32 kHz, as audiocraft's ChromaStemConditioner does. demucs' weights cannot be downloaded here, so a stand-in
+    package with demucs' interface (pretrained.get_model, apply_model, sources, samplerate, audio_channels)
+    returns known stems; the separation network itself is demucs' code, not ours."""
+    import sys
+    import types
+
+    rate, seen = 44100, {}
+
+    class FakeHTDemucs:
+        sources = ["drums", "bass", "other", "vocals"]
+        samplerate, audio_channels = rate, 2
+
+        def eval(self):
+            return self
+
+    def apply_model(model, mix):
+        seen["mix"] = mix                                          # (1, 2, samples) at 44.1 kHz
+        t = torch.arange(mix.shape[-1]) / rate
+        stems = [torch.sin(2 * math.pi * f * t).expand(2, -1) for f in (60.0, 80.0, 440.0, 660.0)]
+        return torch.stack(stems)[None] * 0.25                     # (1, sources, channels, samples)
+
+    fake = types.ModuleType("demucs")
+    fake.pretrained = types.SimpleNamespace(get_model=lambda name: seen.setdefault("name", name) and FakeHTDemucs())
+    fake.apply = types.SimpleNamespace(apply_model=apply_model)
+    monkeypatch.setitem(sys.modules, "demucs", fake)
+    monkeypatch.setitem(sys.modules, "demucs.pretrained", fake.pretrained)
+    monkeypatch.setitem(sys.modules, "demucs.apply", fake.apply)
+    chroma._demucs_available.cache_clear()
+    chroma._demucs_model.cache_clear()
+    try:
+        out = chroma.prepare_melody(tone(1.0, sr=16000), 16000, demucs=True)
+    finally:
+        chroma._demucs_available.cache_clear()
+        chroma._demucs_model.cache_clear()
+    assert seen["name"] == "htdemucs" and seen["mix"].shape == (1, 2, rate)   # stereo at demucs' rate
+    t = torch.arange(rate) / rate
+    kept = 0.25 * (torch.sin(2 * math.pi * 440.0 * t) + torch.sin(2 * math.pi * 660.0 * t))     # other + vocals
+    expected = resample(kept[None], rate, 32000)[0]
+    assert out.shape == expected.shape == (32000,)
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=0)
+    no_drums = chroma.prepare_melody(tone(1.0, sr=16000), 16000, demucs=False)   # demucs=False: the full mix
+    assert not torch.allclose(no_drums, out, atol=1e-2)
 
 
 @pytest.mark.parametrize("melody, kwargs, message", [
