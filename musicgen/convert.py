@@ -106,7 +106,20 @@ def save_hf(model, dst: Path, text_folder: Path) -> None:
         for pattern, repl in _HF_NAMES:
             new, n = re.subn(pattern, repl, name)
             if n:
-                out[new] = t
+                if new.startswith("audio_encoder.") and new.endswith(".conv.weight"):
+                    # EnCodec convolutions are weight-normed in transformers (dim 0): store the folded weight
+                    # as direction v = w and magnitude g = |w|, which gives back w exactly
+                    stem = new[:-len("weight")] + "parametrizations.weight."
+                    out[stem + "original0"] = t.norm(dim=tuple(range(1, t.dim())), keepdim=True)
+                    out[stem + "original1"] = t
+                else:
+                    out[new] = t
+                if new.startswith("audio_encoder.quantizer.") and new.endswith(".codebook.embed"):
+                    # transformers' codebooks also carry their (training-time) EMA state; inference reads embed
+                    stem = new[:-len("embed")]
+                    out[stem + "inited"] = torch.ones(1)
+                    out[stem + "cluster_size"] = torch.ones(t.shape[0])
+                    out[stem + "embed_avg"] = t.clone()
                 break
         else:
             out[name] = t   # text_encoder.* keeps its name

@@ -32,7 +32,7 @@ from .delay import build_pattern, revert_pattern
 from .longform import generate_long
 from .lm import MusicLM, sinusoids
 from .kernels import int8_gemv
-from .quant import Int8Linear, quantize_int8
+from .quant import Int8Linear, quantize_int8, use_skinny_linear
 from .sampling import SamplingParams, apply_cfg, sample
 from .t5 import T5Encoder
 from .tokenizer import TextTokenizer
@@ -456,6 +456,10 @@ def load(name_or_path: str | os.PathLike = "facebook/musicgen-small", device: st
         quantize_int8(model.text_encoder, torch_dtype)
         if model.text_proj is not None:
             model.text_proj = Int8Linear.from_linear(model.text_proj, torch_dtype)
+    if device.type == "cpu":   # faster few-row float32 products (decoding); other dtypes and shapes unchanged
+        for part in (model.lm, model.text_encoder, model.text_proj, model.chroma_proj):
+            if part is not None:
+                use_skinny_linear(part)
     if compile:
         model.compile()
     return model

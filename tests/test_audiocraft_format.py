@@ -153,6 +153,16 @@ def test_convert_both_ways(tmp_path, hf_model, ckpt_dir, hf_tokenizer, model):
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-6)
     assert main(["convert", str(ckpt_dir), str(tmp_path / "ac")]) == 2        # not empty, no --force
+    # the converted Hugging Face folder is one transformers itself loads, with the original weights
+    from transformers import MusicgenForConditionalGeneration
+
+    reloaded, info = MusicgenForConditionalGeneration.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    ref = hf_model.state_dict()
+    for k, v in reloaded.state_dict().items():
+        if k.endswith(("cluster_size", "embed_avg")):   # codebook EMA state of EnCodec training, not inference
+            continue
+        torch.testing.assert_close(v, ref[k], atol=1e-5, rtol=1e-5, msg=k)
 
 
 def test_missing_t5_is_explained(tmp_path, hf_model, ckpt_dir):
