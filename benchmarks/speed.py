@@ -91,7 +91,7 @@ def measure_ours(folder: Path, mode: str, batch: int, seconds: float, device: st
     import musicgen
 
     dtype = "bfloat16" if "bfloat16" in mode else "float16" if "float16" in mode else "float32"
-    quantize = "int8" if "int8" in mode else None
+    quantize = "int8" if "int8" in mode else "int4" if "int4" in mode else None
     model = musicgen.load(folder, device=device, dtype=dtype, quantize=quantize, compile="compile" in mode)
     prompts = (PROMPTS * batch)[:batch]
     kw = dict(top_k=250, guidance_scale=3.0, seed=0)
@@ -174,8 +174,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", default="small,medium")
     p.add_argument("--batches", default="1,4")
-    p.add_argument("--modes", default=None, help="ours: float32, bfloat16, float16, int8, any +compile "
-                   "(default CPU: float32,bfloat16,int8; CUDA: float32,bfloat16,bfloat16+compile,int8+compile)")
+    p.add_argument("--modes", default=None, help="ours: float32, bfloat16, float16, int8, int4, any +compile "
+                   "(default CPU: float32,bfloat16,int8,int4; CUDA: float32,bfloat16,bfloat16+compile,int8+compile)")
     p.add_argument("--hf-modes", default=None, help="transformers rows (default: float32; CUDA: float32,bfloat16)")
     p.add_argument("--seconds", type=float, default=10.0, help="audio per request")
     p.add_argument("--device", default="cpu")
@@ -194,7 +194,7 @@ def main() -> None:
 
     cuda = args.device.startswith("cuda")
     modes = (args.modes or ("float32,bfloat16,bfloat16+compile,int8+compile" if cuda else
-                            "float32,bfloat16,int8")).split(",")
+                            "float32,bfloat16,int8,int4")).split(",")
     hf_modes = (args.hf_modes or ("float32,bfloat16" if cuda else "float32")).split(",")
     rows = []
     for size in args.sizes.split(","):

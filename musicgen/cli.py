@@ -58,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
     g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="LM and text-encoder precision (float32 is the exact reference path)")
-    g.add_argument("--quantize", choices=("int8",), default=None,
-                   help="weight-only int8 LM and text encoder (fastest on CPU; bfloat16 activations)")
+    g.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                   help="weight-only int8 LM and text encoder; int4: the LM's layers in 4 bits (fastest on CPU)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the decoding step (CUDA graphs on GPU); pays a one-time warm-up")
     g.add_argument("-o", "--output", type=Path, default=Path("musicgen.wav"),
@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $MUSICGEN_API_KEY, else none)")
     s.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     s.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    s.add_argument("--quantize", choices=("int8",), default=None, help="weight-only int8 LM and text encoder")
+    s.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                   help="weight-only int8 LM and text encoder; int4: the LM's layers in 4 bits")
     return parser
 
 

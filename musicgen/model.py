@@ -32,7 +32,7 @@ from .delay import build_pattern, revert_pattern
 from .longform import generate_long
 from .lm import MusicLM, sinusoids
 from .kernels import int8_gemv
-from .quant import Int8Linear, quantize_int8, use_skinny_linear
+from .quant import Int8Linear, quantize_int4, quantize_int8, use_skinny_linear
 from .sampling import SamplingParams, apply_cfg, sample
 from .t5 import T5Encoder
 from .tokenizer import TextTokenizer
@@ -418,6 +418,9 @@ def _progress(total: int, enabled: bool):
 
 
 # -- loading ----------------------------------------------------------------------------------------------
+QUANTIZE = (None, "int8", "int4")
+
+
 def load(name_or_path: str | os.PathLike = "facebook/musicgen-small", device: str | torch.device = "cpu",
          dtype: str | torch.dtype = "float32", quantize: str | None = None, compile: bool = False) -> MusicGen:
     """Load a MusicGen checkpoint (hub id or local folder in the Hugging Face format).
@@ -425,11 +428,14 @@ def load(name_or_path: str | os.PathLike = "facebook/musicgen-small", device: st
     dtype: precision of the LM and text encoder ("float32" is the exact reference path; "bfloat16",
     "float16"). quantize="int8": weight-only int8 for every linear layer of the LM and text encoder, with
     activations in `dtype` (on CPU without our AVX2 kernel, bfloat16 for float32, as PyTorch's int8 kernel wants).
+    quantize="int4": the LM's transformer layers in 4 bits (groups of 32 with a float16 scale; on x86 CPUs the
+    decoding products also quantise activations to int8 per group), its output heads and the text encoder in
+    int8: the fastest CPU mode, with the largest departure from float32 (see the README's quality notes).
     compile=True: torch.compile the decoding step (CUDA graphs on GPU); the first generation pays for it.
     """
     torch_dtype = _dtype(dtype)
-    if quantize not in (None, "int8"):
-        raise ValueError(f"unknown quantize {quantize!r}: choose None or 'int8'")
+    if quantize not in QUANTIZE:
+        raise ValueError(f"unknown quantize {quantize!r}: choose None, 'int8' or 'int4'")
     device = torch.device(device)
     folder = ckpt.resolve(name_or_path)
     if audiocraft_format.is_audiocraft(folder):   # state_dict.bin + compression_state_dict.bin (+ t5/)
@@ -451,8 +457,11 @@ def load(name_or_path: str | os.PathLike = "facebook/musicgen-small", device: st
     for part in (model.lm, model.text_encoder, model.text_proj, model.chroma_proj):
         if part is not None:
             part.to(torch_dtype)
-    if quantize == "int8":
+    if quantize == "int4":   # the LM's layers in 4 bits; its output heads and the text encoder in 8
+        quantize_int4(model.lm, torch_dtype, skip=("heads",))
+    elif quantize == "int8":
         quantize_int8(model.lm, torch_dtype)
+    if quantize is not None:
         quantize_int8(model.text_encoder, torch_dtype)
         if model.text_proj is not None:
             model.text_proj = Int8Linear.from_linear(model.text_proj, torch_dtype)

@@ -1,4 +1,4 @@
-"""Weight-only int8 quantisation: a pass that swaps `nn.Linear` for `Int8Linear` (the gpt-fast way).
+"""Weight-only quantisation: passes that swap `nn.Linear` for `Int8Linear` or `Int4Linear` (the gpt-fast way).
 
 Decoding one step reads every LM weight once, so it is bound by memory traffic; int8 weights halve the bytes
 of bfloat16 and quarter those of float32. Each output channel gets its own scale (symmetric, max-abs / 127);
@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .kernels import int8_gemv
+from . import kernels
+from .kernels import int4_gemv, int8_gemv
 
 GEMV_ROWS = 16   # up to this many rows per call the int8 kernel beats widening the weight
 
@@ -47,11 +48,16 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])                                          # (M, K)
-        kernel = int8_gemv() if x.device.type == "cpu" and x2.shape[0] <= GEMV_ROWS else None
-        if kernel is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        few = x.device.type == "cpu" and x2.shape[0] <= GEMV_ROWS and not torch.is_grad_enabled()
+        if few and torch.compiler.is_compiling():   # compiled step: the kernel as an opaque custom op, if built
+            if "int8_gemv" in kernels.OPS:
+                y = kernels.OPS["int8_gemv"](x2.float(), self.weight, self.scales.float(),
+                                   None if self.bias is None else self.bias.float())
+                return y.to(x.dtype).view(*shape[:-1], self.out_features)
+        elif few and int8_gemv() is not None:
             if getattr(self, "_f32", None) is None:   # float32 copies of the small vectors, made once
                 self._f32 = (self.scales.float(), None if self.bias is None else self.bias.float())
-            y = kernel(x2.float(), self.weight, *self._f32)
+            y = int8_gemv()(x2.float(), self.weight, *self._f32)
             return y.to(x.dtype).view(*shape[:-1], self.out_features)
         if x.device.type == "cpu" and x.dtype == torch.bfloat16 and self.scales.dtype == torch.bfloat16:
             y = torch._weight_int8pack_mm(x2.contiguous(), self.weight, self.scales)
@@ -63,6 +69,103 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+
+
+INT4_GROUP = 32     # weights per float16 scale
+INT4_BLOCK = 64     # in_features must be a multiple of this (two groups share 32 bytes)
+
+
+def quantize_int4_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float -> (packed uint8 (N, K / 2), float16 scales (N, K / 32)).
+
+    Symmetric per group of 32: scale = max|w| / 7 (rounded to float16 first, so the codes use the stored scale),
+    codes round(w / scale) in -7..7 stored as code + 8. Two groups share 32 bytes: byte j holds weight j of the
+    first group in its low nibble and weight j of the second in its high nibble (the layout the kernel reads).
+    """
+    N, K = weight.shape
+    if K % INT4_BLOCK:
+        raise ValueError(f"int4 needs in_features divisible by {INT4_BLOCK}, got {K}")
+    g = weight.detach().float().reshape(N, K // INT4_GROUP, INT4_GROUP)
+    scales = (g.abs().amax(dim=-1) / 7.0).to(torch.float16)
+    s = scales.float().clamp(min=torch.finfo(torch.float16).tiny)
+    codes = (torch.round(g / s[..., None]).clamp(-7, 7) + 8).to(torch.uint8)      # (N, G, 32) in 1..15
+    pairs = codes.reshape(N, K // (2 * INT4_GROUP), 2, INT4_GROUP)
+    packed = pairs[:, :, 0] | (pairs[:, :, 1] << 4)
+    return packed.reshape(N, K // 2).contiguous(), scales
+
+
+def dequantize_int4_weight(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Inverse of `quantize_int4_weight` up to rounding: -> float32 (N, K)."""
+    N = packed.shape[0]
+    pairs = packed.reshape(N, -1, 1, INT4_GROUP)
+    codes = torch.cat([pairs & 15, pairs >> 4], dim=2).reshape(N, -1, INT4_GROUP)   # (N, G, 32)
+    return ((codes.float() - 8.0) * scales.float()[..., None]).reshape(N, -1)
+
+
+class Int4Linear(nn.Module):
+    """Weight-only 4-bit linear layer: groups of 32 weights with a float16 scale each (about 4.5 bits a weight).
+
+    On x86 CPUs a few rows at a time (decoding) go to our AVX2 kernel, which also quantises the activations to
+    int8 per group of 32 so the group products run in integers (llama.cpp's Q4_0 x Q8_0 scheme); elsewhere
+    (prefill, GPU, no kernel) the weight is dequantised on the fly and activations stay as they are.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype=torch.float32, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.ones(out_features, in_features // INT4_GROUP, dtype=torch.float16,
+                                                  device=device))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, dtype: torch.dtype) -> "Int4Linear":
+        packed, scales = quantize_int4_weight(linear.weight)
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None, dtype, linear.weight.device)
+        m.weight.copy_(packed)
+        m.scales.copy_(scales)
+        if linear.bias is not None:
+            m.bias.copy_(linear.bias.detach().to(dtype))
+        return m
+
+    def dequantized(self) -> torch.Tensor:
+        return dequantize_int4_weight(self.weight, self.scales)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        few = x.device.type == "cpu" and x2.shape[0] <= GEMV_ROWS and not torch.is_grad_enabled()
+        bias = None if self.bias is None else self.bias.float()
+        if few and torch.compiler.is_compiling():
+            if "int4_gemv" in kernels.OPS:
+                y = kernels.OPS["int4_gemv"](x2.float(), self.weight, self.scales, bias)
+                return y.to(x.dtype).view(*shape[:-1], self.out_features)
+        elif few and int4_gemv() is not None:
+            y = int4_gemv()(x2.float(), self.weight, self.scales, bias)
+            return y.to(x.dtype).view(*shape[:-1], self.out_features)
+        y = F.linear(x2, self.dequantized().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return y.view(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 groups of {INT4_GROUP}"
+
+
+def quantize_int4(module: nn.Module, dtype: torch.dtype, skip: tuple[str, ...] = ()) -> int:
+    """Replace every nn.Linear under `module` whose in_features fit the int4 layout by an Int4Linear (the others,
+    and children named in `skip`, by Int8Linear); returns how many became int4."""
+    count = 0
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.Linear):
+            if name in skip or child.in_features % INT4_BLOCK:
+                setattr(module, name, Int8Linear.from_linear(child, dtype))
+            else:
+                setattr(module, name, Int4Linear.from_linear(child, dtype))
+                count += 1
+        elif name in skip:
+            quantize_int8(child, dtype)
+        else:
+            count += quantize_int4(child, dtype, skip)
+    return count
 
 
 def quantize_int8(module: nn.Module, dtype: torch.dtype) -> int:

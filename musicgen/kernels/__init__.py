@@ -1,7 +1,7 @@
 """Native CPU kernels, built on first use with the system C++ compiler (torch.utils.cpp_extension).
 
-`int8_gemv()` returns the AVX2 weight-only int8 matrix-vector kernel, or None where it cannot be had: not
-x86-64 with AVX2 and FMA, no compiler, a failed build, or MUSICGEN_NO_KERNELS=1. Callers fall back to
+`int8_gemv()` and `int4_gemv()` return the AVX2 quantised matrix-vector kernels (gemv.cpp), or None where they
+cannot be had: not x86-64 with AVX2, FMA and F16C, no compiler, a failed build, or MUSICGEN_NO_KERNELS=1. Callers fall back to
 PyTorch's own kernels, so a missing compiler costs speed, never a result. The build takes about a minute
 once; torch caches it (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions).
 """
@@ -25,11 +25,38 @@ def _cpu_has_avx2_fma() -> bool:
     except OSError:
         import torch
         return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-    return " avx2" in flags and " fma" in flags
+    return all(f" {flag}" in flags for flag in ("avx2", "fma", "f16c"))
+
+
+OPS = {}   # name -> the kernel registered as custom op musicgen::<name>, once built: for torch.compile graphs
+
+
+def int8_gemv():
+    """x (M, K) float32, q (N, K) int8, scales (N,) float32, bias (N,) or None -> (M, N); None where the kernels
+    cannot be had. Eager code calls the function itself (no custom-op dispatch cost per call); compiled graphs
+    call OPS["int8_gemv"]."""
+    module = _module()
+    return None if module is None else module.int8_gemv
+
+
+def int4_gemv():
+    """x (M, K) float32, packed 4-bit weights (N, K / 2) uint8, float16 group scales (N, K / 32), bias (N,) or
+    None -> (M, N); activations are quantised to int8 per group of 32 inside. None where it cannot be had."""
+    module = _module()
+    return None if module is None else module.int4_gemv
+
+
+def _register(name: str, fn) -> None:
+    import torch
+
+    op = torch.library.custom_op(f"musicgen::{name}", fn, mutates_args=(),
+                                 schema="(Tensor x, Tensor q, Tensor scales, Tensor? bias) -> Tensor")
+    op.register_fake(lambda x, q, scales, bias: x.new_empty(x.shape[0], q.shape[0]))
+    OPS[name] = op
 
 
 @functools.lru_cache(maxsize=1)
-def int8_gemv():
+def _module():
     if os.environ.get("MUSICGEN_NO_KERNELS", "") not in ("", "0") or not _cpu_has_avx2_fma():
         return None
     if shutil.which(os.environ.get("CXX", "c++")) is None:
@@ -37,14 +64,16 @@ def int8_gemv():
     try:
         import torch.utils.cpp_extension as ext
 
-        build_dir = Path(ext._get_build_directory("musicgen_int8_gemv", verbose=False))
+        build_dir = Path(ext._get_build_directory("musicgen_gemv", verbose=False))
         if not any(build_dir.glob("*.so")):
-            print("musicgen: building the int8 CPU kernel (once, about a minute)", file=sys.stderr, flush=True)
-        module = ext.load("musicgen_int8_gemv", [str(HERE / "int8_gemv.cpp")],
-                          extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"], extra_ldflags=["-fopenmp"],
+            print("musicgen: building the quantised CPU kernels (once, about a minute)", file=sys.stderr, flush=True)
+        module = ext.load("musicgen_gemv", [str(HERE / "gemv.cpp")],
+                          extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"], extra_ldflags=["-fopenmp"],
                           verbose=False)
-        return module.int8_gemv
     except Exception as e:  # no ninja, compiler error, ...: PyTorch's kernels still work
-        print(f"musicgen: int8 CPU kernel unavailable ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+        print(f"musicgen: quantised CPU kernels unavailable ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
               "using PyTorch's", file=sys.stderr)
         return None
+    _register("int8_gemv", module.int8_gemv)
+    _register("int4_gemv", module.int4_gemv)
+    return module

@@ -1,0 +1,217 @@
+// Matrix-vector products with quantised weights for decoding on x86 CPUs with AVX2 + FMA (+ F16C).
+//
+// int8_gemv: weight-only int8, float32 activations (exact products of the int8 weights).
+// int4_gemv: 4-bit weights in groups of 32 with a float16 scale each, activations quantised on the fly to int8
+//            in groups of 32 (as llama.cpp's Q4_0 x Q8_0): the group dot products run in integers.
+//
+//   y[m, n] = scale[n] * sum_k x[m, k] * q[n, k] + bias[n]      x float32 (M, K), q int8 (N, K)
+//
+// Decoding feeds a handful of rows (the conditional and unconditional row of each request), so the work is
+// one pass over the weight; the kernel widens 32 int8 weights at a time to float32 and multiplies them into
+// up to four activation rows with four independent accumulators each (FMA latency, not throughput, is the
+// limit with one). Output channels are split across threads.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+inline float hsum(__m256 v) {
+  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+  lo = _mm_add_ps(lo, hi);
+  __m128 sh = _mm_movehdup_ps(lo);
+  __m128 s = _mm_add_ps(lo, sh);
+  sh = _mm_movehl_ps(sh, s);
+  s = _mm_add_ss(s, sh);
+  return _mm_cvtss_f32(s);
+}
+
+// rows x[0..MB) (leading dimension K) times weight row w -> out[m * ldy]
+template <int MB>
+inline void dot_rows(const float* x, int64_t K, const int8_t* w, float scale, float bias, float* out, int64_t ldy) {
+  __m256 acc[MB][4];
+  for (int m = 0; m < MB; ++m)
+    for (int u = 0; u < 4; ++u) acc[m][u] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + k + 2048), _MM_HINT_T0);   // measured: +5-25 %
+    __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k));
+    __m128i lo = _mm256_castsi256_si128(b), hi = _mm256_extracti128_si256(b, 1);
+    __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo));
+    __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8)));
+    __m256 w2 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi));
+    __m256 w3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)));
+    for (int m = 0; m < MB; ++m) {
+      const float* xm = x + m * K + k;
+      acc[m][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xm), acc[m][0]);
+      acc[m][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xm + 8), acc[m][1]);
+      acc[m][2] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xm + 16), acc[m][2]);
+      acc[m][3] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xm + 24), acc[m][3]);
+    }
+  }
+  for (int m = 0; m < MB; ++m) {
+    __m256 a = _mm256_add_ps(_mm256_add_ps(acc[m][0], acc[m][1]), _mm256_add_ps(acc[m][2], acc[m][3]));
+    float s = hsum(a);
+    for (int64_t kk = k; kk < K; ++kk) s += static_cast<float>(w[kk]) * x[m * K + kk];
+    out[m * ldy] = s * scale + bias;
+  }
+}
+
+}  // namespace
+
+torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(x.dim() == 2 && q.dim() == 2 && x.size(1) == q.size(1), "int8_gemv: x (M, K) and q (N, K) expected");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32, "int8_gemv: x must be float32");
+  TORCH_CHECK(q.scalar_type() == torch::kInt8 && q.is_contiguous(), "int8_gemv: q must be contiguous int8");
+  TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.numel() == q.size(0), "int8_gemv: float32 scales (N,)");
+  x = x.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
+  auto y = torch::empty({M, N}, x.options());
+  torch::Tensor b;
+  if (bias.has_value()) {
+    b = bias->to(torch::kFloat32).contiguous();
+    TORCH_CHECK(b.numel() == N, "int8_gemv: bias must be (N,)");
+  }
+  const float* bp = bias.has_value() ? b.data_ptr<float>() : nullptr;
+  const float* xp = x.data_ptr<float>();
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const float* sp = scale.contiguous().data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const int8_t* w = qp + n * K;
+      const float bn = bp ? bp[n] : 0.f;
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4) dot_rows<4>(xp + m * K, K, w, sp[n], bn, yp + m * N + n, N);
+      for (; m + 2 <= M; m += 2) dot_rows<2>(xp + m * K, K, w, sp[n], bn, yp + m * N + n, N);
+      for (; m < M; ++m) dot_rows<1>(xp + m * K, K, w, sp[n], bn, yp + m * N + n, N);
+    }
+  });
+  return y;
+}
+
+namespace {
+
+// Weight layout (see musicgen/quant.py): per output row, groups of 32 weights with one float16 scale each;
+// 32 bytes hold two groups, byte j carrying weight j of the first group in its low nibble and weight j of the
+// second in its high nibble, stored as w + 8 (0..15). With x quantised per group (xq int8, scale xs):
+//   sum_j (u_j - 8) xq_j = maddubs(u, xq) - 8 sum_j xq_j
+// so the unsigned nibbles go straight into maddubs and the offset becomes one precomputed term per group.
+// Rows are processed 8 groups (256 weights) at a time: the 8 float16 scales convert in one instruction;
+// K must be a multiple of 64 (whole pairs of groups).
+template <int MB>
+inline void dot_rows_q4(const int8_t* xq, const float* xs, const float* xc, int64_t K, const uint8_t* w,
+                        const uint16_t* ws, float bias, float* out, int64_t ldy) {
+  const int64_t G = K / 32;
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[MB], corr[MB];
+  for (int m = 0; m < MB; ++m) acc[m] = corr[m] = _mm256_setzero_ps();
+  alignas(32) float f[MB][8];
+  int64_t g0 = 0;
+  for (; g0 + 8 <= G; g0 += 8) {
+    const __m256 sw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ws + g0)));
+    for (int m = 0; m < MB; ++m) {
+      _mm256_store_ps(f[m], _mm256_mul_ps(sw, _mm256_loadu_ps(xs + m * G + g0)));
+      corr[m] = _mm256_fmadd_ps(sw, _mm256_loadu_ps(xc + m * G + g0), corr[m]);
+    }
+    const uint8_t* wb = w + 16 * g0;
+    _mm_prefetch(reinterpret_cast<const char*>(wb + 1024), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(wb + 1088), _MM_HINT_T0);
+    for (int pair = 0; pair < 4; ++pair) {
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 32 * pair));
+      const __m256i u0 = _mm256_and_si256(raw, low4);
+      const __m256i u1 = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
+      const int64_t g = g0 + 2 * pair;
+      for (int m = 0; m < MB; ++m) {
+        const int8_t* x = xq + m * K + 32 * g;
+        __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))), ones);
+        __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(u1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32))), ones);
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_broadcast_ss(&f[m][2 * pair]), acc[m]);
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_broadcast_ss(&f[m][2 * pair + 1]), acc[m]);
+      }
+    }
+  }
+  float tail[MB] = {};
+  for (; g0 < G; g0 += 2) {   // groups left over when K is not a multiple of 256: a pair at a time
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 16 * g0));
+    const __m256i u0 = _mm256_and_si256(raw, low4);
+    const __m256i u1 = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
+    const float s0 = _cvtsh_ss(ws[g0]), s1 = _cvtsh_ss(ws[g0 + 1]);
+    for (int m = 0; m < MB; ++m) {
+      const int8_t* x = xq + m * K + 32 * g0;
+      __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))), ones);
+      __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(u1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32))), ones);
+      acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(s0 * xs[m * G + g0]), acc[m]);
+      acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(s1 * xs[m * G + g0 + 1]), acc[m]);
+      tail[m] += s0 * xc[m * G + g0] + s1 * xc[m * G + g0 + 1];
+    }
+  }
+  for (int m = 0; m < MB; ++m) out[m * ldy] = hsum(acc[m]) - hsum(corr[m]) - tail[m] + bias;
+}
+
+}  // namespace
+
+torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor qw, torch::Tensor scales, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(x.dim() == 2 && qw.dim() == 2 && x.size(1) == 2 * qw.size(1) && x.size(1) % 64 == 0,
+              "int4_gemv: x (M, K) and packed weights (N, K / 2) with K a multiple of 64 expected");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32, "int4_gemv: x must be float32");
+  TORCH_CHECK(qw.scalar_type() == torch::kUInt8 && qw.is_contiguous(), "int4_gemv: weights must be contiguous uint8");
+  const int64_t M = x.size(0), K = x.size(1), N = qw.size(0), G = K / 32;
+  TORCH_CHECK(scales.scalar_type() == torch::kFloat16 && scales.is_contiguous() && scales.size(0) == N &&
+              scales.size(1) == G, "int4_gemv: float16 scales (N, K / 32) expected");
+  x = x.contiguous();
+  auto y = torch::empty({M, N}, x.options());
+  torch::Tensor b;
+  if (bias.has_value()) {
+    b = bias->to(torch::kFloat32).contiguous();
+    TORCH_CHECK(b.numel() == N, "int4_gemv: bias must be (N,)");
+  }
+  const float* bp = bias.has_value() ? b.data_ptr<float>() : nullptr;
+  // activations -> int8 per group of 32 (scale max|x| / 127, round to nearest), and each group's offset term
+  std::vector<int8_t> xq(M * K);
+  std::vector<float> xs(M * G), xc(M * G);
+  const float* xp = x.data_ptr<float>();
+  for (int64_t i = 0; i < M * G; ++i) {
+    const float* v = xp + 32 * i;
+    float amax = 0.f;
+    for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(v[j]));
+    const float s = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+    int sum = 0;
+    for (int j = 0; j < 32; ++j) {
+      const int q = static_cast<int>(std::nearbyint(v[j] * inv));
+      xq[32 * i + j] = static_cast<int8_t>(q);
+      sum += q;
+    }
+    xs[i] = s;
+    xc[i] = 8.f * s * static_cast<float>(sum);
+  }
+  const uint8_t* qp = qw.data_ptr<uint8_t>();
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
+  float* yp = y.data_ptr<float>();
+  const int8_t* xqp = xq.data();
+  const float *xsp = xs.data(), *xcp = xc.data();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* w = qp + n * (K / 2);
+      const uint16_t* ws = sp + n * G;
+      const float bn = bp ? bp[n] : 0.f;
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4)
+        dot_rows_q4<4>(xqp + m * K, xsp + m * G, xcp + m * G, K, w, ws, bn, yp + m * N + n, N);
+      for (; m + 2 <= M; m += 2)
+        dot_rows_q4<2>(xqp + m * K, xsp + m * G, xcp + m * G, K, w, ws, bn, yp + m * N + n, N);
+      for (; m < M; ++m) dot_rows_q4<1>(xqp + m * K, xsp + m * G, xcp + m * G, K, w, ws, bn, yp + m * N + n, N);
+    }
+  });
+  return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("int8_gemv", &int8_gemv, "weight-only int8 matrix-vector product (AVX2 + FMA)");
+  m.def("int4_gemv", &int4_gemv, "4-bit grouped weights times int8-quantised activations (AVX2 + FMA + F16C)");
+}
