@@ -211,7 +211,7 @@ def print_table(rows: list[dict], args) -> None:
     if args.device.startswith("cuda"):
         hw = torch.cuda.get_device_name()
     else:
-        hw = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+        hw = f"{cpu_name()}, {os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()}"
     print(f"\ndevice: {args.device} ({hw}); torch {torch.__version__}; {args.seconds:g} s of audio per request; "
           "guidance 3.0, top-k 250; random weights at the published shapes\n")
     print("| size | batch | implementation | mode | steps/s | × transformers | first audio (s) | "
@@ -224,6 +224,16 @@ def print_table(rows: list[dict], args) -> None:
         print(f"| {r['size']} | {r['batch']} | {r['impl']} | {r['mode']} | {r['steps_per_s']:.1f} | {ratio} | "
               f"{r['first_audio_s']:.2f} | {r['request_s']:.2f} | {_s(r['text_s'])} | {_s(r['decode_s'])} | "
               f"{r['peak_mb']:.0f} |")
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _s(value: float) -> str:

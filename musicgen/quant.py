@@ -9,6 +9,8 @@ fly (which torch.compile fuses on CUDA).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -181,22 +183,60 @@ def quantize_int8(module: nn.Module, dtype: torch.dtype) -> int:
 
 
 class SkinnyLinear(nn.Linear):
-    """nn.Linear that computes few-row float32 products on CPU as W @ x^T.
+    """nn.Linear that computes few-row float32 products on CPU as W @ x^T where that is the faster kernel.
 
-    Decoding multiplies a handful of rows by each weight. PyTorch's `linear` (x @ W^T) reaches about 5 GB/s of
-    weight traffic there on a 2-core x86 machine, while the same product as W @ x^T (then transposed back)
-    reaches about 10-12 GB/s: a different BLAS kernel. Same weights, same state dict; summation order differs
-    only at float rounding (the conformance tests run through it). Anything else takes `F.linear`.
+    Decoding multiplies a handful of rows by each weight, so the speed is the BLAS kernel's weight bandwidth,
+    and which formulation gets the better kernel depends on the CPU: on a 2-core AMD EPYC (AVX2) `linear`
+    (x @ W^T) read weights at about 5 GB/s and W @ x^T at 10-12 GB/s; on a 2-core Intel Xeon (AVX-512)
+    `linear` reached 24 GB/s and W @ x^T 13. `skinny_wins()` times both once per process and picks. Same
+    weights, same state dict; summation order differs only at float rounding. Anything else takes `F.linear`.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         if (x.device.type != "cpu" or x.dtype != torch.float32 or not 0 < rows <= GEMV_ROWS
-                or torch.is_grad_enabled() or torch.compiler.is_compiling()):
+                or torch.is_grad_enabled() or torch.compiler.is_compiling() or not skinny_wins()):
             return F.linear(x, self.weight, self.bias)
         x2 = x.reshape(rows, x.shape[-1]).t()                                  # (K, M)
         y = torch.addmm(self.bias[:, None], self.weight, x2) if self.bias is not None else self.weight @ x2
         return y.t().reshape(*x.shape[:-1], self.out_features)
+
+
+_SKINNY: bool | None = None
+
+
+def skinny_wins() -> bool:
+    """Whether W @ x^T beats F.linear for 2-row float32 products on this CPU (timed once, about 0.1 s;
+    MUSICGEN_SKINNY=1/0 forces the choice)."""
+    global _SKINNY
+    if _SKINNY is None:
+        forced = os.environ.get("MUSICGEN_SKINNY", "")
+        if forced in ("0", "1"):
+            _SKINNY = forced == "1"
+        else:
+            _SKINNY = _time_skinny()
+    return _SKINNY
+
+
+def _time_skinny() -> bool:
+    import time
+
+    with torch.inference_mode():
+        weights = [torch.full((2048, 1024), 0.01) for _ in range(8)]       # 64 MB: more than most L2/L3 slices
+        x = torch.full((2, 1024), 0.5)
+
+        def best(fn) -> float:
+            times = []
+            for _ in range(3):
+                start = time.perf_counter()
+                for w in weights:
+                    fn(w)
+                times.append(time.perf_counter() - start)
+            return min(times)
+
+        linear = best(lambda w: F.linear(x, w))
+        skinny = best(lambda w: w @ x.t())
+    return skinny < 0.9 * linear
 
 
 def use_skinny_linear(module: nn.Module) -> int:

@@ -171,11 +171,14 @@ def test_int4_weight_round_trip():
         quantize_int4_weight(torch.randn(4, 96))
 
 
+@pytest.mark.parametrize("avx512", [True, False])
 @pytest.mark.parametrize("M,N,K,bias", [(1, 7, 64, True), (2, 64, 256, False), (3, 33, 320, True),
                                         (5, 130, 1024, True), (8, 96, 4096, False), (16, 40, 6144, True)])
-def test_int4_kernel_equals_quantised_reference(M, N, K, bias):
-    """The kernel computes exactly (to float rounding) dequant(W) @ quant8(x): int8 activations per group of 32."""
+def test_int4_kernel_equals_quantised_reference(monkeypatch, M, N, K, bias, avx512):
+    """The kernel computes exactly (to float rounding) dequant(W) @ quant8(x): int8 activations per group of 32.
+    Both code paths: AVX-512 VNNI where the CPU has it, and AVX2 (MUSICGEN_NO_AVX512=1)."""
     kernel = _kernel_or_skip("int4_gemv")
+    monkeypatch.setenv("MUSICGEN_NO_AVX512", "0" if avx512 else "1")
     g = torch.Generator().manual_seed(M * N + K)
     x = torch.randn(M, K, generator=g) * 3
     w = torch.randn(N, K, generator=g)
@@ -250,3 +253,19 @@ def test_compiled_quantised_step_equals_eager(tmp_path_factory, int4_pair, quant
     compiled = musicgen.load(folder, quantize=quantize).compile(backend="aot_eager")
     assert torch.equal(compiled.generate_codes(PROMPTS, duration=0.3, top_k=1),
                        eager.generate_codes(PROMPTS, duration=0.3, top_k=1))
+
+
+@pytest.mark.parametrize("skinny", [True, False])
+def test_skinny_linear_both_formulations_equal_linear(monkeypatch, skinny):
+    """Whichever product the timing picks on this CPU, SkinnyLinear computes the same layer."""
+    import musicgen.quant as quant
+
+    monkeypatch.setattr(quant, "_SKINNY", skinny)
+    torch.manual_seed(0)
+    for bias in (True, False):
+        lin = torch.nn.Linear(96, 40, bias=bias)
+        ref = lin(x := torch.randn(2, 1, 96)).detach()
+        quant.use_skinny_linear(lin)
+        assert type(lin) is quant.SkinnyLinear
+        with torch.inference_mode():
+            torch.testing.assert_close(lin(x), ref, atol=1e-5, rtol=1e-5)
