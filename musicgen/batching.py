@@ -105,6 +105,7 @@ class Scheduler:
         self.bias = None                         # (2 * max_batch, 1, 1, S) additive text mask
         self.length = self.text_length = 0
         self._stop = threading.Event()
+        self._paused = False
 
     # -- requests -------------------------------------------------------------------------------------
     def submit(self, req: Request) -> Request:
@@ -140,7 +141,7 @@ class Scheduler:
         """Decode until stop(); sleeps while there is nothing to do."""
         while not self._stop.is_set():
             with self.lock:
-                while not self.pending and not self.active and not self._stop.is_set():
+                while (self._paused or not (self.pending or self.active)) and not self._stop.is_set():
                     self.lock.wait(0.5)
             if self._stop.is_set():
                 break
@@ -151,6 +152,16 @@ class Scheduler:
                     for req in list(self.active):
                         req.error = f"{type(e).__name__}: {e}"
                         self._release(req, "failed")
+
+    def pause(self) -> None:
+        """Hold the loop at the next step boundary (requests still queue); `resume()` lets it go on."""
+        with self.lock:
+            self._paused = True
+
+    def resume(self) -> None:
+        with self.lock:
+            self._paused = False
+            self.lock.notify_all()
 
     def stop(self) -> None:
         self._stop.set()

@@ -62,7 +62,11 @@ def test_concurrent_requests_share_decoding_steps(server, model):
     client, service = server
     before = client.get("/health").json()
     prompts = ["techno with acid bass", "jazz trio", "epic orchestral soundtrack with strings", "reggae"]
-    ids = [client.post("/v1/generate", json=dict(prompt=p, duration=1.0, **FAST)).json()["id"] for p in prompts]
+    service.scheduler.pause()              # the four arrive together: none may start before the others
+    try:
+        ids = [client.post("/v1/generate", json=dict(prompt=p, duration=1.0, **FAST)).json()["id"] for p in prompts]
+    finally:
+        service.scheduler.resume()
     for i in ids:
         assert wait(client, i)["status"] == "done"
     after = client.get("/health").json()
