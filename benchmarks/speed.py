@@ -9,7 +9,8 @@ published config values of facebook/musicgen-{small,medium,large}) into --cache 
 its own process (clean peak memory). Guidance 3.0, top-k 250 throughout.
 
 Columns: decoding steps/s (LM steps only: ours = positions / (generate_codes - text encoding); transformers =
-rate of decoder forward calls inside generate()), time to first audio (the first streamed chunk where `model.stream`
+rate of decoder forward calls inside generate()), the LM weight bytes one step reads times steps/s (the memory
+traffic decoding achieves, to hold against the machine's bandwidth), time to first audio (the first streamed chunk where `model.stream`
 exists, otherwise the whole request), whole request for --seconds of audio (text -> audio), peak memory
 (CPU: max RSS; CUDA: max allocated), and the ratio of steps/s to transformers float32 at the same size/batch.
 """
@@ -119,7 +120,8 @@ def measure_ours(folder: Path, mode: str, batch: int, seconds: float, device: st
             first_audio_s = time.perf_counter() - t0
             break
     return dict(steps_per_s=steps / (codes_s - text_s), first_audio_s=first_audio_s, request_s=request_s,
-                decode_s=decode_s, text_s=text_s, peak_mb=peak_memory_mb(device))
+                decode_s=decode_s, text_s=text_s, peak_mb=peak_memory_mb(device),
+                weight_bytes=step_bytes(model.lm.state_dict()))
 
 
 def measure_transformers(folder: Path, mode: str, batch: int, seconds: float, device: str) -> dict:
@@ -153,7 +155,15 @@ def measure_transformers(folder: Path, mode: str, batch: int, seconds: float, de
     request_s = time.perf_counter() - t0
     rate = (len(times) - 1) / (times[-1] - times[0])
     return dict(steps_per_s=rate, first_audio_s=request_s, request_s=request_s, decode_s=float("nan"),
-                text_s=float("nan"), peak_mb=peak_memory_mb(device))
+                text_s=float("nan"), peak_mb=peak_memory_mb(device),
+                weight_bytes=step_bytes(model.decoder.state_dict()))
+
+
+def step_bytes(state: dict) -> int:
+    """Bytes of LM weights one decoding step reads: everything but the embedding tables (a few rows each), the
+    sinusoidal position table and the cross-attention key/value projections (applied once per generation)."""
+    once = ("embed", "position", "cross_attn.kv.", "encoder_attn.k_proj.", "encoder_attn.v_proj.")
+    return sum(t.numel() * t.element_size() for name, t in state.items() if not any(o in name for o in once))
 
 
 # -- the table -----------------------------------------------------------------------------------------
@@ -214,14 +224,15 @@ def print_table(rows: list[dict], args) -> None:
         hw = f"{cpu_name()}, {os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()}"
     print(f"\ndevice: {args.device} ({hw}); torch {torch.__version__}; {args.seconds:g} s of audio per request; "
           "guidance 3.0, top-k 250; random weights at the published shapes\n")
-    print("| size | batch | implementation | mode | steps/s | × transformers | first audio (s) | "
+    print("| size | batch | implementation | mode | steps/s | × transformers | weights GB/s | first audio (s) | "
           "request (s) | text (s) | codec decode (s) | peak memory (MB) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         base = next((b for b in rows if b["impl"] == "transformers" and b["size"] == r["size"]
                      and b["batch"] == r["batch"] and b["mode"] == "float32"), None)
         ratio = f"{r['steps_per_s'] / base['steps_per_s']:.1f}×" if base else "-"
-        print(f"| {r['size']} | {r['batch']} | {r['impl']} | {r['mode']} | {r['steps_per_s']:.1f} | {ratio} | "
+        gbs = r["weight_bytes"] * r["steps_per_s"] / 1e9
+        print(f"| {r['size']} | {r['batch']} | {r['impl']} | {r['mode']} | {r['steps_per_s']:.1f} | {ratio} | {gbs:.1f} | "
               f"{r['first_audio_s']:.2f} | {r['request_s']:.2f} | {_s(r['text_s'])} | {_s(r['decode_s'])} | "
               f"{r['peak_mb']:.0f} |")
 

@@ -1,9 +1,10 @@
 """Native CPU kernels, built on first use with the system C++ compiler (torch.utils.cpp_extension).
 
-`int8_gemv()` and `int4_gemv()` return the AVX2 quantised matrix-vector kernels (gemv.cpp), or None where they
-cannot be had: not x86-64 with AVX2, FMA and F16C, no compiler, a failed build, or MUSICGEN_NO_KERNELS=1. Callers fall back to
-PyTorch's own kernels, so a missing compiler costs speed, never a result. The build takes about a minute
-once; torch caches it (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions).
+`int8_gemv()` and `int4_gemv()` return the quantised matrix-vector kernels of gemv.cpp (AVX2; the int4 one
+also has an AVX-512 VNNI path chosen at run time), or None where they cannot be had: not x86-64 with AVX2, FMA
+and F16C, no compiler, a failed build, or MUSICGEN_NO_KERNELS=1. Callers fall back to PyTorch's own kernels,
+so a missing compiler costs speed, never a result. The build takes about a minute once; torch caches it
+(TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions).
 """
 from __future__ import annotations
 
