@@ -159,13 +159,18 @@ _DROPPED = (re.compile(r"^text_encoder\.encoder\.embed_tokens\.weight$"),   # ti
 
 
 def map_hf_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """transformers MusicgenForConditionalGeneration names -> ours (weight norm folded, q/k/v fused)."""
+    """transformers MusicgenForConditionalGeneration names -> ours (weight norm folded, q/k/v fused).
+
+    Consumes `state` (it is emptied): a fused tensor's pieces are released as soon as it is built, so loading
+    holds about one copy of the weights instead of the checkpoint plus the fused copies."""
     from .codec import fold_weight_norm
 
-    state = fold_weight_norm(state)
+    folded = fold_weight_norm(state)
+    state.clear()
     out: dict[str, torch.Tensor] = {}
     fused: dict[str, dict[str, torch.Tensor]] = {}
-    for name, tensor in state.items():
+    for name in list(folded):
+        tensor = folded.pop(name)
         if any(p.search(name) for p in _DROPPED):
             continue
         for pattern, target, parts in _FUSED:
@@ -181,7 +186,8 @@ def map_hf_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
                     break
             else:
                 out[name] = tensor  # unknown: reported by load_into as unexpected
-    for target, pieces in fused.items():
+    for target in list(fused):
+        pieces = fused.pop(target)
         order = "qkv" if target.endswith("qkv.weight") else "kv"
         missing = [p for p in order if p not in pieces]
         if missing:

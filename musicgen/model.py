@@ -447,6 +447,7 @@ def load(name_or_path: str | os.PathLike = "facebook/musicgen-small", device: st
     with torch.device("meta"):
         model = MusicGen(cfg, tokenizer)
     ckpt.load_into(model, state, str(folder))
+    del state   # the model holds the tensors now; precision changes below free each old copy as they go
     _rebuild_buffers(model)
     model.eval().requires_grad_(False)
     model.to(device)
