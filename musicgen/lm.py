@@ -71,6 +71,8 @@ class SelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             return self.out(y.transpose(1, 2).reshape(B, T, D))
         if cache is not None:
+            if cache.k.dtype != q.dtype:   # a lower-precision cache (int4 on CPU): attention runs in its dtype
+                q = q.to(cache.k.dtype)
             k, v = cache.update(pos, k, v)                                   # (B, H, pos+T, hd)
         if T == 1:
             y = F.scaled_dot_product_attention(q, k, v)                      # one query sees every cached key
@@ -79,7 +81,7 @@ class SelfAttention(nn.Module):
         else:  # a block of queries after a cached prefix: query i sees keys up to pos + i
             mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=pos)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.out(y.transpose(1, 2).reshape(B, T, D))
+        return self.out(y.transpose(1, 2).reshape(B, T, D).to(x.dtype))
 
 
 class CrossAttention(nn.Module):
@@ -98,8 +100,8 @@ class CrossAttention(nn.Module):
     def forward(self, x, kv: tuple[torch.Tensor, torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
         B, T, D = x.shape
         q = self.q(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        y = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=bias)
-        return self.out(y.transpose(1, 2).reshape(B, T, D))
+        y = F.scaled_dot_product_attention(q.to(kv[0].dtype), kv[0], kv[1], attn_mask=bias)
+        return self.out(y.transpose(1, 2).reshape(B, T, D).to(x.dtype))
 
 
 class DecoderLayer(nn.Module):

@@ -280,8 +280,11 @@ class MusicGen(nn.Module):
         P = cond.prefix_length                                                 # prepended condition tokens
         compiled = self._compiled_step is not None
         # static shapes under compile: caches over every position, reused across generations of one batch size
-        caches = self._static_caches(rows) if compiled else self.lm.new_caches(rows, P + L)
+        caches = self._static_caches(rows) if compiled else self.lm.new_caches(rows, P + L, dtype=self.cache_dtype)
         kv, bias = cond.cross_kv, cond.cross_bias
+        if self.cache_dtype is not None and not compiled and kv is not None:   # text keys/values alike
+            kv = [(k.to(self.cache_dtype), v.to(self.cache_dtype)) for k, v in kv]
+            bias = None if bias is None else bias.to(self.cache_dtype)
         open_ = (seq == -1).any(dim=1).any(dim=0)                              # (L,) positions with work left
         start = int(open_.nonzero()[0]) if open_.any() else L                  # first position to generate
         step_inputs = lambda x: torch.cat([x, x], dim=0) if params.uses_cfg else x  # noqa: E731
@@ -307,6 +310,10 @@ class MusicGen(nn.Module):
 
     # -- compiled decoding ------------------------------------------------------------------------------
     _compiled_step = None
+    # dtype of the decoding KV cache and text keys/values when it differs from the LM's (None: the LM's).
+    # load(quantize="int4") on CPU sets bfloat16: attention reads the whole cache every step, and at 30 s of
+    # float32 that is as much memory traffic as the 4-bit weights. Eager decoding only.
+    cache_dtype = None
 
     def compile(self, mode: str | None = None, backend: str = "inductor") -> "MusicGen":
         """Compile the one-token decoding step (static shapes; CUDA graphs with mode "reduce-overhead" on GPU).
@@ -470,6 +477,8 @@ def load(name_or_path: str | os.PathLike = "facebook/musicgen-small", device: st
         for part in (model.lm, model.text_encoder, model.text_proj, model.chroma_proj):
             if part is not None:
                 use_skinny_linear(part)
+    if quantize == "int4" and device.type == "cpu" and torch_dtype == torch.float32:
+        model.cache_dtype = torch.bfloat16
     if compile:
         model.compile()
     return model

@@ -228,6 +228,7 @@ def test_int4_layers(int4_pair):
     assert all(isinstance(h, Int8Linear) for h in m.lm.heads)            # output heads stay in 8 bits
     assert not [n for n, mod in m.named_modules() if type(mod) in (torch.nn.Linear,) and n.startswith("lm.")]
     assert any(isinstance(mod, Int8Linear) for mod in m.text_encoder.modules())
+    assert m.cache_dtype == torch.bfloat16 and int4_pair[0].cache_dtype is None   # float32 keeps its cache
 
 
 def test_int4_logits_within_tolerance_and_generation_well_formed(int4_pair):
