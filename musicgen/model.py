@@ -437,7 +437,8 @@ def load(name_or_path: str | os.PathLike = "facebook/musicgen-small", device: st
     activations in `dtype` (on CPU without our AVX2 kernel, bfloat16 for float32, as PyTorch's int8 kernel wants).
     quantize="int4": the LM's transformer layers in 4 bits (groups of 32 with a float16 scale; on x86 CPUs the
     decoding products also quantise activations to int8 per group), its output heads and the text encoder in
-    int8: the fastest CPU mode, with the largest departure from float32 (see the README's quality notes).
+    int8, and on CPU a bfloat16 KV cache: the fastest CPU mode, with the largest departure from float32 (see the
+    README's Performance section).
     compile=True: torch.compile the decoding step (CUDA graphs on GPU); the first generation pays for it.
     """
     torch_dtype = _dtype(dtype)
