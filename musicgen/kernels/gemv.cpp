@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -29,6 +30,25 @@ inline float hsum(__m256 v) {
   sh = _mm_movehl_ps(sh, s);
   s = _mm_add_ss(s, sh);
   return _mm_cvtss_f32(s);
+}
+
+// The activation rows in blocks of 4, then 2, then 1: fn(std::integral_constant<int, MB>, first row), so each
+// kernel is instantiated for those block sizes (MB accumulators per weight row).
+template <typename Fn>
+inline void row_blocks(int64_t M, Fn&& fn) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) fn(std::integral_constant<int, 4>{}, m);
+  for (; m + 2 <= M; m += 2) fn(std::integral_constant<int, 2>{}, m);
+  for (; m < M; ++m) fn(std::integral_constant<int, 1>{}, m);
+}
+
+// An optional (N,) bias as contiguous float32 (kept alive in `keep`); nullptr without one.
+inline const float* float_bias(const c10::optional<torch::Tensor>& bias, int64_t N, torch::Tensor& keep,
+                               const char* who) {
+  if (!bias.has_value()) return nullptr;
+  keep = bias->to(torch::kFloat32).contiguous();
+  TORCH_CHECK(keep.numel() == N, who, ": bias must be (N,)");
+  return keep.data_ptr<float>();
 }
 
 // rows x[0..MB) (leading dimension K) times weight row w -> out[m * ldy]
@@ -73,11 +93,7 @@ torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c
   const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
   auto y = torch::empty({M, N}, x.options());
   torch::Tensor b;
-  if (bias.has_value()) {
-    b = bias->to(torch::kFloat32).contiguous();
-    TORCH_CHECK(b.numel() == N, "int8_gemv: bias must be (N,)");
-  }
-  const float* bp = bias.has_value() ? b.data_ptr<float>() : nullptr;
+  const float* bp = float_bias(bias, N, b, "int8_gemv");
   const float* xp = x.data_ptr<float>();
   const int8_t* qp = q.data_ptr<int8_t>();
   const float* sp = scale.contiguous().data_ptr<float>();
@@ -86,10 +102,9 @@ torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c
     for (int64_t n = n0; n < n1; ++n) {
       const int8_t* w = qp + n * K;
       const float bn = bp ? bp[n] : 0.f;
-      int64_t m = 0;
-      for (; m + 4 <= M; m += 4) dot_rows<4>(xp + m * K, K, w, sp[n], bn, yp + m * N + n, N);
-      for (; m + 2 <= M; m += 2) dot_rows<2>(xp + m * K, K, w, sp[n], bn, yp + m * N + n, N);
-      for (; m < M; ++m) dot_rows<1>(xp + m * K, K, w, sp[n], bn, yp + m * N + n, N);
+      row_blocks(M, [&](auto mb, int64_t m) {
+        dot_rows<decltype(mb)::value>(xp + m * K, K, w, sp[n], bn, yp + m * N + n, N);
+      });
     }
   });
   return y;
@@ -233,11 +248,7 @@ torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor qw, torch::Tensor scales,
   x = x.contiguous();
   auto y = torch::empty({M, N}, x.options());
   torch::Tensor b;
-  if (bias.has_value()) {
-    b = bias->to(torch::kFloat32).contiguous();
-    TORCH_CHECK(b.numel() == N, "int4_gemv: bias must be (N,)");
-  }
-  const float* bp = bias.has_value() ? b.data_ptr<float>() : nullptr;
+  const float* bp = float_bias(bias, N, b, "int4_gemv");
   // activations -> int8 per group of 32 (scale max|x| / 127, round to nearest), and each group's offset term
   std::vector<int8_t> xq(M * K);
   std::vector<float> xs(M * G), xc(M * G);
@@ -267,20 +278,11 @@ torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor qw, torch::Tensor scales,
       const uint8_t* w = qp + n * (K / 2);
       const uint16_t* ws = sp + n * G;
       const float bn = bp ? bp[n] : 0.f;
-      int64_t m = 0;
-      if (vnni) {
-        for (; m + 4 <= M; m += 4)
-          dot_rows_q4_vnni<4>(xqp + m * K, xsp + m * G, xcp + m * G, K, w, ws, bn, yp + m * N + n, N);
-        for (; m + 2 <= M; m += 2)
-          dot_rows_q4_vnni<2>(xqp + m * K, xsp + m * G, xcp + m * G, K, w, ws, bn, yp + m * N + n, N);
-        for (; m < M; ++m)
-          dot_rows_q4_vnni<1>(xqp + m * K, xsp + m * G, xcp + m * G, K, w, ws, bn, yp + m * N + n, N);
-      }
-      for (; m + 4 <= M; m += 4)
-        dot_rows_q4<4>(xqp + m * K, xsp + m * G, xcp + m * G, K, w, ws, bn, yp + m * N + n, N);
-      for (; m + 2 <= M; m += 2)
-        dot_rows_q4<2>(xqp + m * K, xsp + m * G, xcp + m * G, K, w, ws, bn, yp + m * N + n, N);
-      for (; m < M; ++m) dot_rows_q4<1>(xqp + m * K, xsp + m * G, xcp + m * G, K, w, ws, bn, yp + m * N + n, N);
+      row_blocks(M, [&](auto mb, int64_t m) {
+        constexpr int MB = decltype(mb)::value;
+        if (vnni) dot_rows_q4_vnni<MB>(xqp + m * K, xsp + m * G, xcp + m * G, K, w, ws, bn, yp + m * N + n, N);
+        else dot_rows_q4<MB>(xqp + m * K, xsp + m * G, xcp + m * G, K, w, ws, bn, yp + m * N + n, N);
+      });
     }
   });
   return y;
