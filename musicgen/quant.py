@@ -29,45 +29,83 @@ def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return q, scales
 
 
-class Int8Linear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype=torch.bfloat16, device=None):
-        super().__init__()
+class QuantizedLinear(nn.Module):
+    """What the int8 and int4 layers share. A few rows on CPU without autograd (decoding) go to a kernel of
+    musicgen.kernels: eagerly the function itself, inside a compiled graph its custom op (if built); everything
+    else to the subclass's `_fallback`. Subclasses give the quantiser, the kernel and the fallback."""
+
+    kernel_name = ""
+    _f32 = None   # eager mode: (scales, bias) as the kernel takes them, made once
+
+    def _init_buffers(self, in_features: int, out_features: int, weight: torch.Tensor, scales: torch.Tensor,
+                      bias: bool, dtype) -> None:
         self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
-        self.register_buffer("scales", torch.ones(out_features, dtype=dtype, device=device))
-        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+        self.register_buffer("weight", weight)
+        self.register_buffer("scales", scales)
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=weight.device) if bias else None)
+
+    @staticmethod
+    def _quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, dtype: torch.dtype) -> "Int8Linear":
-        q, scales = quantize_per_channel(linear.weight)
+    def from_linear(cls, linear: nn.Linear, dtype: torch.dtype):
+        weight, scales = cls._quantize(linear.weight)
         m = cls(linear.in_features, linear.out_features, linear.bias is not None, dtype, linear.weight.device)
-        m.weight.copy_(q)
-        m.scales.copy_(scales.to(dtype))
+        m.weight.copy_(weight)
+        m.scales.copy_(scales.to(m.scales.dtype))
         if linear.bias is not None:
             m.bias.copy_(linear.bias.detach().to(dtype))
         return m
 
+    def _eager_kernel(self):
+        raise NotImplementedError
+
+    def _kernel_args(self) -> tuple:
+        """(scales, bias) as the kernel takes them: float32, except int4's float16 group scales."""
+        return self.scales.float(), None if self.bias is None else self.bias.float()
+
+    def _fallback(self, x2: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])                                          # (M, K)
-        few = x.device.type == "cpu" and x2.shape[0] <= GEMV_ROWS and not torch.is_grad_enabled()
-        if few and torch.compiler.is_compiling():   # compiled step: the kernel as an opaque custom op, if built
-            if "int8_gemv" in kernels.OPS:
-                y = kernels.OPS["int8_gemv"](x2.float(), self.weight, self.scales.float(),
-                                   None if self.bias is None else self.bias.float())
+        if x.device.type == "cpu" and x2.shape[0] <= GEMV_ROWS and not torch.is_grad_enabled():
+            if torch.compiler.is_compiling():   # compiled step: the kernel as an opaque custom op
+                kernel, args = kernels.OPS.get(self.kernel_name), self._kernel_args()
+            else:
+                kernel = self._eager_kernel()
+                if kernel is not None and self._f32 is None:
+                    self._f32 = self._kernel_args()
+                args = self._f32
+            if kernel is not None:
+                y = kernel(x2.float(), self.weight, *args)
                 return y.to(x.dtype).view(*shape[:-1], self.out_features)
-        elif few and int8_gemv() is not None:
-            if getattr(self, "_f32", None) is None:   # float32 copies of the small vectors, made once
-                self._f32 = (self.scales.float(), None if self.bias is None else self.bias.float())
-            y = int8_gemv()(x2.float(), self.weight, *self._f32)
-            return y.to(x.dtype).view(*shape[:-1], self.out_features)
-        if x.device.type == "cpu" and x.dtype == torch.bfloat16 and self.scales.dtype == torch.bfloat16:
+        return self._fallback(x2).view(*shape[:-1], self.out_features)
+
+
+class Int8Linear(QuantizedLinear):
+    kernel_name = "int8_gemv"
+    _quantize = staticmethod(quantize_per_channel)
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype=torch.bfloat16, device=None):
+        super().__init__()
+        self._init_buffers(in_features, out_features,
+                           torch.zeros(out_features, in_features, dtype=torch.int8, device=device),
+                           torch.ones(out_features, dtype=dtype, device=device), bias, dtype)
+
+    def _eager_kernel(self):
+        return int8_gemv()
+
+    def _fallback(self, x2: torch.Tensor) -> torch.Tensor:
+        if x2.device.type == "cpu" and x2.dtype == torch.bfloat16 and self.scales.dtype == torch.bfloat16:
             y = torch._weight_int8pack_mm(x2.contiguous(), self.weight, self.scales)
         else:
-            y = F.linear(x2, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+            y = F.linear(x2, self.weight.to(x2.dtype)) * self.scales.to(x2.dtype)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
-        return y.view(*shape[:-1], self.out_features)
+        return y
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
@@ -104,49 +142,35 @@ def dequantize_int4_weight(packed: torch.Tensor, scales: torch.Tensor) -> torch.
     return ((codes.float() - 8.0) * scales.float()[..., None]).reshape(N, -1)
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(QuantizedLinear):
     """Weight-only 4-bit linear layer: groups of 32 weights with a float16 scale each (about 4.5 bits a weight).
 
-    On x86 CPUs a few rows at a time (decoding) go to our AVX2 kernel, which also quantises the activations to
+    On x86 CPUs a few rows at a time (decoding) go to our kernel, which also quantises the activations to
     int8 per group of 32 so the group products run in integers (llama.cpp's Q4_0 x Q8_0 scheme); elsewhere
     (prefill, GPU, no kernel) the weight is dequantised on the fly and activations stay as they are.
     """
 
+    kernel_name = "int4_gemv"
+    _quantize = staticmethod(quantize_int4_weight)
+
     def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype=torch.float32, device=None):
         super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("weight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
-        self.register_buffer("scales", torch.ones(out_features, in_features // INT4_GROUP, dtype=torch.float16,
-                                                  device=device))
-        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, dtype: torch.dtype) -> "Int4Linear":
-        packed, scales = quantize_int4_weight(linear.weight)
-        m = cls(linear.in_features, linear.out_features, linear.bias is not None, dtype, linear.weight.device)
-        m.weight.copy_(packed)
-        m.scales.copy_(scales)
-        if linear.bias is not None:
-            m.bias.copy_(linear.bias.detach().to(dtype))
-        return m
+        self._init_buffers(in_features, out_features,
+                           torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device),
+                           torch.ones(out_features, in_features // INT4_GROUP, dtype=torch.float16, device=device),
+                           bias, dtype)
 
     def dequantized(self) -> torch.Tensor:
         return dequantize_int4_weight(self.weight, self.scales)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        few = x.device.type == "cpu" and x2.shape[0] <= GEMV_ROWS and not torch.is_grad_enabled()
-        bias = None if self.bias is None else self.bias.float()
-        if few and torch.compiler.is_compiling():
-            if "int4_gemv" in kernels.OPS:
-                y = kernels.OPS["int4_gemv"](x2.float(), self.weight, self.scales, bias)
-                return y.to(x.dtype).view(*shape[:-1], self.out_features)
-        elif few and int4_gemv() is not None:
-            y = int4_gemv()(x2.float(), self.weight, self.scales, bias)
-            return y.to(x.dtype).view(*shape[:-1], self.out_features)
-        y = F.linear(x2, self.dequantized().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-        return y.view(*shape[:-1], self.out_features)
+    def _eager_kernel(self):
+        return int4_gemv()
+
+    def _kernel_args(self) -> tuple:
+        return self.scales, None if self.bias is None else self.bias.float()
+
+    def _fallback(self, x2: torch.Tensor) -> torch.Tensor:
+        return F.linear(x2, self.dequantized().to(x2.dtype), None if self.bias is None else self.bias.to(x2.dtype))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 groups of {INT4_GROUP}"
