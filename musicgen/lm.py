@@ -127,6 +127,8 @@ class DecoderLayer(nn.Module):
 
 
 class MusicLM(nn.Module):
+    fused = None   # quantised models on CPU: musicgen.fused.FusedLayers runs the one-position steps
+
     def __init__(self, cfg: LMConfig, context_dim: int | None = None):
         super().__init__()
         self.cfg = cfg
@@ -177,9 +179,13 @@ class MusicLM(nn.Module):
             raise ValueError(f"sequence of {pos + T} steps exceeds the model's {self.positions.shape[0]} positions")
         else:
             x = x + self.positions[pos:pos + T].to(x.dtype)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, pos, caches[i] if caches is not None else None,
-                      cross_kv[i] if cross_kv is not None else None, cross_bias)
+        if (self.fused is not None and T == 1 and type(pos) is int and caches is not None
+                and x.device.type == "cpu" and not torch.is_grad_enabled()):
+            x = self.fused(x, pos, caches, cross_kv, cross_bias)   # every layer in one native call (fused.py)
+        else:
+            for i, layer in enumerate(self.layers):
+                x = layer(x, pos, caches[i] if caches is not None else None,
+                          cross_kv[i] if cross_kv is not None else None, cross_bias)
         x = self.norm(x[:, x.shape[1] - codes.shape[2]:])                       # drop the prefix positions
         return torch.stack([head(x) for head in self.heads], dim=1)             # (B, K, T, V)
 

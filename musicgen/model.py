@@ -24,7 +24,7 @@ import torch.nn as nn
 from . import audiocraft_format
 from . import checkpoint as ckpt
 from . import chroma as chroma_mod
-from . import conditions
+from . import conditions, fused
 from .audio import convert_channels, resample
 from .codec import EnCodec
 from .config import MusicGenConfig
@@ -480,6 +480,8 @@ def load(name_or_path: str | os.PathLike = "facebook/musicgen-small", device: st
                 use_skinny_linear(part)
     if quantize == "int4" and device.type == "cpu" and torch_dtype == torch.float32:
         model.cache_dtype = torch.bfloat16
+    if quantize is not None and device.type == "cpu":
+        fused.attach(model.lm)
     if compile:
         model.compile()
     return model

@@ -270,3 +270,72 @@ def test_skinny_linear_both_formulations_equal_linear(monkeypatch, skinny):
         assert type(lin) is quant.SkinnyLinear
         with torch.inference_mode():
             torch.testing.assert_close(lin(x), ref, atol=1e-5, rtol=1e-5)
+
+
+# -- fused decoder (musicgen/fused.py) ------------------------------------------------------------------
+def _step_logits(m, fused: bool, cache_dtype, steps: int = 12) -> torch.Tensor:
+    """Logits of `steps` one-position decoding steps after a 6-position prefill, with the fused decoder on
+    or off, from the same codes and conditions: (steps, rows, K, 1, V)."""
+    from musicgen import conditions
+
+    lm = m.lm
+    K = lm.cfg.num_codebooks
+    codes = torch.randint(0, 64, (4, K, 6 + steps), generator=torch.Generator().manual_seed(1))
+    kv = bias = prefix = None
+    if lm.cfg.prefix_conditioning:   # melody models: condition tokens before the codes
+        prefix = torch.randn(4, 5, lm.cfg.dim, generator=torch.Generator().manual_seed(2))
+    else:
+        states, mask = m.encode_text(PROMPTS)
+        cond = conditions.cross_attention(lm, states, mask, cfg_rows=True)
+        kv, bias = cond.cross_kv, cond.cross_bias
+        if cache_dtype is not None:
+            kv, bias = [(k.to(cache_dtype), v.to(cache_dtype)) for k, v in kv], bias.to(cache_dtype)
+    P = 0 if prefix is None else prefix.shape[1]
+    saved, lm.fused = lm.fused, (lm.fused if fused else None)
+    try:
+        with torch.inference_mode():
+            caches = lm.new_caches(4, P + 6 + steps, dtype=cache_dtype)
+            lm(codes[:, :, :6], kv, bias, 0, caches, prefix=prefix)
+            return torch.stack([lm(codes[:, :, p:p + 1], kv, bias, P + p, caches) for p in range(6, 6 + steps)])
+    finally:
+        lm.fused = saved
+
+
+@pytest.fixture(scope="module")
+def int8_models(ckpt_dir, melody_ckpt_dir):
+    _kernel_or_skip("int8_gemv")
+    return {"text": musicgen.load(ckpt_dir, quantize="int8"), "melody": musicgen.load(melody_ckpt_dir, quantize="int8")}
+
+
+@pytest.mark.parametrize("family", ["text", "melody"])
+@pytest.mark.parametrize("cache_dtype", [None, torch.bfloat16])
+def test_fused_decoder_equals_the_layer_loop(int8_models, family, cache_dtype):
+    """One native call per step computes what the Python layer loop computes, text and melody models, with the
+    model's float32 cache (to float rounding) and a bfloat16 cache (float32 arithmetic over bfloat16 keys,
+    where SDPA also rounds the query and the output to bfloat16)."""
+    m = int8_models[family]
+    assert m.lm.fused is not None
+    fused, loop = _step_logits(m, True, cache_dtype), _step_logits(m, False, cache_dtype)
+    err = ((fused - loop).abs().max() / loop.std()).item()
+    print(f"{family}, cache {cache_dtype}: fused vs layer loop max |error| / std = {err:.2e}")
+    assert err < (1e-5 if cache_dtype is None else 2e-3)   # measured 9e-7 and 3e-4
+
+
+def test_fused_decoder_int4(int4_pair):
+    """int4 quantises activations per group, a step function of its input: float-rounding differences flip
+    some codes, so the fused path is held to the int4 tolerance against float32 and to greedy agreement."""
+    ref, m = int4_pair
+    assert m.lm.fused is not None and ref.lm.fused is None     # float32 keeps the exact layer loop
+    fused, loop = _step_logits(m, True, m.cache_dtype), _step_logits(m, False, m.cache_dtype)
+    exact = _step_logits(ref, False, None)
+    for name, logits in (("fused", fused), ("layer loop", loop)):
+        err = ((logits - exact).abs().max() / exact.std()).item()
+        print(f"int4 {name} vs float32: max |error| / std = {err:.4f}")
+        assert err < TOLERANCE["int4"]
+    assert (fused.argmax(-1) == loop.argmax(-1)).float().mean() > 0.9
+
+
+def test_fused_decoder_can_be_turned_off(monkeypatch, ckpt_dir):
+    _kernel_or_skip("int8_gemv")
+    monkeypatch.setenv("MUSICGEN_FUSED", "0")
+    assert musicgen.load(ckpt_dir, quantize="int8").lm.fused is None

@@ -47,6 +47,13 @@ def int4_gemv():
     return None if module is None else module.int4_gemv
 
 
+def fused_decoder():
+    """The FusedDecoder class of decoder.cpp (every decoder layer of one decoding step in one call, for int4/int8
+    layers), or None where the kernels cannot be had. musicgen/fused.py builds it from a quantised MusicLM."""
+    module = _module()
+    return None if module is None else module.FusedDecoder
+
+
 def _register(name: str, fn) -> None:
     import torch
 
@@ -65,10 +72,10 @@ def _module():
     try:
         import torch.utils.cpp_extension as ext
 
-        build_dir = Path(ext._get_build_directory("musicgen_gemv", verbose=False))
+        build_dir = Path(ext._get_build_directory("musicgen_kernels", verbose=False))
         if not any(build_dir.glob("*.so")):
             print("musicgen: building the quantised CPU kernels (once, about a minute)", file=sys.stderr, flush=True)
-        module = ext.load("musicgen_gemv", [str(HERE / "gemv.cpp")],
+        module = ext.load("musicgen_kernels", [str(HERE / "gemv.cpp"), str(HERE / "decoder.cpp")],
                           extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"], extra_ldflags=["-fopenmp"],
                           verbose=False)
     except Exception as e:  # no ninja, compiler error, ...: PyTorch's kernels still work

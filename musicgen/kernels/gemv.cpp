@@ -10,6 +10,8 @@
 // one pass over the weight; the kernel widens 32 int8 weights at a time to float32 and multiplies them into
 // up to four activation rows with four independent accumulators each (FMA latency, not throughput, is the
 // limit with one). Output channels are split across threads.
+#include "gemv.h"
+
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -84,20 +86,8 @@ inline void dot_rows(const float* x, int64_t K, const int8_t* w, float scale, fl
 
 }  // namespace
 
-torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c10::optional<torch::Tensor> bias) {
-  TORCH_CHECK(x.dim() == 2 && q.dim() == 2 && x.size(1) == q.size(1), "int8_gemv: x (M, K) and q (N, K) expected");
-  TORCH_CHECK(x.scalar_type() == torch::kFloat32, "int8_gemv: x must be float32");
-  TORCH_CHECK(q.scalar_type() == torch::kInt8 && q.is_contiguous(), "int8_gemv: q must be contiguous int8");
-  TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.numel() == q.size(0), "int8_gemv: float32 scales (N,)");
-  x = x.contiguous();
-  const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
-  auto y = torch::empty({M, N}, x.options());
-  torch::Tensor b;
-  const float* bp = float_bias(bias, N, b, "int8_gemv");
-  const float* xp = x.data_ptr<float>();
-  const int8_t* qp = q.data_ptr<int8_t>();
-  const float* sp = scale.contiguous().data_ptr<float>();
-  float* yp = y.data_ptr<float>();
+void musicgen::int8_gemv_raw(const float* xp, int64_t M, int64_t K, const int8_t* qp, const float* sp,
+                             const float* bp, int64_t N, float* yp) {
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       const int8_t* w = qp + n * K;
@@ -107,6 +97,20 @@ torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c
       });
     }
   });
+}
+
+torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(x.dim() == 2 && q.dim() == 2 && x.size(1) == q.size(1), "int8_gemv: x (M, K) and q (N, K) expected");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32, "int8_gemv: x must be float32");
+  TORCH_CHECK(q.scalar_type() == torch::kInt8 && q.is_contiguous(), "int8_gemv: q must be contiguous int8");
+  TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.numel() == q.size(0), "int8_gemv: float32 scales (N,)");
+  x = x.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
+  auto y = torch::empty({M, N}, x.options());
+  torch::Tensor b, s = scale.contiguous();
+  const float* bp = float_bias(bias, N, b, "int8_gemv");
+  musicgen::int8_gemv_raw(x.data_ptr<float>(), M, K, q.data_ptr<int8_t>(), s.data_ptr<float>(), bp, N,
+                          y.data_ptr<float>());
   return y;
 }
 
@@ -237,22 +241,15 @@ bool has_vnni() {
 
 }  // namespace
 
-torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor qw, torch::Tensor scales, c10::optional<torch::Tensor> bias) {
-  TORCH_CHECK(x.dim() == 2 && qw.dim() == 2 && x.size(1) == 2 * qw.size(1) && x.size(1) % 64 == 0,
-              "int4_gemv: x (M, K) and packed weights (N, K / 2) with K a multiple of 64 expected");
-  TORCH_CHECK(x.scalar_type() == torch::kFloat32, "int4_gemv: x must be float32");
-  TORCH_CHECK(qw.scalar_type() == torch::kUInt8 && qw.is_contiguous(), "int4_gemv: weights must be contiguous uint8");
-  const int64_t M = x.size(0), K = x.size(1), N = qw.size(0), G = K / 32;
-  TORCH_CHECK(scales.scalar_type() == torch::kFloat16 && scales.is_contiguous() && scales.size(0) == N &&
-              scales.size(1) == G, "int4_gemv: float16 scales (N, K / 32) expected");
-  x = x.contiguous();
-  auto y = torch::empty({M, N}, x.options());
-  torch::Tensor b;
-  const float* bp = float_bias(bias, N, b, "int4_gemv");
+void musicgen::int4_gemv_raw(const float* xp, int64_t M, int64_t K, const uint8_t* qp, const uint16_t* sp,
+                             const float* bp, int64_t N, float* yp, Int4Scratch& scratch) {
+  const int64_t G = K / 32;
   // activations -> int8 per group of 32 (scale max|x| / 127, round to nearest), and each group's offset term
-  std::vector<int8_t> xq(M * K);
-  std::vector<float> xs(M * G), xc(M * G);
-  const float* xp = x.data_ptr<float>();
+  scratch.xq.resize(M * K);
+  scratch.xs.resize(M * G);
+  scratch.xc.resize(M * G);
+  int8_t* xq = scratch.xq.data();
+  float *xs = scratch.xs.data(), *xc = scratch.xc.data();
   for (int64_t i = 0; i < M * G; ++i) {
     const float* v = xp + 32 * i;
     float amax = 0.f;
@@ -267,11 +264,6 @@ torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor qw, torch::Tensor scales,
     xs[i] = s;
     xc[i] = 8.f * s * static_cast<float>(sum);
   }
-  const uint8_t* qp = qw.data_ptr<uint8_t>();
-  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
-  float* yp = y.data_ptr<float>();
-  const int8_t* xqp = xq.data();
-  const float *xsp = xs.data(), *xcp = xc.data();
   const bool vnni = has_vnni();
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
@@ -280,15 +272,28 @@ torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor qw, torch::Tensor scales,
       const float bn = bp ? bp[n] : 0.f;
       row_blocks(M, [&](auto mb, int64_t m) {
         constexpr int MB = decltype(mb)::value;
-        if (vnni) dot_rows_q4_vnni<MB>(xqp + m * K, xsp + m * G, xcp + m * G, K, w, ws, bn, yp + m * N + n, N);
-        else dot_rows_q4<MB>(xqp + m * K, xsp + m * G, xcp + m * G, K, w, ws, bn, yp + m * N + n, N);
+        if (vnni) dot_rows_q4_vnni<MB>(xq + m * K, xs + m * G, xc + m * G, K, w, ws, bn, yp + m * N + n, N);
+        else dot_rows_q4<MB>(xq + m * K, xs + m * G, xc + m * G, K, w, ws, bn, yp + m * N + n, N);
       });
     }
   });
-  return y;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("int8_gemv", &int8_gemv, "weight-only int8 matrix-vector product (AVX2 + FMA)");
-  m.def("int4_gemv", &int4_gemv, "4-bit grouped weights times int8-quantised activations (AVX2 + FMA + F16C)");
+torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor qw, torch::Tensor scales, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(x.dim() == 2 && qw.dim() == 2 && x.size(1) == 2 * qw.size(1) && x.size(1) % 64 == 0,
+              "int4_gemv: x (M, K) and packed weights (N, K / 2) with K a multiple of 64 expected");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32, "int4_gemv: x must be float32");
+  TORCH_CHECK(qw.scalar_type() == torch::kUInt8 && qw.is_contiguous(), "int4_gemv: weights must be contiguous uint8");
+  const int64_t M = x.size(0), K = x.size(1), N = qw.size(0), G = K / 32;
+  TORCH_CHECK(scales.scalar_type() == torch::kFloat16 && scales.is_contiguous() && scales.size(0) == N &&
+              scales.size(1) == G, "int4_gemv: float16 scales (N, K / 32) expected");
+  x = x.contiguous();
+  auto y = torch::empty({M, N}, x.options());
+  torch::Tensor b;
+  const float* bp = float_bias(bias, N, b, "int4_gemv");
+  thread_local musicgen::Int4Scratch scratch;
+  musicgen::int4_gemv_raw(x.data_ptr<float>(), M, K, qw.data_ptr<uint8_t>(),
+                          reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()), bp, N, y.data_ptr<float>(),
+                          scratch);
+  return y;
 }

@@ -1,0 +1,29 @@
+// The quantised matrix-vector kernels of gemv.cpp, on raw pointers: the tensor wrappers (int8_gemv,
+// int4_gemv) and the fused decoder (decoder.cpp) both call these. Output channels are split across threads.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace musicgen {
+
+// y (M, N) = x (M, K) . q (N, K)^T * scale[n] + bias[n]; bias may be nullptr
+void int8_gemv_raw(const float* x, int64_t M, int64_t K, const int8_t* q, const float* scale, const float* bias,
+                   int64_t N, float* y);
+
+// The int4 kernel quantises x to int8 per group of 32 first; it keeps that copy here between calls.
+struct Int4Scratch {
+  std::vector<int8_t> xq;
+  std::vector<float> xs, xc;
+};
+
+// y (M, N) = x (M, K) . dequant(w (N, K / 2), scales (N, K / 32) float16 bits)^T + bias[n]; K % 64 == 0
+void int4_gemv_raw(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* scales,
+                   const float* bias, int64_t N, float* y, Int4Scratch& scratch);
+
+}  // namespace musicgen
+
+torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c10::optional<torch::Tensor> bias);
+torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor qw, torch::Tensor scales, c10::optional<torch::Tensor> bias);
