@@ -53,6 +53,19 @@ inline const float* float_bias(const c10::optional<torch::Tensor>& bias, int64_t
   return keep.data_ptr<float>();
 }
 
+// Software prefetch of the weight stream, called once per 128 bytes read (the int8 kernel: per 32): 2 KB ahead
+// into L1 and 16 KB ahead into L2. One core's demand loads and L1 prefetches are limited by its line-fill
+// buffers (a plain read reaches about 14 GB/s on one core of the 2-core Xeon); the far L2 prefetches keep more
+// lines in flight. Measured on the musicgen-small layer set, int4 VNNI kernel: 10.4 -> 12.3 GB/s on one core,
+// 20.4 -> 26 GB/s on two (1 KB into L1 only, the earlier scheme, is the first figure). Prefetching past the end
+// of the weights is harmless (prefetches never fault).
+inline void prefetch_weights(const uint8_t* p) {
+  _mm_prefetch(reinterpret_cast<const char*>(p + 2048), _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(p + 2048 + 64), _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(p + 16384), _MM_HINT_T1);
+  _mm_prefetch(reinterpret_cast<const char*>(p + 16384 + 64), _MM_HINT_T1);
+}
+
 // rows x[0..MB) (leading dimension K) times weight row w -> out[m * ldy]
 template <int MB>
 inline void dot_rows(const float* x, int64_t K, const int8_t* w, float scale, float bias, float* out, int64_t ldy) {
@@ -61,7 +74,7 @@ inline void dot_rows(const float* x, int64_t K, const int8_t* w, float scale, fl
     for (int u = 0; u < 4; ++u) acc[m][u] = _mm256_setzero_ps();
   int64_t k = 0;
   for (; k + 32 <= K; k += 32) {
-    _mm_prefetch(reinterpret_cast<const char*>(w + k + 2048), _MM_HINT_T0);   // measured: +5-25 %
+    prefetch_weights(reinterpret_cast<const uint8_t*>(w + k));
     __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k));
     __m128i lo = _mm256_castsi256_si128(b), hi = _mm256_extracti128_si256(b, 1);
     __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo));
@@ -140,8 +153,7 @@ inline void dot_rows_q4(const int8_t* xq, const float* xs, const float* xc, int6
       corr[m] = _mm256_fmadd_ps(sw, _mm256_loadu_ps(xc + m * G + g0), corr[m]);
     }
     const uint8_t* wb = w + 16 * g0;
-    _mm_prefetch(reinterpret_cast<const char*>(wb + 1024), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(wb + 1088), _MM_HINT_T0);
+    prefetch_weights(wb);
     for (int pair = 0; pair < 4; ++pair) {
       const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 32 * pair));
       const __m256i u0 = _mm256_and_si256(raw, low4);
@@ -200,8 +212,7 @@ void dot_rows_q4_vnni(const int8_t* xq, const float* xs, const float* xc, int64_
       corr[m] = _mm256_fmadd_ps(sw, _mm256_loadu_ps(xc + m * G + g0), corr[m]);
     }
     const uint8_t* wb = w + 16 * g0;
-    _mm_prefetch(reinterpret_cast<const char*>(wb + 1024), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(wb + 1088), _MM_HINT_T0);
+    prefetch_weights(wb);
     for (int pair = 0; pair < 4; ++pair) {
       const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 32 * pair));
       const __m512i u = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(raw, low4)),
@@ -231,6 +242,36 @@ void dot_rows_q4_vnni(const int8_t* xq, const float* xs, const float* xc, int64_
   for (int m = 0; m < MB; ++m) out[m * ldy] = _mm512_reduce_add_ps(acc[m]) - hsum(corr[m]) - tail[m] + bias;
 }
 
+// One group of 32 activations -> int8 codes round(v * 127 / max|v|) (nearest even, as the default rounding
+// mode of cvtps), the scale max|v| / 127, and the offset term 8 * scale * sum(codes) of the kernels above.
+inline void quantize_group(const float* v, int8_t* q, float* scale, float* offset) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 a[4], amax = _mm256_setzero_ps();
+  for (int u = 0; u < 4; ++u) {
+    a[u] = _mm256_loadu_ps(v + 8 * u);
+    amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, a[u]));
+  }
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  const float mx = _mm_cvtss_f32(m);
+  const __m256 inv = _mm256_set1_ps(mx > 0.f ? 127.f / mx : 0.f);
+  __m256i c[4], sum = _mm256_setzero_si256();
+  for (int u = 0; u < 4; ++u) {
+    c[u] = _mm256_cvtps_epi32(_mm256_mul_ps(a[u], inv));
+    sum = _mm256_add_epi32(sum, c[u]);
+  }
+  // packs interleave 128-bit lanes; the permute puts the 32 codes back in order
+  const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3]));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q),
+                      _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+  *scale = mx / 127.f;
+  *offset = 8.f * *scale * static_cast<float>(_mm_cvtsi128_si32(s4));
+}
+
 // checked per call (cheap): MUSICGEN_NO_AVX512=1 selects the AVX2 path, e.g. to compare the two
 bool has_vnni() {
   static const bool cpu = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -250,20 +291,7 @@ void musicgen::int4_gemv_raw(const float* xp, int64_t M, int64_t K, const uint8_
   scratch.xc.resize(M * G);
   int8_t* xq = scratch.xq.data();
   float *xs = scratch.xs.data(), *xc = scratch.xc.data();
-  for (int64_t i = 0; i < M * G; ++i) {
-    const float* v = xp + 32 * i;
-    float amax = 0.f;
-    for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(v[j]));
-    const float s = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-    int sum = 0;
-    for (int j = 0; j < 32; ++j) {
-      const int q = static_cast<int>(std::nearbyint(v[j] * inv));
-      xq[32 * i + j] = static_cast<int8_t>(q);
-      sum += q;
-    }
-    xs[i] = s;
-    xc[i] = 8.f * s * static_cast<float>(sum);
-  }
+  for (int64_t i = 0; i < M * G; ++i) quantize_group(xp + 32 * i, xq + 32 * i, xs + i, xc + i);
   const bool vnni = has_vnni();
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
