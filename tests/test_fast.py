@@ -339,3 +339,16 @@ def test_fused_decoder_can_be_turned_off(monkeypatch, ckpt_dir):
     _kernel_or_skip("int8_gemv")
     monkeypatch.setenv("MUSICGEN_FUSED", "0")
     assert musicgen.load(ckpt_dir, quantize="int8").lm.fused is None
+
+
+def test_fused_decoder_from_two_threads(int4_pair):
+    """The native step releases the GIL; generations on one model from two threads still get their own codes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, m = int4_pair
+    prompts = [[p] for p in PROMPTS] * 2
+    alone = [m.generate_codes(p, duration=0.6, seed=i) for i, p in enumerate(prompts)]
+    with ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(lambda a: m.generate_codes(a[1], duration=0.6, seed=a[0]), enumerate(prompts)))
+    for a, b in zip(alone, together):
+        assert torch.equal(a, b)

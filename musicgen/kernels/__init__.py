@@ -1,7 +1,8 @@
 """Native CPU kernels, built on first use with the system C++ compiler (torch.utils.cpp_extension).
 
 `int8_gemv()` and `int4_gemv()` return the quantised matrix-vector kernels of gemv.cpp (AVX2; the int4 one
-also has an AVX-512 VNNI path chosen at run time), or None where they cannot be had: not x86-64 with AVX2, FMA
+also has an AVX-512 VNNI path chosen at run time), and `fused_decoder()` the native decoder layers of
+decoder.cpp (musicgen/fused.py), or None where they cannot be had: not x86-64 with AVX2, FMA
 and F16C, no compiler, a failed build, or MUSICGEN_NO_KERNELS=1. Callers fall back to PyTorch's own kernels,
 so a missing compiler costs speed, never a result. The build takes about a minute once; torch caches it
 (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions).
@@ -9,6 +10,7 @@ so a missing compiler costs speed, never a result. The build takes about a minut
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import platform
 import shutil
@@ -75,9 +77,11 @@ def _module():
         build_dir = Path(ext._get_build_directory("musicgen_kernels", verbose=False))
         if not any(build_dir.glob("*.so")):
             print("musicgen: building the quantised CPU kernels (once, about a minute)", file=sys.stderr, flush=True)
+        # torch rebuilds when the sources or flags change; the header's hash in the flags covers it too
+        header = hashlib.sha256((HERE / "gemv.h").read_bytes()).hexdigest()[:16]
         module = ext.load("musicgen_kernels", [str(HERE / "gemv.cpp"), str(HERE / "decoder.cpp")],
-                          extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"], extra_ldflags=["-fopenmp"],
-                          verbose=False)
+                          extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", f"-DMUSICGEN_HEADER={header}"],
+                          extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # no ninja, compiler error, ...: PyTorch's kernels still work
         print(f"musicgen: quantised CPU kernels unavailable ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
               "using PyTorch's", file=sys.stderr)

@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <mutex>
 #include <vector>
 
 namespace {
@@ -264,6 +265,7 @@ class FusedDecoder {
     TORCH_CHECK(!text || (static_cast<int64_t>(cross_k.size()) == L && static_cast<int64_t>(cross_v.size()) == L),
                 "fused decoder: text keys/values for every layer");
     const int64_t R = x.size(0);
+    std::lock_guard<std::mutex> lock(busy_);   // the buffers below are shared: one step at a time per decoder
     torch::Tensor y = x.contiguous().clone();
     torch::Tensor bias;
     if (text && cross_bias.has_value()) {
@@ -386,6 +388,7 @@ class FusedDecoder {
   float eps_;
   bool gelu_;
   std::vector<Layer> layers_;
+  std::mutex busy_;
   std::vector<float> h_, big_, att_;
   musicgen::Int4Scratch scratch_;
 };
@@ -396,6 +399,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<FusedDecoder>(m, "FusedDecoder")
       .def(pybind11::init<int64_t, int64_t, int64_t, double, std::string>())
       .def("add_layer", &FusedDecoder::add_layer)
-      .def("step", &FusedDecoder::step, pybind11::call_guard<pybind11::gil_scoped_release>())
+      .def("step", &FusedDecoder::step, pybind11::call_guard<pybind11::gil_scoped_release>())   // other Python threads run meanwhile
       .def_property_readonly("num_layers", &FusedDecoder::num_layers);
 }
