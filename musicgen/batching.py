@@ -302,21 +302,26 @@ class Scheduler:
         R, K = tokens.shape
         x = sum(lm.embed[k](tokens[:, k]) for k in range(K)) * lm.embed_scale           # (R, D)
         x = (x + lm.positions[pos].to(x.dtype))[:, None]                                 # (R, 1, D)
-        span = int(pos.max()) + 1
-        visible = (torch.arange(span, device=pos.device) <= pos[:, None])[:, None, None]  # (R, 1, 1, span)
-        rows = torch.arange(R, device=pos.device)
-        for i, layer in enumerate(lm.layers):
-            att = layer.self_attn
-            H, hd = att.heads, att.head_dim
-            q, k, v = att.qkv(layer.norm1(x)).view(R, 1, 3, H, hd).permute(2, 0, 3, 1, 4)  # 3 x (R, H, 1, hd)
-            self.k[i][rows, :, pos] = k[:, :, 0]
-            self.v[i][rows, :, pos] = v[:, :, 0]
-            y = F.scaled_dot_product_attention(q, self.k[i][:R, :, :span], self.v[i][:R, :, :span],
-                                               attn_mask=visible)                        # (R, H, 1, hd)
-            x = x + att.out(y.transpose(1, 2).reshape(R, 1, H * hd))
-            if layer.cross_attn is not None:
-                x = x + layer.cross_attn(layer.norm_cross(x), (self.ck[i][:R], self.cv[i][:R]), self.bias[:R])
-            x = x + layer.fc2(layer.act(layer.fc1(layer.norm2(x))))
+        if lm.fused is not None and x.device.type == "cpu":   # quantised models on CPU: one native call (fused.py)
+            text = lm.layers[0].cross_attn is not None
+            x = lm.fused.rows(x[:, 0], pos.tolist(), self.k, self.v, [k[:R] for k in self.ck] if text else [],
+                              [v[:R] for v in self.cv] if text else [], self.bias[:R] if text else None)[:, None]
+        else:
+            span = int(pos.max()) + 1
+            visible = (torch.arange(span, device=pos.device) <= pos[:, None])[:, None, None]  # (R, 1, 1, span)
+            rows = torch.arange(R, device=pos.device)
+            for i, layer in enumerate(lm.layers):
+                att = layer.self_attn
+                H, hd = att.heads, att.head_dim
+                q, k, v = att.qkv(layer.norm1(x)).view(R, 1, 3, H, hd).permute(2, 0, 3, 1, 4)  # 3 x (R, H, 1, hd)
+                self.k[i][rows, :, pos] = k[:, :, 0]
+                self.v[i][rows, :, pos] = v[:, :, 0]
+                y = F.scaled_dot_product_attention(q, self.k[i][:R, :, :span], self.v[i][:R, :, :span],
+                                                   attn_mask=visible)                        # (R, H, 1, hd)
+                x = x + att.out(y.transpose(1, 2).reshape(R, 1, H * hd))
+                if layer.cross_attn is not None:
+                    x = x + layer.cross_attn(layer.norm_cross(x), (self.ck[i][:R], self.cv[i][:R]), self.bias[:R])
+                x = x + layer.fc2(layer.act(layer.fc1(layer.norm2(x))))
         x = lm.norm(x)
         return torch.stack([head(x[:, 0]) for head in lm.heads], dim=1)                 # (R, K, V)
 

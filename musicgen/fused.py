@@ -25,14 +25,17 @@ class FusedLayers:
         self.native = native
 
     def __call__(self, x: torch.Tensor, pos: int, caches, cross_kv, cross_bias) -> torch.Tensor:
-        """x (R, 1, D) at position pos -> (R, 1, D) after every decoder layer."""
-        if cross_kv is None:
-            ks, vs = [], []
-        else:
-            ks, vs = [k for k, _ in cross_kv], [v for _, v in cross_kv]
-        y = self.native.step(x[:, 0].float(), pos, [c.k for c in caches], [c.v for c in caches], ks, vs,
-                             cross_bias)
-        return y[:, None].to(x.dtype)
+        """x (R, 1, D) at position pos -> (R, 1, D) after every decoder layer (MusicLM.forward's step)."""
+        ks, vs = ([], []) if cross_kv is None else ([k for k, _ in cross_kv], [v for _, v in cross_kv])
+        y = self.rows(x[:, 0], [pos], [c.k for c in caches], [c.v for c in caches], ks, vs, cross_bias)
+        return y[:, None]
+
+    def rows(self, x: torch.Tensor, positions: list[int], keys, values, cross_keys, cross_values,
+             cross_bias) -> torch.Tensor:
+        """x (R, D), row r at positions[r] (or every row at positions[0]) -> (R, D); keys/values per layer
+        (>= R, H, max_len, hd) (the continuous-batching scheduler's slots, rows past R untouched)."""
+        return self.native.step(x.float(), positions, keys, values, cross_keys, cross_values,
+                                cross_bias).to(x.dtype)
 
 
 def _linear(module) -> tuple[str, torch.Tensor, torch.Tensor, torch.Tensor | None]:

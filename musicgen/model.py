@@ -284,7 +284,8 @@ class MusicGen(nn.Module):
         kv, bias = cond.cross_kv, cond.cross_bias
         if self.cache_dtype is not None and not compiled and kv is not None:   # text keys/values alike
             kv = [(k.to(self.cache_dtype), v.to(self.cache_dtype)) for k, v in kv]
-            bias = None if bias is None else bias.to(self.cache_dtype)
+            # saturate: float32's lowest rounds to -inf in bfloat16, and a row masked everywhere must stay finite
+            bias = None if bias is None else bias.clamp(min=torch.finfo(self.cache_dtype).min).to(self.cache_dtype)
         open_ = (seq == -1).any(dim=1).any(dim=0)                              # (L,) positions with work left
         start = int(open_.nonzero()[0]) if open_.any() else L                  # first position to generate
         step_inputs = lambda x: torch.cat([x, x], dim=0) if params.uses_cfg else x  # noqa: E731

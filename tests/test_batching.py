@@ -2,6 +2,8 @@
 joins; steps are shared; cancelled requests leave at the next step boundary."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -39,7 +41,22 @@ def test_one_request_alone_equals_generate_codes(model):
     assert sched.steps == req.steps == 12 + 3 + 1 - 1
 
 
-def test_requests_joining_at_different_steps_keep_their_solo_codes(model):
+@pytest.fixture(scope="module")
+def int8_model(ckpt_dir):
+    """Quantised on CPU: decoding steps go through the fused native decoder, with a position per row here."""
+    import musicgen
+
+    m = musicgen.load(ckpt_dir, quantize="int8")
+    if m.lm.fused is None:
+        if os.environ.get("MUSICGEN_REQUIRE_KERNEL") == "1":
+            pytest.fail("the CPU kernels did not build (MUSICGEN_REQUIRE_KERNEL=1)")
+        pytest.skip("no CPU kernels here (AVX2/FMA/F16C and a C++ compiler)")
+    return m
+
+
+@pytest.mark.parametrize("which", ["model", "int8_model"])
+def test_requests_joining_at_different_steps_keep_their_solo_codes(request, which):
+    model = request.getfixturevalue(which)
     greedy, sampled = SamplingParams(top_k=1), SamplingParams(top_k=5, temperature=0.9, guidance_scale=2.0)
     sched = Scheduler(model, max_batch=3)
     a = sched.submit(Request("epic orchestral soundtrack with strings, brass and choir", 20, greedy))

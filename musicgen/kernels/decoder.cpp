@@ -35,8 +35,10 @@ inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(lo);
 }
 
-// e^x for x <= 88 (Cephes expf: range reduction by ln 2, degree-6 polynomial; below -87 it returns e^-87)
+// e^x for x <= 88 (Cephes expf: range reduction by ln 2, degree-6 polynomial), exactly 0 below -87 (as a masked
+// attention score must weigh: padded text positions then change nothing)
 inline __m256 exp8(__m256 x) {
+  const __m256 live = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_GE_OQ);
   x = _mm256_min_ps(x, _mm256_set1_ps(88.0f));
   x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
@@ -51,7 +53,7 @@ inline __m256 exp8(__m256 x) {
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
   p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+  return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), live);
 }
 
 // exact GELU 0.5 x (1 + erf(x / sqrt 2)), erf by Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7)
@@ -113,19 +115,16 @@ void attend(const float* q, int64_t hd, const TK* k, int64_t ks, const TV* v, in
     scores[j] = s;
     best = std::max(best, s);
   }
+  if (best == -INFINITY) {   // every key masked with -inf: no weights at all, zeros out (as SDPA gives)
+    std::fill(out, out + hd, 0.0f);
+    return;
+  }
   const __m256 m = _mm256_set1_ps(best);
-  __m256 total = _mm256_setzero_ps();
   int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + j), m));
-    _mm256_storeu_ps(scores + j, e);
-    total = _mm256_add_ps(total, e);
-  }
-  float sum = hsum8(total);
-  for (; j < n; ++j) {
-    scores[j] = std::exp(std::max(scores[j] - best, -87.0f));
-    sum += scores[j];
-  }
+  for (; j + 8 <= n; j += 8) _mm256_storeu_ps(scores + j, exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + j), m)));
+  for (; j < n; ++j) scores[j] = scores[j] - best >= -87.0f ? std::exp(scores[j] - best) : 0.0f;
+  // the weights are summed in key order, so keys of weight 0 at the end (padding) leave the result bitwise equal
+  float sum = 0.0f;
   __m256 acc[32];   // hd <= 256
   float rest[8] = {};
   const int64_t nv = hd8 / 8;
@@ -134,6 +133,7 @@ void attend(const float* q, int64_t hd, const TK* k, int64_t ks, const TV* v, in
     const __m256 p = _mm256_set1_ps(scores[j]);
     const TV* vj = v + j * vs;
     prefetch_row(vj, vs, hd);
+    sum += scores[j];
     for (int64_t u = 0; u < nv; ++u) acc[u] = _mm256_fmadd_ps(p, load8(vj + 8 * u), acc[u]);
     for (int64_t d = hd8; d < hd; ++d) rest[d - hd8] += scores[j] * static_cast<float>(vj[d]);
   }
@@ -252,9 +252,11 @@ class FusedDecoder {
 
   int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
 
-  // x (R, D) float32 at position pos -> (R, D) after every layer; writes keys/values at pos into the caches
-  // (each (R, H, max_len, hd)); cross_k/v per layer (R, H, S, hd) and bias (R, S) additive, for text models.
-  torch::Tensor step(torch::Tensor x, int64_t pos, std::vector<torch::Tensor> cache_k,
+  // x (R, D) float32, row r at position positions[r] (one entry: every row) -> (R, D) after every layer.
+  // Writes each row's keys/values at its position into the caches (each (>= R, H, max_len, hd)), and row r
+  // attends to its positions 0..positions[r]; cross_k/v per layer (>= R, H, S, hd) and bias (R, S) additive,
+  // for text models. Rows past R in the caches are left alone (the service's slots).
+  torch::Tensor step(torch::Tensor x, std::vector<int64_t> positions, std::vector<torch::Tensor> cache_k,
                      std::vector<torch::Tensor> cache_v, std::vector<torch::Tensor> cross_k,
                      std::vector<torch::Tensor> cross_v, c10::optional<torch::Tensor> cross_bias) {
     const int64_t L = num_layers();
@@ -265,6 +267,15 @@ class FusedDecoder {
     TORCH_CHECK(!text || (static_cast<int64_t>(cross_k.size()) == L && static_cast<int64_t>(cross_v.size()) == L),
                 "fused decoder: text keys/values for every layer");
     const int64_t R = x.size(0);
+    TORCH_CHECK(positions.size() == 1 || static_cast<int64_t>(positions.size()) == R,
+                "fused decoder: one position, or one per row");
+    std::vector<int64_t> pos(R, positions[0]), seen(R);
+    for (int64_t r = 0; r < R; ++r) {
+      if (positions.size() > 1) pos[r] = positions[r];
+      TORCH_CHECK(pos[r] >= 0, "fused decoder: negative position");
+      seen[r] = pos[r] + 1;
+    }
+    const int64_t last = *std::max_element(pos.begin(), pos.end());
     std::lock_guard<std::mutex> lock(busy_);   // the buffers below are shared: one step at a time per decoder
     torch::Tensor y = x.contiguous().clone();
     torch::Tensor bias;
@@ -280,22 +291,22 @@ class FusedDecoder {
       const Layer& l = layers_[i];
       // self-attention over positions 0..pos
       KV self = view_kv(cache_k[i], cache_v[i]);
-      TORCH_CHECK(cache_k[i].size(0) == R && cache_k[i].size(1) == H_ && cache_k[i].size(3) == hd_ && pos < self.length,
-                  "fused decoder: cache (R, H, max_len, hd) with pos < max_len");
+      TORCH_CHECK(cache_k[i].size(0) >= R && cache_k[i].size(1) == H_ && cache_k[i].size(3) == hd_ && last < self.length,
+                  "fused decoder: caches (R, H, max_len, hd) with every position < max_len");
       norm(xp, R, l.norm1_w, l.norm1_b, h_.data());
       l.qkv(h_.data(), R, big_.data(), scratch_);
       write_kv(self, pos, R);
-      attention(self, pos + 1, big_.data(), 3 * D_, nullptr, scale, R);
+      attention(self, seen, big_.data(), 3 * D_, nullptr, scale, R);
       l.out(att_.data(), R, h_.data(), scratch_);
       add(xp, h_.data(), R * D_);
       if (l.cross) {   // cross-attention to the text
         KV txt = view_kv(cross_k[i], cross_v[i]);
-        TORCH_CHECK(cross_k[i].size(0) == R && cross_k[i].size(1) == H_ && cross_k[i].size(3) == hd_,
+        TORCH_CHECK(cross_k[i].size(0) >= R && cross_k[i].size(1) == H_ && cross_k[i].size(3) == hd_,
                     "fused decoder: text keys/values (R, H, S, hd)");
         TORCH_CHECK(!bias.defined() || bias.size(1) == txt.length, "fused decoder: text bias (R, S)");
         norm(xp, R, l.norm_cross_w, l.norm_cross_b, h_.data());
         l.cross_q(h_.data(), R, big_.data(), scratch_);
-        attention(txt, txt.length, big_.data(), D_, bias.defined() ? bias.data_ptr<float>() : nullptr, scale, R);
+        attention(txt, std::vector<int64_t>(R, txt.length), big_.data(), D_, bias.defined() ? bias.data_ptr<float>() : nullptr, scale, R);
         l.cross_out(att_.data(), R, h_.data(), scratch_);
         add(xp, h_.data(), R * D_);
       }
@@ -344,13 +355,13 @@ class FusedDecoder {
     }
   }
 
-  // keys and values of this step (in the qkv output, (R, 3, H, hd) per row) into the cache at pos
-  void write_kv(const KV& c, int64_t pos, int64_t R) const {
+  // keys and values of this step (in the qkv output, (R, 3, H, hd) per row) into the cache at each row's position
+  void write_kv(const KV& c, const std::vector<int64_t>& pos, int64_t R) const {
     for (int64_t r = 0; r < R; ++r) {
       for (int64_t h = 0; h < H_; ++h) {
         const float* k = big_.data() + r * 3 * D_ + D_ + h * hd_;
         const float* v = k + D_;
-        const int64_t ko = r * c.k_row + h * c.k_head + pos * c.k_pos, vo = r * c.v_row + h * c.v_head + pos * c.v_pos;
+        const int64_t ko = r * c.k_row + h * c.k_head + pos[r] * c.k_pos, vo = r * c.v_row + h * c.v_head + pos[r] * c.v_pos;
         if (c.bf16) {
           auto* kd = static_cast<c10::BFloat16*>(const_cast<void*>(c.k)) + ko;
           auto* vd = static_cast<c10::BFloat16*>(const_cast<void*>(c.v)) + vo;
@@ -363,13 +374,15 @@ class FusedDecoder {
     }
   }
 
-  // every (row, head) query (q at big_ + r * ldq + h * hd) against the first n keys of c -> att_ (R, D)
-  void attention(const KV& c, int64_t n, const float* q, int64_t ldq, const float* bias, float scale, int64_t R) {
+  // every (row, head) query (q at big_ + r * ldq + h * hd) against the first n[r] keys of c -> att_ (R, D);
+  // bias: (R, n[r]) when given (the text, where every row has the same length)
+  void attention(const KV& c, const std::vector<int64_t>& n_rows, const float* q, int64_t ldq, const float* bias,
+                 float scale, int64_t R) {
     at::parallel_for(0, R * H_, 1, [&](int64_t t0, int64_t t1) {
       thread_local std::vector<float> scores;
-      scores.resize(n);
       for (int64_t t = t0; t < t1; ++t) {
-        const int64_t r = t / H_, h = t % H_;
+        const int64_t r = t / H_, h = t % H_, n = n_rows[r];
+        if (static_cast<int64_t>(scores.size()) < n) scores.resize(n);
         const float* qp = q + r * ldq + h * hd_;
         const float* bp = bias ? bias + r * n : nullptr;
         float* out = att_.data() + r * D_ + h * hd_;
