@@ -206,6 +206,16 @@ def quantize_int8(module: nn.Module, dtype: torch.dtype) -> int:
     return count
 
 
+def parameter_count(module: nn.Module) -> int:
+    """Weights of `module` as the float model had them: quantised layers count their in x out weights (and bias),
+    which are buffers rather than parameters."""
+    count = sum(p.numel() for p in module.parameters())
+    for m in module.modules():
+        if isinstance(m, QuantizedLinear):
+            count += m.in_features * m.out_features + (0 if m.bias is None else m.out_features)
+    return count
+
+
 class SkinnyLinear(nn.Linear):
     """nn.Linear that computes few-row float32 products on CPU as W @ x^T where that is the faster kernel.
 

@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .audio import convert_channels, resample, save_audio
 from .batching import Request, Scheduler
 from .jobs import FINISHED, JobStore
+from .quant import parameter_count
 from .sampling import SamplingParams
 from .streaming import MultiChannelDecoder
 
@@ -203,7 +204,7 @@ class Service:
         return {"model": self.model_name, "sample_rate": self.model.sample_rate,
                 "audio_channels": self.model.audio_channels, "codebooks": cfg.lm.num_codebooks,
                 "layers": cfg.lm.num_layers, "dim": cfg.lm.dim,
-                "parameters": sum(p.numel() for p in self.model.parameters()),
+                "parameters": parameter_count(self.model),
                 "max_duration": round(self.max_frames / self.model.frame_rate, 2),
                 "max_batch": self.scheduler.max_batch, "max_queue": self.max_queue,
                 "continuation": True, "melody": self.model.supports_melody, "auth": self.api_key is not None}

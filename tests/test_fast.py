@@ -352,3 +352,13 @@ def test_fused_decoder_from_two_threads(int4_pair):
         together = list(pool.map(lambda a: m.generate_codes(a[1], duration=0.6, seed=a[0]), enumerate(prompts)))
     for a, b in zip(alone, together):
         assert torch.equal(a, b)
+
+
+def test_parameter_count_counts_quantised_weights(model, fast_models, int4_pair):
+    """What /v1/model reports: the same count for a checkpoint whatever its precision."""
+    from musicgen.quant import parameter_count
+
+    full = sum(p.numel() for p in model.parameters())
+    assert parameter_count(model) == full
+    assert parameter_count(fast_models["int8"]) == full
+    assert parameter_count(int4_pair[1]) == sum(p.numel() for p in int4_pair[0].parameters())
