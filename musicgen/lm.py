@@ -10,6 +10,8 @@ they sit in the self-attention cache and code positions count on after them.
 
 Decoding follows gpt-fast: the KV cache is preallocated once per generation (`KVCache`), cross-attention
 keys/values are computed once (`cross_kv`), and a step writes into the cache at `pos` without allocating.
+Quantised models on x86 CPUs run those one-position steps through `fused` (musicgen/fused.py): the same
+layers in one native call, writing the same caches.
 """
 from __future__ import annotations
 
