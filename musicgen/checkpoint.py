@@ -7,9 +7,13 @@ through huggingface_hub and its cache, so HF_HUB_OFFLINE and HF_HOME behave as u
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
+import mmap
 import os
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -130,6 +134,43 @@ def _read_one(f: Path, load_file) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"cannot read weights from {f}: {e}") from e
 
 
+def release(tensor: torch.Tensor) -> None:
+    """Hint the OS to drop `tensor`'s pages from memory once the caller is done with it (Linux MADV_PAGEOUT).
+
+    safetensors maps the checkpoint file, so the float weights that loading reads once (to fuse q/k/v, to
+    quantise, to change precision) stay resident as file pages until the whole mapping goes, which made a
+    quantised load peak near the size of the float checkpoint. Paging them out as they are consumed keeps the
+    peak near the final model. Only a hint: clean file pages are dropped (and read again if ever touched),
+    anonymous memory is at most swapped, nothing changes for the program; where the call is unavailable
+    nothing happens.
+    """
+    libc = _libc()
+    if libc is None or tensor.device.type != "cpu" or tensor.numel() == 0:
+        return
+    page = _PAGE
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    first, last = -(-start // page) * page, end // page * page   # whole pages only
+    if last > first:
+        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_PAGEOUT)
+
+
+_MADV_PAGEOUT = 21   # Linux 5.4+; older kernels answer EINVAL, which is ignored
+_PAGE = mmap.PAGESIZE
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    if sys.platform != "linux":
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
 # -- mapping Hugging Face names onto our modules ---------------------------------------------------------
 _LM_RENAMES = [
     (r"^decoder\.model\.decoder\.embed_tokens\.(\d+)\.", r"lm.embed.\1."),
@@ -193,6 +234,8 @@ def map_hf_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if missing:
             raise CheckpointError(f"checkpoint lacks the {'/'.join(missing)} projection for {target}")
         out[target] = torch.cat([pieces[p] for p in order], dim=0)
+        for piece in pieces.values():
+            release(piece)
     return out
 
 

@@ -12,6 +12,7 @@ stereo (8 interleaved codebooks) and long-form (duration beyond 30 s: windows sl
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -466,7 +467,7 @@ def load(name_or_path: str | os.PathLike = "facebook/musicgen-small", device: st
     # and residual sums are where half precision audibly hurts)
     for part in (model.lm, model.text_encoder, model.text_proj, model.chroma_proj):
         if part is not None:
-            part.to(torch_dtype)
+            part._apply(functools.partial(_convert, dtype=torch_dtype))   # part.to(dtype), releasing as it goes
     if quantize == "int4":   # the LM's layers in 4 bits; its output heads and the text encoder in 8
         quantize_int4(model.lm, torch_dtype, skip=("heads",))
     elif quantize == "int8":
@@ -486,6 +487,16 @@ def load(name_or_path: str | os.PathLike = "facebook/musicgen-small", device: st
     if compile:
         model.compile()
     return model
+
+
+def _convert(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """What Module.to(dtype) does to one tensor, and the original's pages released once copied
+    (checkpoint.release: a float32 checkpoint loaded as bfloat16 then peaks near the bfloat16 model)."""
+    if not tensor.is_floating_point() or tensor.dtype == dtype:
+        return tensor
+    converted = tensor.to(dtype)
+    ckpt.release(tensor)
+    return converted
 
 
 def _dtype(dtype: str | torch.dtype) -> torch.dtype:

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import kernels
+from .checkpoint import release
 from .kernels import int4_gemv, int8_gemv
 
 GEMV_ROWS = 16   # up to this many rows per call the int8 kernel beats widening the weight
@@ -187,6 +188,7 @@ def quantize_int4(module: nn.Module, dtype: torch.dtype, skip: tuple[str, ...] =
             else:
                 setattr(module, name, Int4Linear.from_linear(child, dtype))
                 count += 1
+            release(child.weight)   # the float weight is done with: its file pages may go (checkpoint.release)
         elif name in skip:
             quantize_int8(child, dtype)
         else:
@@ -200,6 +202,7 @@ def quantize_int8(module: nn.Module, dtype: torch.dtype) -> int:
     for name, child in list(module.named_children()):
         if isinstance(child, nn.Linear):
             setattr(module, name, Int8Linear.from_linear(child, dtype))
+            release(child.weight)
             count += 1
         else:
             count += quantize_int8(child, dtype)

@@ -136,3 +136,20 @@ def test_hub_id_served_from_cache(ckpt_dir, tmp_path, monkeypatch):
 def test_bad_dtype(ckpt_dir):
     with pytest.raises(ValueError, match="dtype"):
         musicgen.load(ckpt_dir, dtype="int3")
+
+
+def test_released_pages_keep_their_values(tmp_path):
+    """checkpoint.release only hints the OS to page memory out: file-backed (safetensors) and anonymous tensors
+    read back the same afterwards (an advice that discards pages, like MADV_DONTNEED, would zero them)."""
+    from musicgen.checkpoint import release
+
+    g = torch.Generator().manual_seed(0)
+    weights = {"a": torch.randn(512, 1024, generator=g), "b": torch.randn(3, 5, generator=g)}
+    save_file(weights, tmp_path / "w.safetensors")
+    mapped = load_file(tmp_path / "w.safetensors")
+    anonymous = torch.randn(1024, 1024, generator=g)
+    before = anonymous.clone()
+    for t in (mapped["a"], mapped["b"], anonymous, anonymous[1:, 3:]):
+        release(t)
+    assert torch.equal(mapped["a"], weights["a"]) and torch.equal(mapped["b"], weights["b"])
+    assert torch.equal(anonymous, before)
