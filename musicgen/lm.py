@@ -143,6 +143,19 @@ class MusicLM(nn.Module):
         self.register_buffer("positions", sinusoids(cfg.max_position_embeddings, D), persistent=False)
         self.embed_scale = math.sqrt(D) if cfg.scale_embedding else 1.0
 
+    def __getstate__(self):
+        """Copies and pickles leave out the native decoder (it holds no state of its own) and build their own."""
+        state = self.__dict__.copy()
+        state["_fused"] = state.pop("fused", None) is not None
+        return state
+
+    def __setstate__(self, state):
+        fused_on = state.pop("_fused", False)
+        super().__setstate__(state)
+        if fused_on:
+            from . import fused
+            fused.attach(self)
+
     # -- conditioning -----------------------------------------------------------------------------------
     def cross_kv(self, context: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer cross-attention keys/values for (B, S, C) context: computed once per generation."""

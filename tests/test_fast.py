@@ -362,3 +362,13 @@ def test_parameter_count_counts_quantised_weights(model, fast_models, int4_pair)
     assert parameter_count(model) == full
     assert parameter_count(fast_models["int8"]) == full
     assert parameter_count(int4_pair[1]) == sum(p.numel() for p in int4_pair[0].parameters())
+
+
+def test_copied_quantised_model_has_its_own_fused_decoder(int4_pair):
+    import copy
+
+    _, m = int4_pair
+    twin = copy.deepcopy(m)
+    assert twin.lm.fused is not None and twin.lm.fused is not m.lm.fused
+    codes = [x.generate_codes(PROMPTS, duration=0.4, seed=3) for x in (twin, m)]
+    assert torch.equal(*codes)
