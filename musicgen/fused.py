@@ -39,19 +39,19 @@ class FusedLayers:
 
 
 def _linear(module) -> tuple[str, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    bias = None if module.bias is None else module.bias.float()
-    if isinstance(module, Int4Linear):
-        return "int4", module.weight, module.scales, bias
-    return "int8", module.weight, module.scales.float(), bias
+    """(kind, weight, scales, bias) of a quantised layer, as its kernel takes them."""
+    return ("int4" if isinstance(module, Int4Linear) else "int8", module.weight, *module._kernel_args())
 
 
 def build(lm) -> FusedLayers | None:
     """The fused decoder for `lm`, or None where it does not apply (see the module docstring)."""
-    native_cls = kernels.fused_decoder()
     cfg = lm.cfg
-    if native_cls is None or lm.norm.weight.device.type != "cpu" or lm.norm.weight.dtype != torch.float32:
-        return None
+    if lm.norm.weight.device.type != "cpu" or lm.norm.weight.dtype != torch.float32:
+        return None   # checked before asking for the kernels, which would build them
     if cfg.head_dim > 256 or cfg.dim % 8 or cfg.ffn_dim % 8:
+        return None
+    native_cls = kernels.fused_decoder()
+    if native_cls is None:
         return None
     native = native_cls(cfg.dim, cfg.num_heads, cfg.ffn_dim, cfg.layer_norm_eps, cfg.activation)
     for layer in lm.layers:

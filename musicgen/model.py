@@ -482,7 +482,7 @@ def load(name_or_path: str | os.PathLike = "facebook/musicgen-small", device: st
                 use_skinny_linear(part)
     if quantize == "int4" and device.type == "cpu" and torch_dtype == torch.float32:
         model.cache_dtype = torch.bfloat16
-    if quantize is not None and device.type == "cpu":
+    if quantize is not None:   # attach decides where the fused step applies (CPU, float32, kernels built)
         fused.attach(model.lm)
     if compile:
         model.compile()

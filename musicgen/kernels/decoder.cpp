@@ -28,14 +28,6 @@
 
 namespace {
 
-inline float hsum8(__m256 v) {
-  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
-  lo = _mm_add_ps(lo, hi);
-  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
-  return _mm_cvtss_f32(lo);
-}
-
 // e^x for x <= 88 (Cephes expf: range reduction by ln 2, degree-6 polynomial), exactly 0 below -87 (as a masked
 // attention score must weigh: padded text positions then change nothing)
 inline __m256 exp8(__m256 x) {
@@ -111,7 +103,7 @@ void attend(const float* q, int64_t hd, const TK* k, int64_t ks, const TV* v, in
       a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d + 8), load8(kj + d + 8), a1);
     }
     if (d < hd8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), load8(kj + d), a0);
-    float s = hsum8(_mm256_add_ps(a0, a1));
+    float s = musicgen::hsum(_mm256_add_ps(a0, a1));
     for (d = hd8; d < hd; ++d) s += q[d] * static_cast<float>(kj[d]);
     s = s * scale + (bias ? bias[j] : 0.f);
     scores[j] = s;
@@ -333,14 +325,14 @@ class FusedDecoder {
       float* o = out + r * D_;
       __m256 s = _mm256_setzero_ps();
       for (int64_t d = 0; d < D_; d += 8) s = _mm256_add_ps(s, _mm256_loadu_ps(xr + d));
-      const float mean = hsum8(s) / D_;
+      const float mean = musicgen::hsum(s) / D_;
       const __m256 m = _mm256_set1_ps(mean);
       __m256 v = _mm256_setzero_ps();
       for (int64_t d = 0; d < D_; d += 8) {
         const __m256 c = _mm256_sub_ps(_mm256_loadu_ps(xr + d), m);
         v = _mm256_fmadd_ps(c, c, v);
       }
-      const __m256 inv = _mm256_set1_ps(1.0f / std::sqrt(hsum8(v) / D_ + eps_));
+      const __m256 inv = _mm256_set1_ps(1.0f / std::sqrt(musicgen::hsum(v) / D_ + eps_));
       for (int64_t d = 0; d < D_; d += 8) {
         const __m256 c = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(xr + d), m), inv);
         _mm256_storeu_ps(o + d, _mm256_fmadd_ps(c, _mm256_loadu_ps(wp + d), _mm256_loadu_ps(bp + d)));

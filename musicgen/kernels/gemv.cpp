@@ -24,16 +24,6 @@
 
 namespace {
 
-inline float hsum(__m256 v) {
-  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
-  lo = _mm_add_ps(lo, hi);
-  __m128 sh = _mm_movehdup_ps(lo);
-  __m128 s = _mm_add_ps(lo, sh);
-  sh = _mm_movehl_ps(sh, s);
-  s = _mm_add_ss(s, sh);
-  return _mm_cvtss_f32(s);
-}
-
 // The activation rows in blocks of 4, then 2, then 1: fn(std::integral_constant<int, MB>, first row), so each
 // kernel is instantiated for those block sizes (MB accumulators per weight row).
 template <typename Fn>
@@ -91,7 +81,7 @@ inline void dot_rows(const float* x, int64_t K, const int8_t* w, float scale, fl
   }
   for (int m = 0; m < MB; ++m) {
     __m256 a = _mm256_add_ps(_mm256_add_ps(acc[m][0], acc[m][1]), _mm256_add_ps(acc[m][2], acc[m][3]));
-    float s = hsum(a);
+    float s = musicgen::hsum(a);
     for (int64_t kk = k; kk < K; ++kk) s += static_cast<float>(w[kk]) * x[m * K + kk];
     out[m * ldy] = s * scale + bias;
   }
@@ -183,7 +173,7 @@ inline void dot_rows_q4(const int8_t* xq, const float* xs, const float* xc, int6
       tail[m] += s0 * xc[m * G + g0] + s1 * xc[m * G + g0 + 1];
     }
   }
-  for (int m = 0; m < MB; ++m) out[m * ldy] = hsum(acc[m]) - hsum(corr[m]) - tail[m] + bias;
+  for (int m = 0; m < MB; ++m) out[m * ldy] = musicgen::hsum(acc[m]) - musicgen::hsum(corr[m]) - tail[m] + bias;
 }
 
 // The same product with AVX-512 VNNI (Intel Ice Lake and later, AMD Zen 4 and later): vpdpbusd multiplies
@@ -239,7 +229,7 @@ void dot_rows_q4_vnni(const int8_t* xq, const float* xs, const float* xc, int64_
       tail[m] += s0 * xc[m * G + g0] + s1 * xc[m * G + g0 + 1];
     }
   }
-  for (int m = 0; m < MB; ++m) out[m * ldy] = _mm512_reduce_add_ps(acc[m]) - hsum(corr[m]) - tail[m] + bias;
+  for (int m = 0; m < MB; ++m) out[m * ldy] = _mm512_reduce_add_ps(acc[m]) - musicgen::hsum(corr[m]) - tail[m] + bias;
 }
 
 // One group of 32 activations -> int8 codes round(v * 127 / max|v|) (nearest even, as the default rounding

@@ -2,12 +2,24 @@
 // int4_gemv) and the fused decoder (decoder.cpp) both call these. Output channels are split across threads.
 #pragma once
 
+#include <immintrin.h>
 #include <torch/extension.h>
 
 #include <cstdint>
 #include <vector>
 
 namespace musicgen {
+
+// sum of the 8 lanes
+inline float hsum(__m256 v) {
+  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+  lo = _mm_add_ps(lo, hi);
+  __m128 sh = _mm_movehdup_ps(lo);
+  __m128 s = _mm_add_ps(lo, sh);
+  sh = _mm_movehl_ps(sh, s);
+  s = _mm_add_ss(s, sh);
+  return _mm_cvtss_f32(s);
+}
 
 // y (M, N) = x (M, K) . q (N, K)^T * scale[n] + bias[n]; bias may be nullptr
 void int8_gemv_raw(const float* x, int64_t M, int64_t K, const int8_t* q, const float* scale, const float* bias,
