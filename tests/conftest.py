@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -117,6 +118,19 @@ def save_checkpoint(model, folder: Path, spm_model: Path, old_weight_norm: bool 
 @pytest.fixture(scope="session")
 def spm_model(tmp_path_factory) -> Path:
     return train_spm(tmp_path_factory.mktemp("spm"))
+
+
+def kernel_or_skip(name: str):
+    """musicgen.kernels.<name>() (int8_gemv, int4_gemv, fused_decoder); skips where the CPU kernels cannot be
+    built here, and fails instead under MUSICGEN_REQUIRE_KERNEL=1 (CI)."""
+    from musicgen import kernels
+
+    kernel = getattr(kernels, name)()
+    if kernel is None:
+        if os.environ.get("MUSICGEN_REQUIRE_KERNEL") == "1":
+            pytest.fail(f"the {name} CPU kernel did not build (MUSICGEN_REQUIRE_KERNEL=1)")
+        pytest.skip(f"no AVX2/FMA/F16C CPU or C++ compiler: {name} is not built here")
+    return kernel
 
 
 @pytest.fixture(scope="session")

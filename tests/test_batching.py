@@ -2,11 +2,10 @@
 joins; steps are shared; cancelled requests leave at the next step boundary."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
+from conftest import kernel_or_skip
 from musicgen.batching import Request, Scheduler
 from musicgen.sampling import SamplingParams, sample, sample_rows
 
@@ -46,11 +45,9 @@ def int8_model(ckpt_dir):
     """Quantised on CPU: decoding steps go through the fused native decoder, with a position per row here."""
     import musicgen
 
+    kernel_or_skip("fused_decoder")
     m = musicgen.load(ckpt_dir, quantize="int8")
-    if m.lm.fused is None:
-        if os.environ.get("MUSICGEN_REQUIRE_KERNEL") == "1":
-            pytest.fail("the CPU kernels did not build (MUSICGEN_REQUIRE_KERNEL=1)")
-        pytest.skip("no CPU kernels here (AVX2/FMA/F16C and a C++ compiler)")
+    assert m.lm.fused is not None
     return m
 
 

@@ -1,12 +1,11 @@
 """Fast paths measured against the exact float32 path: bfloat16, int8 and int4 weight-only, compiled step."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 import musicgen
+from conftest import kernel_or_skip
 from musicgen.quant import (Int4Linear, Int8Linear, dequantize_int4_weight, quantize_int4_weight,
                             quantize_per_channel)
 
@@ -77,13 +76,7 @@ def test_int8_linear_equals_dequantised_matmul():
 @pytest.mark.parametrize("M,N,K,bias", [(1, 7, 5, True), (2, 64, 100, False), (3, 33, 64, True),
                                         (5, 130, 1030, True), (8, 96, 4096, False), (16, 40, 6000, True)])
 def test_int8_kernel_equals_dequantised_matmul(M, N, K, bias):
-    from musicgen.kernels import int8_gemv
-
-    kernel = int8_gemv()
-    if kernel is None:
-        if os.environ.get("MUSICGEN_REQUIRE_KERNEL") == "1":
-            pytest.fail("the int8 CPU kernel did not build (MUSICGEN_REQUIRE_KERNEL=1)")
-        pytest.skip("no AVX2/FMA CPU or C++ compiler: the int8 kernel is not built here")
+    kernel = kernel_or_skip("int8_gemv")
     g = torch.Generator().manual_seed(M * N + K)
     x = torch.randn(M, K, generator=g)
     q = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g)
@@ -143,17 +136,6 @@ def test_cuda_fast_paths_agree_with_cpu_float32(ckpt_dir, model, kw):
 
 
 # -- int4 ------------------------------------------------------------------------------------------------
-def _kernel_or_skip(name):
-    from musicgen import kernels
-
-    kernel = getattr(kernels, name)()
-    if kernel is None:
-        if os.environ.get("MUSICGEN_REQUIRE_KERNEL") == "1":
-            pytest.fail(f"the {name} CPU kernel did not build (MUSICGEN_REQUIRE_KERNEL=1)")
-        pytest.skip(f"no AVX2/FMA/F16C CPU or C++ compiler: {name} is not built here")
-    return kernel
-
-
 def test_int4_weight_round_trip():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(40, 192, generator=g) * torch.rand(40, 1, generator=g)   # rows of different ranges
@@ -177,7 +159,7 @@ def test_int4_weight_round_trip():
 def test_int4_kernel_equals_quantised_reference(monkeypatch, M, N, K, bias, avx512):
     """The kernel computes exactly (to float rounding) dequant(W) @ quant8(x): int8 activations per group of 32.
     Both code paths: AVX-512 VNNI where the CPU has it, and AVX2 (MUSICGEN_NO_AVX512=1)."""
-    kernel = _kernel_or_skip("int4_gemv")
+    kernel = kernel_or_skip("int4_gemv")
     monkeypatch.setenv("MUSICGEN_NO_AVX512", "0" if avx512 else "1")
     g = torch.Generator().manual_seed(M * N + K)
     x = torch.randn(M, K, generator=g) * 3
@@ -196,7 +178,7 @@ def test_int4_linear_kernel_and_fallback_agree(monkeypatch):
     activation rounding; both stay near the float layer they came from."""
     import musicgen.quant as quant
 
-    _kernel_or_skip("int4_gemv")
+    kernel_or_skip("int4_gemv")
     torch.manual_seed(0)
     lin = torch.nn.Linear(512, 96)
     m = Int4Linear.from_linear(lin, torch.float32)
@@ -248,7 +230,7 @@ def test_int4_logits_within_tolerance_and_generation_well_formed(int4_pair):
 @pytest.mark.parametrize("quantize", ["int8", "int4"])
 def test_compiled_quantised_step_equals_eager(tmp_path_factory, int4_pair, quantize):
     """A compiled step keeps the CPU kernels (registered as custom ops) and gives the eager codes."""
-    _kernel_or_skip("int8_gemv")
+    kernel_or_skip("int8_gemv")
     folder = next(tmp_path_factory.getbasetemp().glob("tiny64*"))   # the checkpoint int4_pair wrote
     eager = musicgen.load(folder, quantize=quantize)
     compiled = musicgen.load(folder, quantize=quantize).compile(backend="aot_eager")
@@ -303,7 +285,7 @@ def _step_logits(m, fused: bool, cache_dtype, steps: int = 12) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def int8_models(ckpt_dir, melody_ckpt_dir):
-    _kernel_or_skip("int8_gemv")
+    kernel_or_skip("int8_gemv")
     return {"text": musicgen.load(ckpt_dir, quantize="int8"), "melody": musicgen.load(melody_ckpt_dir, quantize="int8")}
 
 
@@ -336,7 +318,7 @@ def test_fused_decoder_int4(int4_pair):
 
 
 def test_fused_decoder_can_be_turned_off(monkeypatch, ckpt_dir):
-    _kernel_or_skip("int8_gemv")
+    kernel_or_skip("int8_gemv")
     monkeypatch.setenv("MUSICGEN_FUSED", "0")
     assert musicgen.load(ckpt_dir, quantize="int8").lm.fused is None
 
