@@ -27,6 +27,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from . import codec_fast
 from .delay import build_pattern, codebook_delays
 from .model import MAX_DURATION
 
@@ -70,6 +71,8 @@ class StreamingDecoder:
         return available if final else max(0, available - self.margin)
 
     def _run_c(self, x: torch.Tensor) -> torch.Tensor:
+        if codec_fast.enabled(x) and codec_fast.split(self.codec.decoder) == 2:
+            return codec_fast.run(self.stage_c, x.transpose(1, 2).contiguous()).transpose(1, 2)
         for layer in self.stage_c:
             x = layer(x)
         return x

@@ -1,0 +1,297 @@
+"""The EnCodec decoder's upsampling stack on CPU as matrix products over time tiles.
+
+`codec.Decoder` is latent -> conv -> LSTM -> stage C, where stage C is (ELU, ConvTranspose, ResBlock) per
+scale, then ELU and a last conv. Run through torch's convolutions, stage C is most of a decode (about 0.9 s of
+1.25 s for 10 s of audio on two cores), and little of that is arithmetic: at the high rates the tensors are
+tens of MB each (64 channels x 320 000 samples), every layer allocates fresh pages for its output, pads by
+copying, and the convolutions run at 20-60 GFLOP/s.
+
+Here stage C works channels-last, (B, T, C), where every convolution is a few dense matrix products:
+  - a stride-1 convolution of kernel k and dilation d is the sum over taps j of x[j*d : j*d + T] @ W_j, each
+    operand a contiguous block of rows of the padded input (no im2col copy);
+  - a transposed convolution of stride s is one product x @ W (T, k * cout) followed by an overlap-add of
+    the k taps into the output, which is (T + ceil(k/s) - 1, s, cout) viewed as rows.
+and the frames go through it in windows of about `WINDOW` frames, each with `context_frames` frames of
+real context on either side that are computed and dropped, so the working set stays in cache and the
+allocator reuses its memory. A window's kept middle only depends on frames that the window holds, so the
+result is the whole-signal one up to float rounding (the sums run in another order;
+tests/test_codec_fast.py compares it with the layer-by-layer modules).
+
+The encoder's downsampling stack (before its LSTM) runs the same way: a convolution of stride s reads every
+s-th row of the padded input, which BLAS takes as a matrix with a longer row stride, again without a copy;
+windows start and end on frame edges, so every layer pads a window as it pads the whole signal.
+
+Used by `Decoder.forward` and `Encoder.forward` on CPU float32 without autograd; `MUSICGEN_FAST_CODEC=0`
+turns it off.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+WINDOW = 100   # frames per window at batch 1 (about 2 s of audio); measured best on two cores among 25..500
+
+
+def enabled(x: torch.Tensor) -> bool:
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+            and os.environ.get("MUSICGEN_FAST_CODEC", "1") != "0")
+
+
+def split(stack) -> int:
+    """Where the convolutions of a SEANet stack meet its LSTM: for the decoder, the index of the first layer
+    after the LSTM block; for the encoder, the index of the LSTM block. -1 when the convolutional part holds a
+    layer this module has no form for."""
+    from .codec import Conv, ConvTranspose, Decoder, LSTMBlock, ResBlock
+    layers = list(stack.layers)
+    lstm = [i for i, layer in enumerate(layers) if isinstance(layer, LSTMBlock)]
+    if isinstance(stack, Decoder):
+        start = lstm[-1] + 1 if lstm else 0
+        part, strided = layers[start:], False
+    else:
+        start = lstm[0] if lstm else len(layers)
+        part, strided = layers[:start], True
+    for layer in part:
+        if not isinstance(layer, (nn.ELU, Conv, ConvTranspose, ResBlock)):
+            return -1
+        if isinstance(layer, Conv) and layer.stride != 1 and not strided:
+            return -1
+        if isinstance(layer, ConvTranspose) and strided:
+            return -1
+    return start
+
+
+def context_frames(layers, units_per_frame: int) -> int:
+    """Frames either side of an output frame's span that its outputs can depend on (rounded up, plus one).
+
+    `units_per_frame` is the output's rate: samples per frame for the decoder's upsampling stack, 1 for the
+    encoder's downsampling stack."""
+    from .codec import Conv, ConvTranspose, ResBlock
+    left = right = 0          # context in units of the current layer's output, walking from the last layer
+    rate = units_per_frame    # units per frame at that point
+
+    def conv(layer, lr):
+        l, r = lr
+        pl, _ = _conv_padding(layer, 0)
+        return l * layer.stride + pl, r * layer.stride + layer.effective_kernel - 1 - pl
+
+    def through(layer, lr):
+        if isinstance(layer, Conv):
+            return conv(layer, lr)
+        if isinstance(layer, ResBlock):
+            a = lr
+            for sub in reversed(list(layer.block)):
+                a = through(sub, a)
+            b = through(layer.shortcut, lr)
+            return max(a[0], b[0]), max(a[1], b[1])
+        return lr
+
+    for layer in reversed(list(layers)):
+        if isinstance(layer, ConvTranspose):
+            k, s = layer.conv.kernel_size[0], layer.conv.stride[0]
+            left, right = math.ceil((left + k) / s), math.ceil((right + k) / s)
+            rate //= s
+        else:
+            if isinstance(layer, Conv):
+                rate *= layer.stride
+            left, right = through(layer, (left, right))
+    return math.ceil(max(left, right) / max(rate, 1)) + 1
+
+
+def _conv_padding(conv, length: int) -> tuple[int, int]:
+    extra = -length % conv.stride
+    if conv.causal:
+        return conv.padding_total, extra
+    right = conv.padding_total // 2
+    return conv.padding_total - right, right + extra
+
+
+def _pad(x: torch.Tensor, left: int, right: int, mode: str) -> torch.Tensor:
+    """Channels-last `codec._pad1d` along time (dim 1)."""
+    if not (left or right):
+        return x
+    T = x.shape[1]
+    if mode == "reflect" and T > max(left, right):
+        return torch.cat([x[:, 1:left + 1].flip(1), x, x[:, T - 1 - right:T - 1].flip(1)], dim=1)
+    from .codec import _pad1d
+    return _pad1d(x.transpose(1, 2), left, right, mode).transpose(1, 2).contiguous()
+
+
+class _Weights:
+    """Matrices of one convolution, made once per weight version."""
+
+    def __init__(self, layer):
+        from .codec import ConvTranspose
+        w, self.bias = layer.conv.weight, layer.conv.bias
+        self.key = (w.data_ptr(), w._version, None if self.bias is None else self.bias._version)
+        if isinstance(layer, ConvTranspose):
+            cin, cout, k = w.shape
+            self.k, self.s, self.cout = k, layer.conv.stride[0], cout
+            self.mat = w.detach().permute(0, 2, 1).reshape(cin, k * cout).contiguous()   # (cin, k * cout)
+            if self.bias is not None:
+                # the bias rides on tap block 0, which reaches every output row but the last ceil(k/s) - 1
+                first = torch.zeros(k, cout, dtype=w.dtype)
+                first[:min(self.s, k)] = self.bias.detach()
+                self.bias_taps = first.reshape(-1)
+        else:
+            self.taps = [w.detach()[:, :, j].t().contiguous() for j in range(w.shape[2])]   # (cin, cout) each
+            self.d = layer.conv.dilation[0]
+
+
+def _weights(layer) -> _Weights:
+    cached = layer.__dict__.get("_cl_weights")
+    w, b = layer.conv.weight, layer.conv.bias
+    key = (w.data_ptr(), w._version, None if b is None else b._version)
+    if cached is None or cached.key != key:
+        cached = _Weights(layer)
+        layer.__dict__["_cl_weights"] = cached
+    return cached
+
+
+def _conv(layer, x: torch.Tensor) -> torch.Tensor:
+    """`codec.Conv` on (B, T, cin) -> (B, T_out, cout)."""
+    wts = _weights(layer)
+    left, right = _conv_padding(layer, x.shape[1])
+    xp = _pad(x, left, right, layer.pad_mode)
+    B, Tp, cin = xp.shape
+    k, d, s = len(wts.taps), wts.d, layer.stride
+    T = (Tp - (k - 1) * d - 1) // s + 1
+    if B > 1 and Tp % s:     # whole strides per batch row, so one row stride walks every batch
+        xp = torch.cat([xp, xp.new_zeros(B, s - Tp % s, cin)], dim=1)
+        Tp = xp.shape[1]
+    xp = xp.contiguous()
+    # output row r of the flattened batch reads input rows r*s + j*d; rows across a batch seam are dropped
+    rows = (B * Tp - 1 - (k - 1) * d) // s + 1
+    flat = xp.view(B * Tp, cin)
+    out = torch.empty(B * Tp // s if B > 1 else rows, wts.taps[0].shape[1], dtype=x.dtype)
+    head = out[:rows]
+    span = (rows - 1) * s + 1
+    if wts.bias is not None:
+        torch.addmm(wts.bias, flat[:span:s], wts.taps[0], out=head)
+    else:
+        torch.mm(flat[:span:s], wts.taps[0], out=head)
+    for j in range(1, k):
+        head.addmm_(flat[j * d:j * d + span:s], wts.taps[j])
+    return out.view(B, -1, out.shape[-1])[:, :T]
+
+
+def _conv_transpose(layer, x: torch.Tensor) -> torch.Tensor:
+    """`codec.ConvTranspose` on (B, T, cin) -> (B, T * s - trim, cout)."""
+    wts = _weights(layer)
+    B, T, cin = x.shape
+    k, s, cout = wts.k, wts.s, wts.cout
+    flat = x.reshape(B * T, cin)
+    if wts.bias is not None:
+        taps = torch.addmm(wts.bias_taps, flat, wts.mat)
+    else:
+        taps = flat @ wts.mat
+    taps = taps.view(B, T, k, cout)
+    blocks = -(-k // s)
+    out = torch.empty(B, T + blocks - 1, s, cout, dtype=x.dtype)
+    first = min(s, k)
+    out[:, :T, :first] = taps[:, :, :first]
+    if first < s:            # taps shorter than the stride leave gaps that only the bias fills
+        out[:, :T, first:] = 0 if wts.bias is None else wts.bias
+    if blocks > 1:
+        out[:, T:] = 0 if wts.bias is None else wts.bias
+    for q in range(1, blocks):
+        width = min(s, k - q * s)
+        out[:, q:q + T, :width] += taps[:, :, q * s:q * s + width]
+    out = out.view(B, -1, cout)[:, :(T - 1) * s + k]
+    left, right = layer.trim
+    return out[:, left:out.shape[1] - right]
+
+
+def _layer(layer, x: torch.Tensor, owned: bool) -> torch.Tensor:
+    from .codec import Conv, ConvTranspose, ResBlock
+    if isinstance(layer, nn.ELU):
+        return F.elu_(x, layer.alpha) if owned and x.is_contiguous() else F.elu(x, layer.alpha)
+    if isinstance(layer, Conv):
+        return _conv(layer, x)
+    if isinstance(layer, ConvTranspose):
+        return _conv_transpose(layer, x)
+    if isinstance(layer, ResBlock):
+        y, mine = x, False
+        for sub in layer.block:
+            y, mine = _layer(sub, y, mine), True
+        short = _conv(layer.shortcut, x) if isinstance(layer.shortcut, Conv) else x
+        return y.add_(short) if y.is_contiguous() else y + short
+    raise TypeError(f"no channels-last form for {type(layer).__name__}")
+
+
+def run(layers, x: torch.Tensor) -> torch.Tensor:
+    """Stage C on a channels-last window (B, T, C) -> (B, T * hop, channels); x is not modified."""
+    owned = False
+    for layer in layers:
+        x, owned = _layer(layer, x, owned), True
+    return x
+
+
+def decode(decoder, x: torch.Tensor) -> torch.Tensor:
+    """`decoder(x)` for latent x (B, D, frames) -> audio (B, channels, frames * hop), stage C windowed."""
+    start = split(decoder)
+    layers = list(decoder.layers)
+    for layer in layers[:start]:
+        x = layer(x)
+    stage = layers[start:]
+    hop = math.prod(layer.conv.stride[0] for layer in stage if hasattr(layer, "trim"))
+    margin = decoder.__dict__.get("_cl_margin")
+    if margin is None:
+        margin = decoder.__dict__["_cl_margin"] = context_frames(stage, hop)
+    h = x.transpose(1, 2).contiguous()                 # (B, frames, C)
+    B, frames, _ = h.shape
+    if frames == 0:
+        return reference(stage, x)
+    window = max(8, WINDOW // B)
+    pieces = []
+    for begin in range(0, frames, window):
+        end = min(frames, begin + window)
+        lo, hi = max(0, begin - margin), min(frames, end + margin)
+        y = run(stage, h[:, lo:hi])
+        pieces.append(y[:, (begin - lo) * hop:(end - lo) * hop])
+    return torch.cat(pieces, dim=1).transpose(1, 2).contiguous()
+
+
+def encode(encoder, audio: torch.Tensor) -> torch.Tensor:
+    """`encoder(audio)` for audio (B, channels, samples) -> latent (B, D, ceil(samples / hop)), the
+    downsampling convolutions windowed."""
+    start = split(encoder)
+    layers = list(encoder.layers)
+    stage = layers[:start]
+    hop = math.prod(layer.stride for layer in stage if hasattr(layer, "stride"))
+    margin = encoder.__dict__.get("_cl_margin")
+    if margin is None:
+        margin = encoder.__dict__["_cl_margin"] = context_frames(stage, 1)
+    samples = audio.shape[-1]
+    frames = -(-samples // hop)
+    x = audio.transpose(1, 2).contiguous()             # (B, samples, channels)
+    B = x.shape[0]
+    if frames == 0:
+        x = reference(stage, audio)
+    else:
+        window = max(8, WINDOW // B)
+        pieces = []
+        for begin in range(0, frames, window):
+            end = min(frames, begin + window)
+            lo, hi = max(0, begin - margin), min(frames, end + margin)
+            # windows start and end on frame edges, so each layer pads them as it pads the whole signal
+            y = run(stage, x[:, lo * hop:min(samples, hi * hop)])
+            pieces.append(y[:, begin - lo:end - lo])
+        x = torch.cat(pieces, dim=1).transpose(1, 2).contiguous()
+    for layer in layers[start:]:
+        x = layer(x)
+    return x
+
+
+def reference(layers, x: torch.Tensor) -> torch.Tensor:
+    for layer in layers:
+        x = layer(x)
+    return x
+
+
+def decoder_reference(decoder, x: torch.Tensor) -> torch.Tensor:
+    """The upsampling stack (after the LSTM) of `decoder` through its modules."""
+    return reference(list(decoder.layers)[split(decoder):], x)
