@@ -124,7 +124,10 @@ class MusicGen(nn.Module):
         codes = codes.to(self.codec_device)
         if self.audio_channels == 1:
             return self.codec.decode(codes)
-        return torch.cat([self.codec.decode(codes[:, 0::2]), self.codec.decode(codes[:, 1::2])], dim=1)
+        # both channels in one batch: the codec's LSTM reads its weights once a step for all rows
+        B = codes.shape[0]
+        audio = self.codec.decode(torch.cat([codes[:, 0::2], codes[:, 1::2]], dim=0))
+        return torch.cat([audio[:B], audio[B:]], dim=1)
 
     @property
     def codec_device(self) -> torch.device:
