@@ -5,7 +5,8 @@ of bfloat16 and quarter those of float32. Each output channel gets its own scale
 activations stay in the model's floating dtype. On x86 CPUs the decoding steps (a few rows) go to our AVX2
 kernel (musicgen/kernels, float32 activations, built on first use); failing that, with bfloat16 activations,
 to PyTorch's fused `aten._weight_int8pack_mm`; everywhere else (prefill, GPU) the weight is widened on the
-fly (which torch.compile fuses on CUDA).
+fly (which torch.compile fuses on CUDA). Prefill on a CPU that multiplies bfloat16 fast (AMX) widens to
+bfloat16 and runs the product there (`_prefill_in_bf16`).
 """
 from __future__ import annotations
 
@@ -102,6 +103,9 @@ class Int8Linear(QuantizedLinear):
     def _fallback(self, x2: torch.Tensor) -> torch.Tensor:
         if x2.device.type == "cpu" and x2.dtype == torch.bfloat16 and self.scales.dtype == torch.bfloat16:
             y = torch._weight_int8pack_mm(x2.contiguous(), self.weight, self.scales)
+        elif _prefill_in_bf16(x2):
+            # int8 codes are exact in bfloat16; the activations and the product's output are rounded to it
+            y = F.linear(x2.to(torch.bfloat16), self.weight.to(torch.bfloat16)).float() * self.scales.float()
         else:
             y = F.linear(x2, self.weight.to(x2.dtype)) * self.scales.to(x2.dtype)
         if self.bias is not None:
@@ -148,7 +152,8 @@ class Int4Linear(QuantizedLinear):
 
     On x86 CPUs a few rows at a time (decoding) go to our kernel, which also quantises the activations to
     int8 per group of 32 so the group products run in integers (llama.cpp's Q4_0 x Q8_0 scheme); elsewhere
-    (prefill, GPU, no kernel) the weight is dequantised on the fly and activations stay as they are.
+    (prefill, GPU, no kernel) the weight is dequantised on the fly (natively on x86) and the product runs in
+    the activations' dtype, or in bfloat16 for prefill where `_prefill_in_bf16` says so.
     """
 
     kernel_name = "int4_gemv"
@@ -171,7 +176,14 @@ class Int4Linear(QuantizedLinear):
         return self.scales, None if self.bias is None else self.bias.float()
 
     def _fallback(self, x2: torch.Tensor) -> torch.Tensor:
-        return F.linear(x2, self.dequantized().to(x2.dtype), None if self.bias is None else self.bias.to(x2.dtype))
+        bias = None if self.bias is None else self.bias.to(x2.dtype)
+        dequant = kernels.int4_dequant() if x2.device.type == "cpu" else None
+        if dequant is None:
+            return F.linear(x2, self.dequantized().to(x2.dtype), bias)
+        if _prefill_in_bf16(x2):
+            y = F.linear(x2.to(torch.bfloat16), dequant(self.weight, self.scales, True)).float()
+            return y if bias is None else y + bias
+        return F.linear(x2, dequant(self.weight, self.scales, x2.dtype == torch.bfloat16).to(x2.dtype), bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 groups of {INT4_GROUP}"
@@ -217,6 +229,48 @@ def parameter_count(module: nn.Module) -> int:
         if isinstance(m, QuantizedLinear):
             count += m.in_features * m.out_features + (0 if m.bias is None else m.out_features)
     return count
+
+
+_BF16_PREFILL: bool | None = None
+
+
+def _prefill_in_bf16(x2: torch.Tensor) -> bool:
+    """Whether a quantised layer's many-row float32 product (prefill: a continuation's prompt, a melody prefix,
+    long-form context) runs as a bfloat16 matrix product. Quantised modes are approximations of float32
+    already: rounding the activations and the output to bfloat16 adds far less error than the 4- or 8-bit
+    weights (tests/test_fast.py holds both paths to the same tolerance). Where the CPU multiplies bfloat16
+    fast (AMX, AVX-512 BF16) that is several times the float32 rate; elsewhere it is slower, so
+    `bf16_gemm_wins()` times both once per process. MUSICGEN_PREFILL_BF16=1/0 forces the choice."""
+    global _BF16_PREFILL
+    if x2.device.type != "cpu" or x2.dtype != torch.float32 or x2.shape[0] <= GEMV_ROWS:
+        return False
+    if _BF16_PREFILL is None:
+        forced = os.environ.get("MUSICGEN_PREFILL_BF16", "")
+        _BF16_PREFILL = forced == "1" if forced in ("0", "1") else bf16_gemm_wins()
+    return _BF16_PREFILL
+
+
+def bf16_gemm_wins() -> bool:
+    """Whether this CPU multiplies 256-row bfloat16 matrices at least twice as fast as float32 ones (about
+    0.05 s to find out)."""
+    import time
+
+    with torch.inference_mode():
+        x, w = torch.full((256, 1024), 0.5), torch.full((2048, 1024), 0.01)
+        xb, wb = x.bfloat16(), w.bfloat16()
+
+        def best(fn) -> float:
+            fn()
+            times = []
+            for _ in range(3):
+                start = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - start)
+            return min(times)
+
+        f32 = best(lambda: F.linear(x, w))
+        bf16 = best(lambda: F.linear(x.to(torch.bfloat16), wb).float())
+    return 2 * bf16 < f32
 
 
 class SkinnyLinear(nn.Linear):

@@ -193,6 +193,46 @@ def test_int4_linear_kernel_and_fallback_agree(monkeypatch):
     assert 0 < rel < 0.15
 
 
+@pytest.mark.parametrize("N,K", [(1, 64), (7, 128), (33, 320), (96, 4096)])
+def test_int4_dequant_kernel_is_bitwise_the_reference(N, K):
+    """The native dequantisation (prefill's weights) gives exactly what the Python reference gives, in float32
+    and rounded to bfloat16."""
+    import musicgen.kernels as kernels
+
+    kernel_or_skip("int4_gemv")
+    g = torch.Generator().manual_seed(N + K)
+    packed, scales = quantize_int4_weight(torch.randn(N, K, generator=g) * torch.rand(N, 1, generator=g) * 10)
+    ref = dequantize_int4_weight(packed, scales)
+    assert torch.equal(kernels.int4_dequant()(packed, scales, False), ref)
+    assert torch.equal(kernels.int4_dequant()(packed, scales, True), ref.bfloat16())
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_quantised_prefill_in_either_precision(monkeypatch, model, fast_models, int4_pair, bf16):
+    """Many-row products of quantised layers (prefill) run as bfloat16 products where the CPU makes those fast
+    (quant.bf16_gemm_wins), else in float32: both within the mode's tolerance of float32, and the choice is
+    really made (the two differ, slightly)."""
+    import musicgen.quant as quant
+
+    monkeypatch.setattr(quant, "_BF16_PREFILL", bf16)
+    for mode, (m, ref) in {"int8": (fast_models["int8"], model), "int4": (int4_pair[1], int4_pair[0])}.items():
+        err = relative_error(m, ref)                       # 2 prompts x 20 positions: 40 rows per product
+        print(f"{mode} prefill in {'bfloat16' if bf16 else 'float32'}: max |logit error| / std = {err:.4f}")
+        assert err < TOLERANCE[mode]
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(512, 96)
+    x = torch.randn(40, 512)
+    for cls in (Int8Linear, Int4Linear):
+        layer = cls.from_linear(lin, torch.float32)
+        with torch.inference_mode():
+            y = layer(x)
+            monkeypatch.setattr(quant, "_BF16_PREFILL", not bf16)
+            other = layer(x)
+            monkeypatch.setattr(quant, "_BF16_PREFILL", bf16)
+        gap = ((y - other).abs().max() / other.std()).item()
+        assert 0 < gap < 0.02                              # bfloat16 rounding of activations and output
+
+
 @pytest.fixture(scope="module")
 def int4_pair(tmp_path_factory, spm_model):
     """A tiny checkpoint whose LM width (64) fits the int4 layout, loaded in float32 and in int4."""
