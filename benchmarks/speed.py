@@ -3,6 +3,7 @@
     python benchmarks/speed.py                                   # CPU: small and medium, batch 1 and 4
     python benchmarks/speed.py --sizes small --batches 1 --seconds 5
     python benchmarks/speed.py --device cuda --sizes medium --modes float32,bfloat16,bfloat16+compile
+    python benchmarks/speed.py --codec --batches 1,2 --seconds 10    # EnCodec encode / decode alone
 
 Speed does not depend on weight values, so checkpoints are built once with transformers (random weights, the
 published config values of facebook/musicgen-{small,medium,large}) into --cache and reused. Every row runs in
@@ -10,9 +11,11 @@ its own process (clean peak memory). Guidance 3.0, top-k 250 throughout.
 
 Columns: decoding steps/s (LM steps only: ours = positions / (generate_codes - text encoding); transformers =
 rate of decoder forward calls inside generate()), the LM weight bytes one step reads times steps/s (the memory
-traffic decoding achieves, to hold against the machine's bandwidth), time to first audio (the first streamed chunk where `model.stream`
-exists, otherwise the whole request), whole request for --seconds of audio (text -> audio), peak memory
-(CPU: max RSS; CUDA: max allocated), and the ratio of steps/s to transformers float32 at the same size/batch.
+traffic decoding achieves, to hold against the machine's bandwidth), time to first audio (the first streamed
+chunk where `model.stream` exists, otherwise the whole request), whole request for --seconds of audio (text ->
+audio), the text encoder and the codec decode timed on their own (transformers: its text encoder and
+audio_encoder.decode on codes of the same length; its request includes both), peak memory (CPU: max RSS;
+CUDA: max allocated), and the ratio of steps/s to transformers float32 at the same size/batch.
 """
 from __future__ import annotations
 
@@ -154,8 +157,24 @@ def measure_transformers(folder: Path, mode: str, batch: int, seconds: float, de
     sync(device)
     request_s = time.perf_counter() - t0
     rate = (len(times) - 1) / (times[-1] - times[0])
-    return dict(steps_per_s=rate, first_audio_s=request_s, request_s=request_s, decode_s=float("nan"),
-                text_s=float("nan"), peak_mb=peak_memory_mb(device),
+    # its text encoder and codec decode on their own (generate() runs both inside the request above)
+    inputs = tok(prompts, padding=True, return_tensors="pt").to(device)
+    codes = torch.randint(0, model.config.audio_encoder.codebook_size, (1, batch, K, round(seconds * 50)),
+                          device=device)
+    with torch.no_grad():
+        sync(device)
+        t0 = time.perf_counter()
+        model.text_encoder(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask)
+        sync(device)
+        text_s = time.perf_counter() - t0
+        model.audio_encoder.decode(codes[..., :10], [None])                 # warm-up
+        sync(device)
+        t0 = time.perf_counter()
+        model.audio_encoder.decode(codes, [None])
+        sync(device)
+        decode_s = time.perf_counter() - t0
+    return dict(steps_per_s=rate, first_audio_s=request_s, request_s=request_s, decode_s=decode_s,
+                text_s=text_s, peak_mb=peak_memory_mb(device),
                 weight_bytes=step_bytes(model.decoder.state_dict()))
 
 
@@ -190,6 +209,8 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=10.0, help="audio per request")
     p.add_argument("--device", default="cpu")
     p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "musicgen-bench")
+    p.add_argument("--codec", action="store_true", help="only the codec: encode and decode, ours and "
+                   "transformers', per --batches")
     p.add_argument("--build", help=argparse.SUPPRESS)
     p.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -202,6 +223,9 @@ def main() -> None:
         print(json.dumps(fn(args.cache / size, mode, int(batch), args.seconds, args.device)))
         return
 
+    if args.codec:
+        codec_table(args)
+        return
     cuda = args.device.startswith("cuda")
     modes = (args.modes or ("float32,bfloat16,bfloat16+compile,int8+compile" if cuda else
                             "float32,bfloat16,int8,int4")).split(",")
@@ -248,7 +272,49 @@ def cpu_name() -> str:
 
 
 def _s(value: float) -> str:
-    return "-" if value != value else f"{value:.2f}"   # NaN: not separable in transformers' generate()
+    return "-" if value != value else f"{value:.2f}"
+
+
+# -- the codec alone -------------------------------------------------------------------------------------
+def codec_table(args) -> None:
+    """EnCodec encode and decode of --seconds of audio per row: ours (codec_fast), ours through the layer
+    modules (MUSICGEN_FAST_CODEC=0) and transformers' EncodecModel, on the same checkpoint; best of 3."""
+    import torch
+    import musicgen
+
+    folder = ensure_checkpoint("small", args.cache)        # every MusicGen size has the same codec
+    ours = musicgen.load(folder).codec
+    from transformers import MusicgenForConditionalGeneration
+    theirs = MusicgenForConditionalGeneration.from_pretrained(folder).audio_encoder
+    theirs.eval()
+    samples = round(args.seconds * ours.sample_rate)
+
+    def best(fn) -> float:
+        fn()
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    print(f"\ncodec ({cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}): seconds for "
+          f"{args.seconds:g} s of 32 kHz audio per row\n")
+    print("| batch | implementation | encode (s) | decode (s) | × transformers (decode) |")
+    print("|---|---|---|---|---|")
+    for batch in map(int, args.batches.split(",")):
+        audio = 0.1 * torch.randn(batch, 1, samples, generator=torch.Generator().manual_seed(0))
+        codes = torch.randint(0, ours.cfg.codebook_size, (batch, ours.num_codebooks, samples // ours.hop_length))
+        with torch.inference_mode():
+            ref_dec = best(lambda: theirs.decode(codes[None], [None]))
+            ref_enc = best(lambda: theirs.encode(audio, bandwidth=theirs.config.target_bandwidths[0]))
+            rows = [("transformers", ref_enc, ref_dec)]
+            for name, flag in (("musicgen (modules)", "0"), ("musicgen", "1")):
+                os.environ["MUSICGEN_FAST_CODEC"] = flag
+                rows.append((name, best(lambda: ours.encode(audio)), best(lambda: ours.decode(codes))))
+            os.environ.pop("MUSICGEN_FAST_CODEC")
+        for name, enc, dec in rows:
+            print(f"| {batch} | {name} | {enc:.2f} | {dec:.2f} | {ref_dec / dec:.1f}× |", flush=True)
 
 
 if __name__ == "__main__":
