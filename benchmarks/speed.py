@@ -14,8 +14,10 @@ rate of decoder forward calls inside generate()), the LM weight bytes one step r
 traffic decoding achieves, to hold against the machine's bandwidth), time to first audio (the first streamed
 chunk where `model.stream` exists, otherwise the whole request), whole request for --seconds of audio (text ->
 audio), the text encoder and the codec decode timed on their own (transformers: its text encoder and
-audio_encoder.decode on codes of the same length; its request includes both), peak memory (CPU: max RSS;
-CUDA: max allocated), and the ratio of steps/s to transformers float32 at the same size/batch.
+audio_encoder.decode on codes of the same length; its request includes both), a continuation request (a
+10 s audio prompt continued by 1 s, audio out: encoding the prompt, one prefill over its frames, 50 steps,
+decoding), peak memory (CPU: max RSS; CUDA: max allocated), and the ratio of steps/s to transformers float32
+at the same size/batch.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+PROMPT_SECONDS = 10.0   # the audio prompt of the "continue" column
 SIZES = {  # facebook/musicgen-* decoder shapes
     "small": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, ffn_dim=4096),
     "medium": dict(hidden_size=1536, num_hidden_layers=48, num_attention_heads=24, ffn_dim=6144),
@@ -115,6 +118,13 @@ def measure_ours(folder: Path, mode: str, batch: int, seconds: float, device: st
     decode_s = time.perf_counter() - t0
     steps = codes.shape[-1] + model.cfg.lm.num_codebooks - 1
     request_s = codes_s + decode_s
+    prompt = 0.1 * torch.randn(batch, 1, round(PROMPT_SECONDS * model.sample_rate),
+                               generator=torch.Generator().manual_seed(0))
+    sync(device)
+    t0 = time.perf_counter()
+    model.generate(prompts, duration=PROMPT_SECONDS + 1, prompt_audio=prompt, **kw)
+    sync(device)
+    continue_s = time.perf_counter() - t0
     first_audio_s = request_s
     if hasattr(model, "stream"):
         t0 = time.perf_counter()
@@ -123,7 +133,7 @@ def measure_ours(folder: Path, mode: str, batch: int, seconds: float, device: st
             first_audio_s = time.perf_counter() - t0
             break
     return dict(steps_per_s=steps / (codes_s - text_s), first_audio_s=first_audio_s, request_s=request_s,
-                decode_s=decode_s, text_s=text_s, peak_mb=peak_memory_mb(device),
+                decode_s=decode_s, text_s=text_s, continue_s=continue_s, peak_mb=peak_memory_mb(device),
                 weight_bytes=step_bytes(model.lm.state_dict()))
 
 
@@ -150,13 +160,23 @@ def measure_transformers(folder: Path, mode: str, batch: int, seconds: float, de
             return model.generate(**inputs, do_sample=True, top_k=250, guidance_scale=3.0, max_new_tokens=n)
 
     run(10)                                                                   # warm-up
-    model.decoder.register_forward_hook(tick)
+    hook = model.decoder.register_forward_hook(tick)
     sync(device)
     t0 = time.perf_counter()
     run(steps)
     sync(device)
     request_s = time.perf_counter() - t0
     rate = (len(times) - 1) / (times[-1] - times[0])
+    hook.remove()
+    prompt = 0.1 * torch.randn(batch, 1, round(PROMPT_SECONDS * 32000), generator=torch.Generator().manual_seed(0))
+    inputs = tok(prompts, padding=True, return_tensors="pt").to(device)
+    sync(device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        model.generate(**inputs, input_values=prompt.to(device, dtype), do_sample=True, top_k=250,
+                       guidance_scale=3.0, max_new_tokens=50)
+    sync(device)
+    continue_s = time.perf_counter() - t0
     # its text encoder and codec decode on their own (generate() runs both inside the request above)
     inputs = tok(prompts, padding=True, return_tensors="pt").to(device)
     codes = torch.randint(0, model.config.audio_encoder.codebook_size, (1, batch, K, round(seconds * 50)),
@@ -174,7 +194,7 @@ def measure_transformers(folder: Path, mode: str, batch: int, seconds: float, de
         sync(device)
         decode_s = time.perf_counter() - t0
     return dict(steps_per_s=rate, first_audio_s=request_s, request_s=request_s, decode_s=decode_s,
-                text_s=text_s, peak_mb=peak_memory_mb(device),
+                text_s=text_s, continue_s=continue_s, peak_mb=peak_memory_mb(device),
                 weight_bytes=step_bytes(model.decoder.state_dict()))
 
 
@@ -249,8 +269,8 @@ def print_table(rows: list[dict], args) -> None:
     print(f"\ndevice: {args.device} ({hw}); torch {torch.__version__}; {args.seconds:g} s of audio per request; "
           "guidance 3.0, top-k 250; random weights at the published shapes\n")
     print("| size | batch | implementation | mode | steps/s | × transformers | weights GB/s | first audio (s) | "
-          "request (s) | text (s) | codec decode (s) | peak memory (MB) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          f"request (s) | text (s) | codec decode (s) | continue {PROMPT_SECONDS:g} s by 1 s (s) | peak memory (MB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         base = next((b for b in rows if b["impl"] == "transformers" and b["size"] == r["size"]
                      and b["batch"] == r["batch"] and b["mode"] == "float32"), None)
@@ -258,6 +278,7 @@ def print_table(rows: list[dict], args) -> None:
         gbs = r["weight_bytes"] * r["steps_per_s"] / 1e9
         print(f"| {r['size']} | {r['batch']} | {r['impl']} | {r['mode']} | {r['steps_per_s']:.1f} | {ratio} | {gbs:.1f} | "
               f"{r['first_audio_s']:.2f} | {r['request_s']:.2f} | {_s(r['text_s'])} | {_s(r['decode_s'])} | "
+              f"{r['continue_s']:.2f} | "
               f"{r['peak_mb']:.0f} |")
 
 
