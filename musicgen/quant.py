@@ -253,24 +253,25 @@ def _prefill_in_bf16(x2: torch.Tensor) -> bool:
 def bf16_gemm_wins() -> bool:
     """Whether this CPU multiplies 256-row bfloat16 matrices at least twice as fast as float32 ones (about
     0.05 s to find out)."""
-    import time
-
     with torch.inference_mode():
         x, w = torch.full((256, 1024), 0.5), torch.full((2048, 1024), 0.01)
-        xb, wb = x.bfloat16(), w.bfloat16()
-
-        def best(fn) -> float:
-            fn()
-            times = []
-            for _ in range(3):
-                start = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - start)
-            return min(times)
-
-        f32 = best(lambda: F.linear(x, w))
-        bf16 = best(lambda: F.linear(x.to(torch.bfloat16), wb).float())
+        wb = w.bfloat16()
+        f32 = _best_time(lambda: F.linear(x, w))
+        bf16 = _best_time(lambda: F.linear(x.to(torch.bfloat16), wb).float())   # with the conversions
     return 2 * bf16 < f32
+
+
+def _best_time(fn, repeats: int = 3) -> float:
+    """Fastest of `repeats` timed calls of fn, after one untimed call."""
+    import time
+
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 class SkinnyLinear(nn.Linear):
@@ -310,23 +311,11 @@ def skinny_wins() -> bool:
 
 
 def _time_skinny() -> bool:
-    import time
-
     with torch.inference_mode():
         weights = [torch.full((2048, 1024), 0.01) for _ in range(8)]       # 64 MB: more than most L2/L3 slices
         x = torch.full((2, 1024), 0.5)
-
-        def best(fn) -> float:
-            times = []
-            for _ in range(3):
-                start = time.perf_counter()
-                for w in weights:
-                    fn(w)
-                times.append(time.perf_counter() - start)
-            return min(times)
-
-        linear = best(lambda w: F.linear(x, w))
-        skinny = best(lambda w: w @ x.t())
+        linear = _best_time(lambda: [F.linear(x, w) for w in weights])
+        skinny = _best_time(lambda: [w @ x.t() for w in weights])
     return skinny < 0.9 * linear
 
 
