@@ -1,4 +1,4 @@
-"""The EnCodec decoder's upsampling stack on CPU as matrix products over time tiles.
+"""EnCodec's convolutional stacks on CPU as matrix products over time windows.
 
 `codec.Decoder` is latent -> conv -> LSTM -> stage C, where stage C is (ELU, ConvTranspose, ResBlock) per
 scale, then ELU and a last conv. Run through torch's convolutions, stage C is most of a decode (about 0.9 s of
