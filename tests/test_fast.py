@@ -193,6 +193,45 @@ def test_int4_linear_kernel_and_fallback_agree(monkeypatch):
     assert 0 < rel < 0.15
 
 
+def awkward_weights(N: int, K: int, seed: int) -> torch.Tensor:
+    """Random rows of different ranges, plus an all-zero row, a row of tiny values and exact rounding ties."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(N, K, generator=g) * torch.rand(N, 1, generator=g) * 3
+    w[0] = 0.0
+    if N > 1:
+        w[1] = 1e-30 * torch.randn(K, generator=g)
+    if N > 2:                            # group max 3.5 -> int4 step 0.5: +-0.25, +-0.75 ... are half steps
+        w[2] = (torch.arange(K) % 14 - 7) * 0.5 + 0.25
+        w[2, ::32] = 3.5
+    return w
+
+
+@pytest.mark.parametrize("N,K", [(1, 64), (3, 64), (33, 320), (96, 4096)])
+def test_native_int4_quantiser_is_bitwise_the_reference(N, K):
+    import musicgen.kernels as kernels
+    from musicgen.quant import quantize_int4_weight_reference
+
+    kernel_or_skip("int4_gemv")
+    w = awkward_weights(N, K, N + K)
+    packed, scales = kernels.int4_quantize()(w)
+    ref_packed, ref_scales = quantize_int4_weight_reference(w)
+    assert torch.equal(packed, ref_packed) and torch.equal(scales, ref_scales)
+    assert torch.equal(quantize_int4_weight(w)[0], ref_packed)        # and the layers use it
+
+
+@pytest.mark.parametrize("N,K", [(1, 8), (3, 37), (33, 320), (96, 4100)])
+def test_native_int8_quantiser_is_bitwise_the_reference(N, K):
+    import musicgen.kernels as kernels
+    from musicgen.quant import quantize_per_channel_reference
+
+    kernel_or_skip("int8_gemv")
+    w = awkward_weights(N, K, N * K)
+    q, scales = kernels.int8_quantize()(w)
+    ref_q, ref_scales = quantize_per_channel_reference(w)
+    assert torch.equal(q, ref_q) and torch.equal(scales, ref_scales)
+    assert torch.equal(quantize_per_channel(w)[0], ref_q)
+
+
 @pytest.mark.parametrize("N,K", [(1, 64), (7, 128), (33, 320), (96, 4096)])
 def test_int4_dequant_kernel_is_bitwise_the_reference(N, K):
     """The native dequantisation (prefill's weights) gives exactly what the Python reference gives, in float32

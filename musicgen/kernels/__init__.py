@@ -57,6 +57,20 @@ def int4_dequant():
     return None if module is None else module.int4_dequant
 
 
+def int4_quantize():
+    """float32 (N, K), K % 64 == 0 -> [packed 4-bit weights (N, K / 2), float16 group scales (N, K / 32)],
+    bitwise what `quant.quantize_int4_weight_reference` gives. None where the kernels cannot be had."""
+    module = _module()
+    return None if module is None else module.int4_quantize
+
+
+def int8_quantize():
+    """float32 (N, K) -> [int8 (N, K), float32 per-row scales (N,)], bitwise what
+    `quant.quantize_per_channel_reference` gives. None where the kernels cannot be had."""
+    module = _module()
+    return None if module is None else module.int8_quantize
+
+
 def fused_decoder():
     """The FusedDecoder class of decoder.cpp (every decoder layer of one decoding step in one call, for int4/int8
     layers), or None where the kernels cannot be had. musicgen/fused.py builds it from a quantised MusicLM."""

@@ -412,6 +412,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_gemv", &int8_gemv, "weight-only int8 matrix-vector product (AVX2 + FMA)");
   m.def("int4_gemv", &int4_gemv, "4-bit grouped weights times int8-quantised activations (AVX2 + FMA + F16C)");
   m.def("int4_dequant", &int4_dequant, "4-bit grouped weights to float32 or bfloat16 (AVX2 + F16C)");
+  m.def("int4_quantize", &int4_quantize, "float32 (N, K) -> 4-bit packed weights and float16 group scales");
+  m.def("int8_quantize", &int8_quantize, "float32 (N, K) -> int8 weights and per-row float32 scales");
   pybind11::class_<FusedDecoder>(m, "FusedDecoder")
       .def(pybind11::init<int64_t, int64_t, int64_t, double, std::string>())
       .def("add_layer", &FusedDecoder::add_layer)
