@@ -128,20 +128,25 @@ def _read_one(f: Path, load_file) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"missing weight shard {f}")
     try:
         if f.suffix == ".safetensors":
-            return load_file(str(f))
-        return torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            state = load_file(str(f))
+        else:
+            state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # safetensors / pickle errors have many types; name the file instead
         raise CheckpointError(f"cannot read weights from {f}: {e}") from e
+    _register_file_mapping(f, state)
+    return state
 
 
 def release(tensor: torch.Tensor) -> None:
-    """Hint the OS to drop `tensor`'s pages from memory once the caller is done with it (Linux MADV_PAGEOUT).
+    """Hint the OS to drop `tensor`'s pages from this process once the caller is done with it (Linux madvise).
 
     safetensors maps the checkpoint file, so the float weights that loading reads once (to fuse q/k/v, to
     quantise, to change precision) stay resident as file pages until the whole mapping goes, which made a
-    quantised load peak near the size of the float checkpoint. Paging them out as they are consumed keeps the
-    peak near the final model. Only a hint: clean file pages are dropped (and read again if ever touched),
-    anonymous memory is at most swapped, nothing changes for the program; where the call is unavailable
+    quantised load peak near the size of the float checkpoint. Dropping them as they are consumed keeps the
+    peak near the final model. Pages of a checkpoint file this module mapped (`_register_file_mapping`) are
+    unmapped with MADV_DONTNEED: they stay in the page cache, so the next load of the same checkpoint reads
+    them from memory, not from disk, and touching them again reads the file. Anything else gets MADV_PAGEOUT,
+    which at most swaps anonymous memory out. Nothing changes for the program; where the call is unavailable
     nothing happens.
     """
     libc = _libc()
@@ -152,11 +157,47 @@ def release(tensor: torch.Tensor) -> None:
     end = start + tensor.numel() * tensor.element_size()
     first, last = -(-start // page) * page, end // page * page   # whole pages only
     if last > first:
-        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_PAGEOUT)
+        advice = _MADV_DONTNEED if _in_file_mapping(first, last) else _MADV_PAGEOUT
+        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), advice)
 
 
+_MADV_DONTNEED = 4
 _MADV_PAGEOUT = 21   # Linux 5.4+; older kernels answer EINVAL, which is ignored
 _PAGE = mmap.PAGESIZE
+# (start, end, weak references to tensors read from the file): address ranges that map a checkpoint file.
+# MADV_DONTNEED on anonymous memory would zero it, so a range counts only while one of its tensors is alive:
+# then the mapping is alive, and no other memory can lie at those addresses.
+_FILE_MAPPINGS: list[tuple[int, int, list]] = []
+
+
+def _register_file_mapping(f: Path, state: dict[str, torch.Tensor]) -> None:
+    """Note which address ranges map `f` (from /proc/self/maps), with the tensors that lie in them."""
+    import weakref
+
+    if _libc() is None:
+        return
+    _FILE_MAPPINGS[:] = [m for m in _FILE_MAPPINGS if any(r() is not None for r in m[2])]
+    target = os.path.realpath(f)
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return
+    for line in lines:
+        parts = line.split(maxsplit=5)
+        if len(parts) < 6 or parts[5] != target:
+            continue
+        start, end = (int(x, 16) for x in parts[0].split("-"))
+        inside = [weakref.ref(t) for t in state.values()
+                  if isinstance(t, torch.Tensor) and t.device.type == "cpu" and start <= t.data_ptr() < end]
+        if inside:
+            _FILE_MAPPINGS.append((start, end, inside))
+
+
+def _in_file_mapping(first: int, last: int) -> bool:
+    for start, end, refs in _FILE_MAPPINGS:
+        if start <= first and last <= end and any(r() is not None for r in refs):
+            return True
+    return False
 
 
 @functools.lru_cache(maxsize=1)

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import sys
 
 import pytest
 import torch
@@ -153,3 +155,66 @@ def test_released_pages_keep_their_values(tmp_path):
         release(t)
     assert torch.equal(mapped["a"], weights["a"]) and torch.equal(mapped["b"], weights["b"])
     assert torch.equal(anonymous, before)
+
+
+def _resident_kb() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * (4096 // 1024)
+
+
+def _in_page_cache(tensor) -> float:
+    """Fraction of the tensor's whole pages that mincore reports in memory (for a file mapping: the page
+    cache, whether or not this process maps them now)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    page = mmap.PAGESIZE
+    start = -(-tensor.data_ptr() // page) * page
+    end = (tensor.data_ptr() + tensor.numel() * tensor.element_size()) // page * page
+    vec = ctypes.create_string_buffer((end - start) // page)
+    assert libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(end - start), vec) == 0
+    return sum(b & 1 for b in vec.raw) / len(vec.raw)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise and /proc are Linux's")
+def test_released_checkpoint_pages_leave_the_process_but_stay_cached(tmp_path):
+    """Tensors read from a checkpoint file are unmapped (resident memory falls by their size) but stay in the
+    page cache, so the next load reads memory, not the disk; their values read back unchanged. Anonymous
+    memory is only paged out (MADV_DONTNEED would zero it)."""
+    from musicgen.checkpoint import read_weights, release
+
+    g = torch.Generator().manual_seed(0)
+    weights = {"model.a": torch.randn(4096, 1024, generator=g), "model.b": torch.randn(3, 5, generator=g)}
+    save_file(weights, tmp_path / "model.safetensors")
+    with open(tmp_path / "model.safetensors", "rb+") as f:
+        os.fsync(f.fileno())                   # clean pages, as a downloaded checkpoint's are: evictable
+    state = read_weights(tmp_path)
+    assert float(state["model.a"].sum()) == float(weights["model.a"].sum())      # touch every page
+    before = _resident_kb()
+    release(state["model.a"])
+    dropped = before - _resident_kb()
+    assert dropped > 0.8 * 16 * 1024                                               # 16 MB of float32
+    assert _in_page_cache(state["model.a"]) > 0.9
+    assert torch.equal(state["model.a"], weights["model.a"]) and torch.equal(state["model.b"], weights["model.b"])
+    anonymous = torch.randn(1024, 1024, generator=g)
+    kept = anonymous.clone()
+    release(anonymous)
+    assert torch.equal(anonymous, kept)
+
+
+def test_a_file_range_whose_tensors_are_gone_is_forgotten(tmp_path):
+    """Once every tensor read from a file is gone its mapping is too, and anonymous memory may take the same
+    addresses: release must then not treat them as file pages (which would zero them)."""
+    import gc
+
+    from musicgen import checkpoint
+
+    save_file({"x": torch.randn(1024, 1024)}, tmp_path / "model.safetensors")
+    state = checkpoint.read_weights(tmp_path)
+    start = state["x"].data_ptr()
+    assert checkpoint._in_file_mapping(start // 4096 * 4096 + 4096, start // 4096 * 4096 + 8192)
+    del state
+    gc.collect()
+    assert not checkpoint._in_file_mapping(start // 4096 * 4096 + 4096, start // 4096 * 4096 + 8192)
