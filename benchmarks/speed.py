@@ -4,6 +4,7 @@
     python benchmarks/speed.py --sizes small --batches 1 --seconds 5
     python benchmarks/speed.py --device cuda --sizes medium --modes float32,bfloat16,bfloat16+compile
     python benchmarks/speed.py --codec --batches 1,2 --seconds 10    # EnCodec encode / decode alone
+    python benchmarks/speed.py --load --sizes small,medium           # load time and memory per mode
 
 Speed does not depend on weight values, so checkpoints are built once with transformers (random weights, the
 published config values of facebook/musicgen-{small,medium,large}) into --cache and reused. Every row runs in
@@ -231,6 +232,8 @@ def main() -> None:
     p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "musicgen-bench")
     p.add_argument("--codec", action="store_true", help="only the codec: encode and decode, ours and "
                    "transformers', per --batches")
+    p.add_argument("--load", action="store_true", help="only loading: seconds and peak memory per size and mode")
+    p.add_argument("--load-worker", nargs=3, help=argparse.SUPPRESS)
     p.add_argument("--build", help=argparse.SUPPRESS)
     p.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -243,8 +246,15 @@ def main() -> None:
         print(json.dumps(fn(args.cache / size, mode, int(batch), args.seconds, args.device)))
         return
 
+    if args.load_worker:
+        impl, mode, folder = args.load_worker
+        print(json.dumps(measure_load(Path(folder), impl, mode)))
+        return
     if args.codec:
         codec_table(args)
+        return
+    if args.load:
+        load_table(args)
         return
     cuda = args.device.startswith("cuda")
     modes = (args.modes or ("float32,bfloat16,bfloat16+compile,int8+compile" if cuda else
@@ -294,6 +304,49 @@ def cpu_name() -> str:
 
 def _s(value: float) -> str:
     return "-" if value != value else f"{value:.2f}"
+
+
+# -- loading --------------------------------------------------------------------------------------------
+def measure_load(folder: Path, impl: str, mode: str) -> dict:
+    """Seconds and peak RSS of loading the checkpoint, ready to generate (in its own process)."""
+    t0 = time.perf_counter()
+    import torch
+    if impl == "transformers":
+        from transformers import MusicgenForConditionalGeneration
+        imported = time.perf_counter()
+        MusicgenForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    else:
+        import musicgen
+        imported = time.perf_counter()
+        dtype = "bfloat16" if mode == "bfloat16" else "float32"
+        musicgen.load(folder, dtype=dtype, quantize=mode if mode in ("int8", "int4") else None)
+    done = time.perf_counter()
+    return dict(import_s=imported - t0, load_s=done - imported, peak_mb=peak_memory_mb("cpu"))
+
+
+def load_table(args) -> None:
+    """Load time per size and mode, second of two runs (the checkpoint file then sits in the page cache)."""
+    import torch
+
+    print(f"\nloading ({cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}); second of two runs, "
+          "each in its own process\n")
+    print("| size | implementation | mode | import (s) | load (s) | peak memory (MB) |")
+    print("|---|---|---|---|---|---|")
+    modes = (args.modes or "float32,bfloat16,int8,int4").split(",")
+    for size in args.sizes.split(","):
+        folder = ensure_checkpoint(size, args.cache)
+        for impl, mode in [("transformers", "float32")] + [("musicgen", m) for m in modes]:
+            row = None
+            for _ in range(2):
+                cmd = [sys.executable, __file__, "--load-worker", impl, mode, str(folder)]
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                if proc.returncode != 0:
+                    print(f"{impl} {size} {mode} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+                    break
+                row = json.loads(proc.stdout.strip().splitlines()[-1])
+            if row:
+                print(f"| {size} | {impl} | {mode} | {row['import_s']:.2f} | {row['load_s']:.2f} | "
+                      f"{row['peak_mb']:.0f} |", flush=True)
 
 
 # -- the codec alone -------------------------------------------------------------------------------------
