@@ -60,16 +60,17 @@ class Conv(nn.Module):
         self.effective_kernel = (kernel - 1) * dilation + 1
         self.padding_total = self.effective_kernel - stride
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        length = x.shape[-1]
+    def padding(self, length: int) -> tuple[int, int]:
+        """(left, right) padding of an input of `length` samples."""
         # with padding_total = kernel - stride, a whole last frame needs the length rounded up to the stride
         extra = -length % self.stride
         if self.causal:
-            left, right = self.padding_total, extra
-        else:
-            right = self.padding_total // 2
-            left, right = self.padding_total - right, right + extra
-        return self.conv(_pad1d(x, left, right, self.pad_mode))
+            return self.padding_total, extra
+        right = self.padding_total // 2
+        return self.padding_total - right, right + extra
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(_pad1d(x, *self.padding(x.shape[-1]), self.pad_mode))
 
 
 def _pad1d(x: torch.Tensor, left: int, right: int, mode: str) -> torch.Tensor:
@@ -142,9 +143,8 @@ class Encoder(nn.Module):
         self.layers = nn.ModuleList(layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if codec_fast.enabled(x) and codec_fast.split(self) >= 0:
-            return codec_fast.encode(self, x)
-        return self.reference(x)
+        start = codec_fast.split(self) if codec_fast.enabled(x) else -1
+        return codec_fast.encode(self, x, start) if start >= 0 else self.reference(x)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         """Layer by layer through torch's convolutions (training, other devices, and the tests' yardstick)."""
@@ -168,9 +168,8 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if codec_fast.enabled(x) and codec_fast.split(self) >= 0:
-            return codec_fast.decode(self, x)
-        return self.reference(x)
+        start = codec_fast.split(self) if codec_fast.enabled(x) else -1
+        return codec_fast.decode(self, x, start) if start >= 0 else self.reference(x)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         """Layer by layer through torch's convolutions (training, other devices, and the tests' yardstick)."""

@@ -75,7 +75,7 @@ def context_frames(layers, units_per_frame: int) -> int:
 
     def conv(layer, lr):
         l, r = lr
-        pl, _ = _conv_padding(layer, 0)
+        pl, _ = layer.padding(0)
         return l * layer.stride + pl, r * layer.stride + layer.effective_kernel - 1 - pl
 
     def through(layer, lr):
@@ -101,14 +101,6 @@ def context_frames(layers, units_per_frame: int) -> int:
     return math.ceil(max(left, right) / max(rate, 1)) + 1
 
 
-def _conv_padding(conv, length: int) -> tuple[int, int]:
-    extra = -length % conv.stride
-    if conv.causal:
-        return conv.padding_total, extra
-    right = conv.padding_total // 2
-    return conv.padding_total - right, right + extra
-
-
 def _pad(x: torch.Tensor, left: int, right: int, mode: str) -> torch.Tensor:
     """Channels-last `codec._pad1d` along time (dim 1)."""
     if not (left or right):
@@ -123,10 +115,10 @@ def _pad(x: torch.Tensor, left: int, right: int, mode: str) -> torch.Tensor:
 class _Weights:
     """Matrices of one convolution, made once per weight version."""
 
-    def __init__(self, layer):
+    def __init__(self, layer, key: tuple):
         from .codec import ConvTranspose
         w, self.bias = layer.conv.weight, layer.conv.bias
-        self.key = (w.data_ptr(), w._version, None if self.bias is None else self.bias._version)
+        self.key = key
         if isinstance(layer, ConvTranspose):
             cin, cout, k = w.shape
             self.k, self.s, self.cout = k, layer.conv.stride[0], cout
@@ -146,7 +138,7 @@ def _weights(layer) -> _Weights:
     w, b = layer.conv.weight, layer.conv.bias
     key = (w.data_ptr(), w._version, None if b is None else b._version)
     if cached is None or cached.key != key:
-        cached = _Weights(layer)
+        cached = _Weights(layer, key)
         layer.__dict__["_cl_weights"] = cached
     return cached
 
@@ -154,8 +146,7 @@ def _weights(layer) -> _Weights:
 def _conv(layer, x: torch.Tensor) -> torch.Tensor:
     """`codec.Conv` on (B, T, cin) -> (B, T_out, cout)."""
     wts = _weights(layer)
-    left, right = _conv_padding(layer, x.shape[1])
-    xp = _pad(x, left, right, layer.pad_mode)
+    xp = _pad(x, *layer.padding(x.shape[1]), layer.pad_mode)
     B, Tp, cin = xp.shape
     k, d, s = len(wts.taps), wts.d, layer.stride
     T = (Tp - (k - 1) * d - 1) // s + 1
@@ -230,60 +221,56 @@ def run(layers, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def decode(decoder, x: torch.Tensor) -> torch.Tensor:
-    """`decoder(x)` for latent x (B, D, frames) -> audio (B, channels, frames * hop), stage C windowed."""
-    start = split(decoder)
+def decode(decoder, x: torch.Tensor, start: int) -> torch.Tensor:
+    """`decoder(x)` for latent x (B, D, frames) -> audio (B, channels, frames * hop); `start` = split(decoder).
+    Stage C runs windowed."""
     layers = list(decoder.layers)
-    for layer in layers[:start]:
-        x = layer(x)
+    x = reference(layers[:start], x)
     stage = layers[start:]
-    hop = math.prod(layer.conv.stride[0] for layer in stage if hasattr(layer, "trim"))
-    margin = decoder.__dict__.get("_cl_margin")
-    if margin is None:
-        margin = decoder.__dict__["_cl_margin"] = context_frames(stage, hop)
-    h = x.transpose(1, 2).contiguous()                 # (B, frames, C)
-    B, frames, _ = h.shape
-    if frames == 0:
+    if x.shape[-1] == 0:
         return reference(stage, x)
-    window = max(8, WINDOW // B)
+    hop = math.prod(layer.conv.stride[0] for layer in stage if hasattr(layer, "trim"))
+    margin = _margin(decoder, stage, hop)
+    h = x.transpose(1, 2).contiguous()                 # (B, frames, C)
+    return _windowed(stage, h, x.shape[-1], margin, 1, hop).transpose(1, 2).contiguous()
+
+
+def encode(encoder, audio: torch.Tensor, start: int) -> torch.Tensor:
+    """`encoder(audio)` for audio (B, channels, samples) -> latent (B, D, ceil(samples / hop)); `start` =
+    split(encoder). The downsampling convolutions run windowed; windows start and end on frame edges, so each
+    layer pads them as it pads the whole signal."""
+    layers = list(encoder.layers)
+    stage = layers[:start]
+    hop = math.prod(layer.stride for layer in stage if hasattr(layer, "stride"))
+    frames = -(-audio.shape[-1] // hop)
+    if frames == 0:
+        x = reference(stage, audio)
+    else:
+        x = audio.transpose(1, 2).contiguous()         # (B, samples, channels)
+        x = _windowed(stage, x, frames, _margin(encoder, stage, 1), hop, 1).transpose(1, 2).contiguous()
+    return reference(layers[start:], x)
+
+
+def _margin(stack, stage, units_per_frame: int) -> int:
+    """context_frames of `stage`, worked out once per stack."""
+    margin = stack.__dict__.get("_cl_margin")
+    if margin is None:
+        margin = stack.__dict__["_cl_margin"] = context_frames(stage, units_per_frame)
+    return margin
+
+
+def _windowed(stage, x: torch.Tensor, frames: int, margin: int, units_in: int, units_out: int) -> torch.Tensor:
+    """`run(stage, x)` for channels-last x holding `frames` frames of `units_in` rows each (the last may be
+    short), a window of about WINDOW frames at a time with `margin` frames of context either side that are
+    computed and dropped; the output has `units_out` rows per frame."""
+    window = max(8, WINDOW // x.shape[0])
     pieces = []
     for begin in range(0, frames, window):
         end = min(frames, begin + window)
         lo, hi = max(0, begin - margin), min(frames, end + margin)
-        y = run(stage, h[:, lo:hi])
-        pieces.append(y[:, (begin - lo) * hop:(end - lo) * hop])
-    return torch.cat(pieces, dim=1).transpose(1, 2).contiguous()
-
-
-def encode(encoder, audio: torch.Tensor) -> torch.Tensor:
-    """`encoder(audio)` for audio (B, channels, samples) -> latent (B, D, ceil(samples / hop)), the
-    downsampling convolutions windowed."""
-    start = split(encoder)
-    layers = list(encoder.layers)
-    stage = layers[:start]
-    hop = math.prod(layer.stride for layer in stage if hasattr(layer, "stride"))
-    margin = encoder.__dict__.get("_cl_margin")
-    if margin is None:
-        margin = encoder.__dict__["_cl_margin"] = context_frames(stage, 1)
-    samples = audio.shape[-1]
-    frames = -(-samples // hop)
-    x = audio.transpose(1, 2).contiguous()             # (B, samples, channels)
-    B = x.shape[0]
-    if frames == 0:
-        x = reference(stage, audio)
-    else:
-        window = max(8, WINDOW // B)
-        pieces = []
-        for begin in range(0, frames, window):
-            end = min(frames, begin + window)
-            lo, hi = max(0, begin - margin), min(frames, end + margin)
-            # windows start and end on frame edges, so each layer pads them as it pads the whole signal
-            y = run(stage, x[:, lo * hop:min(samples, hi * hop)])
-            pieces.append(y[:, begin - lo:end - lo])
-        x = torch.cat(pieces, dim=1).transpose(1, 2).contiguous()
-    for layer in layers[start:]:
-        x = layer(x)
-    return x
+        y = run(stage, x[:, lo * units_in:hi * units_in])
+        pieces.append(y[:, (begin - lo) * units_out:(end - lo) * units_out])
+    return torch.cat(pieces, dim=1)
 
 
 def reference(layers, x: torch.Tensor) -> torch.Tensor:
