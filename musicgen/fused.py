@@ -2,10 +2,11 @@
 
 With 4-bit weights the products of a musicgen-small step take about 11 ms on two cores; the whole step driven
 layer by layer from Python took about 24 ms at position 300: attention over the cache, and the dispatch of
-some 30 small operations per layer. `FusedLayers` hands the decoder layers' norms and quantised weights to the native decoder once, and
-`MusicLM.forward` routes one-position eager steps on CPU through it; the embeddings, the final norm and the
-heads stay in Python. It computes what the layer loop computes (tests/test_fast.py holds the two together),
-writing keys and values into the same `KVCache` buffers, so prefill in Python and steps here interleave.
+some 30 small operations per layer. `FusedLayers` hands the decoder layers' norms and quantised weights to the
+native decoder once, and `MusicLM.forward` routes one-position eager steps on CPU through it; the
+embeddings, the final norm and the heads stay in Python. It computes what the layer loop computes
+(tests/test_fast.py holds the two together), writing keys and values into the same `KVCache` buffers, so
+prefill in Python and steps here interleave.
 
 `attach(lm)` installs it where it applies: CPU, no autograd, float32 activations, every decoder linear an
 Int4Linear or Int8Linear, and the kernels built. MUSICGEN_FUSED=0 turns it off (to compare the two paths).
