@@ -232,29 +232,32 @@ void dot_rows_q4_vnni(const int8_t* xq, const float* xs, const float* xc, int64_
   for (int m = 0; m < MB; ++m) out[m * ldy] = _mm512_reduce_add_ps(acc[m]) - musicgen::hsum(corr[m]) - tail[m] + bias;
 }
 
+inline float hmax_abs(const float* v, int64_t n) {            // max |v| over n (a multiple of 8) floats
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 m = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n; i += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(v + i)));
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_max_ss(h, _mm_movehdup_ps(h));
+  return _mm_cvtss_f32(h);
+}
+
+inline __m256i pack32(const __m256i c[4]) {                    // 4 x 8 int32 (small) -> 32 bytes in order
+  const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3]));
+  return _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
 // One group of 32 activations -> int8 codes round(v * 127 / max|v|) (nearest even, as the default rounding
 // mode of cvtps), the scale max|v| / 127, and the offset term 8 * scale * sum(codes) of the kernels above.
 inline void quantize_group(const float* v, int8_t* q, float* scale, float* offset) {
-  const __m256 sign = _mm256_set1_ps(-0.0f);
-  __m256 a[4], amax = _mm256_setzero_ps();
-  for (int u = 0; u < 4; ++u) {
-    a[u] = _mm256_loadu_ps(v + 8 * u);
-    amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, a[u]));
-  }
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  m = _mm_max_ss(m, _mm_movehdup_ps(m));
-  const float mx = _mm_cvtss_f32(m);
+  const float mx = hmax_abs(v, 32);
   const __m256 inv = _mm256_set1_ps(mx > 0.f ? 127.f / mx : 0.f);
   __m256i c[4], sum = _mm256_setzero_si256();
   for (int u = 0; u < 4; ++u) {
-    c[u] = _mm256_cvtps_epi32(_mm256_mul_ps(a[u], inv));
+    c[u] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(v + 8 * u), inv));
     sum = _mm256_add_epi32(sum, c[u]);
   }
-  // packs interleave 128-bit lanes; the permute puts the 32 codes back in order
-  const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3]));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q),
-                      _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), pack32(c));
   __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
   s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
   s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
@@ -376,25 +379,10 @@ torch::Tensor int4_dequant(torch::Tensor qw, torch::Tensor scales, bool bf16) {
 // clamps), native because quantising at load was most of a quantised load (medium int4: 11 of 17 s).
 namespace {
 
-inline float hmax_abs(const float* v, int64_t n) {            // max |v| over n (a multiple of 8) floats
-  const __m256 sign = _mm256_set1_ps(-0.0f);
-  __m256 m = _mm256_setzero_ps();
-  for (int64_t i = 0; i < n; i += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(v + i)));
-  __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-  h = _mm_max_ss(h, _mm_movehdup_ps(h));
-  return _mm_cvtss_f32(h);
-}
-
 inline __m256i codes8(const float* v, __m256 scale, float lo, float hi) {   // round(v / scale) clamped, as int32
   __m256 q = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(v), scale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   q = _mm256_min_ps(_mm256_max_ps(q, _mm256_set1_ps(lo)), _mm256_set1_ps(hi));
   return _mm256_cvtps_epi32(q);
-}
-
-inline __m256i pack32(const __m256i c[4]) {                    // 4 x 8 int32 (small) -> 32 bytes in order
-  const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3]));
-  return _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
 }
 
 }  // namespace
