@@ -355,6 +355,7 @@ def codec_table(args) -> None:
     modules (MUSICGEN_FAST_CODEC=0) and transformers' EncodecModel, on the same checkpoint; best of 3."""
     import torch
     import musicgen
+    from musicgen.quant import _best_time
 
     folder = ensure_checkpoint("small", args.cache)        # every MusicGen size has the same codec
     ours = musicgen.load(folder).codec
@@ -362,15 +363,6 @@ def codec_table(args) -> None:
     theirs = MusicgenForConditionalGeneration.from_pretrained(folder).audio_encoder
     theirs.eval()
     samples = round(args.seconds * ours.sample_rate)
-
-    def best(fn) -> float:
-        fn()
-        times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return min(times)
 
     print(f"\ncodec ({cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}): seconds for "
           f"{args.seconds:g} s of 32 kHz audio per row\n")
@@ -380,12 +372,12 @@ def codec_table(args) -> None:
         audio = 0.1 * torch.randn(batch, 1, samples, generator=torch.Generator().manual_seed(0))
         codes = torch.randint(0, ours.cfg.codebook_size, (batch, ours.num_codebooks, samples // ours.hop_length))
         with torch.inference_mode():
-            ref_dec = best(lambda: theirs.decode(codes[None], [None]))
-            ref_enc = best(lambda: theirs.encode(audio, bandwidth=theirs.config.target_bandwidths[0]))
+            ref_dec = _best_time(lambda: theirs.decode(codes[None], [None]))
+            ref_enc = _best_time(lambda: theirs.encode(audio, bandwidth=theirs.config.target_bandwidths[0]))
             rows = [("transformers", ref_enc, ref_dec)]
             for name, flag in (("musicgen (modules)", "0"), ("musicgen", "1")):
                 os.environ["MUSICGEN_FAST_CODEC"] = flag
-                rows.append((name, best(lambda: ours.encode(audio)), best(lambda: ours.decode(codes))))
+                rows.append((name, _best_time(lambda: ours.encode(audio)), _best_time(lambda: ours.decode(codes))))
             os.environ.pop("MUSICGEN_FAST_CODEC")
         for name, enc, dec in rows:
             print(f"| {batch} | {name} | {enc:.2f} | {dec:.2f} | {ref_dec / dec:.1f}× |", flush=True)
