@@ -103,7 +103,8 @@ def measure_ours(folder: Path, mode: str, batch: int, seconds: float, device: st
     model = musicgen.load(folder, device=device, dtype=dtype, quantize=quantize, compile="compile" in mode)
     prompts = (PROMPTS * batch)[:batch]
     kw = dict(top_k=250, guidance_scale=3.0, seed=0)
-    model.generate(prompts, duration=0.2, **kw)                              # warm-up (and compile)
+    # warm-up: compiles, and under compile=True on CUDA records a graph per attention window the request uses
+    model.generate(prompts, duration=seconds if "compile" in mode else 0.2, **kw)
     sync(device)
     t0 = time.perf_counter()
     model.encode_text(prompts)
@@ -226,7 +227,8 @@ def main() -> None:
     p.add_argument("--batches", default="1,4")
     p.add_argument("--modes", default=None, help="ours: float32, bfloat16, float16, int8, int4, any +compile "
                    "(default CPU: float32,bfloat16,int8,int4; CUDA: float32,bfloat16,bfloat16+compile,int8+compile)")
-    p.add_argument("--hf-modes", default=None, help="transformers rows (default: float32; CUDA: float32,bfloat16)")
+    p.add_argument("--hf-modes", default=None, help="transformers rows (default: float32; CUDA: float32,bfloat16; "
+                   "'none': no transformers rows)")
     p.add_argument("--seconds", type=float, default=10.0, help="audio per request")
     p.add_argument("--device", default="cpu")
     p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "musicgen-bench")
@@ -260,6 +262,7 @@ def main() -> None:
     modes = (args.modes or ("float32,bfloat16,bfloat16+compile,int8+compile" if cuda else
                             "float32,bfloat16,int8,int4")).split(",")
     hf_modes = (args.hf_modes or ("float32,bfloat16" if cuda else "float32")).split(",")
+    hf_modes = [] if hf_modes == ["none"] else hf_modes
     rows = []
     for size in args.sizes.split(","):
         ensure_checkpoint(size, args.cache)

@@ -50,11 +50,12 @@ class KVCache(nn.Module):
         self.v[:, :, pos:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
 
-    def write(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Static-shape update for compiled steps: `pos` is a (1,) tensor; returns the whole cache."""
+    def write(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Update for compiled steps: `pos` is a (1,) tensor; returns the first `window` cache positions."""
         self.k.index_copy_(2, pos, k)
         self.v.index_copy_(2, pos, v)
-        return self.k, self.v
+        return self.k[:, :, :window], self.v[:, :, :window]
 
 
 class SelfAttention(nn.Module):
@@ -64,13 +65,12 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)     # q, k, v fused: one matmul per step
         self.out = nn.Linear(cfg.dim, cfg.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, pos: int, cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos: int, cache: KVCache | None, window_bias=None) -> torch.Tensor:
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, hd)
-        if isinstance(pos, torch.Tensor):  # compiled step: attend over the whole static cache, masked past pos
-            k, v = cache.write(pos, k, v)                                    # (B, H, max_len, hd)
-            mask = (torch.arange(k.shape[2], device=x.device) <= pos)[None]  # (1, max_len)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if isinstance(pos, torch.Tensor):  # compiled step: a window of the static cache, masked past pos
+            k, v = cache.write(pos, k, v, window_bias.shape[-1])              # (B, H, W, hd)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=window_bias)
             return self.out(y.transpose(1, 2).reshape(B, T, D))
         if cache is not None:
             if cache.k.dtype != q.dtype:   # a lower-precision cache (int4 on CPU): attention runs in its dtype
@@ -121,8 +121,8 @@ class DecoderLayer(nn.Module):
             raise ValueError(f"unsupported decoder activation {cfg.activation!r}")
         self.act = F.gelu if cfg.activation == "gelu" else F.relu
 
-    def forward(self, x, pos, cache, cross_kv, cross_bias):
-        x = x + self.self_attn(self.norm1(x), pos, cache)
+    def forward(self, x, pos, cache, cross_kv, cross_bias, window_bias=None):
+        x = x + self.self_attn(self.norm1(x), pos, cache, window_bias)
         if self.cross_attn is not None:
             x = x + self.cross_attn(self.norm_cross(x), cross_kv, cross_bias)
         return x + self.fc2(self.act(self.fc1(self.norm2(x))))
@@ -177,7 +177,8 @@ class MusicLM(nn.Module):
 
     # -- forward --------------------------------------------------------------------------------------
     def forward(self, codes: torch.Tensor, cross_kv, cross_bias=None, pos: int = 0,
-                caches: list[KVCache] | None = None, prefix: torch.Tensor | None = None) -> torch.Tensor:
+                caches: list[KVCache] | None = None, prefix: torch.Tensor | None = None,
+                window_bias: torch.Tensor | None = None) -> torch.Tensor:
         """codes (B, K, T) ids at positions pos..pos+T-1 -> logits (B, K, T, V).
 
         prefix (B, P, D): condition embeddings placed before the codes (prefix-conditioned models, at pos 0);
@@ -200,11 +201,24 @@ class MusicLM(nn.Module):
         else:
             for i, layer in enumerate(self.layers):
                 x = layer(x, pos, caches[i] if caches is not None else None,
-                          cross_kv[i] if cross_kv is not None else None, cross_bias)
+                          cross_kv[i] if cross_kv is not None else None, cross_bias, window_bias)
         x = self.norm(x[:, x.shape[1] - codes.shape[2]:])                       # drop the prefix positions
         return torch.stack([head(x) for head in self.heads], dim=1)             # (B, K, T, V)
 
-    def step(self, codes: torch.Tensor, pos: torch.Tensor, cross_kv, cross_bias, caches: list[KVCache]) -> torch.Tensor:
-        """One decoding step with static shapes, for torch.compile / CUDA graphs: codes (B, K, 1), pos (1,) long
-        -> last-position logits (B, K, V). Attention runs over the full preallocated cache under a mask."""
-        return self.forward(codes, cross_kv, cross_bias, pos, caches)[:, :, -1]
+    def step(self, codes: torch.Tensor, pos: torch.Tensor, cross_kv, cross_bias, caches: list[KVCache],
+             window_bias: torch.Tensor) -> torch.Tensor:
+        """One decoding step for torch.compile / CUDA graphs: codes (B, K, 1), pos (1,) long -> last-position
+        logits (B, K, V). The step writes the cache at pos (a tensor: its value is data, not a shape), and
+        self-attention reads the first W cache positions under `window_bias` (1, 1, 1, W): 0 up to pos, -inf
+        after. W (see `window`) is the one size that changes between steps, so that attention reads about as
+        much of the cache as eager decoding does instead of all of it."""
+        return self.forward(codes, cross_kv, cross_bias, pos, caches, window_bias=window_bias)[:, :, -1]
+
+
+WINDOW_BUCKET = 128   # compiled steps attend over a multiple of this many cache positions
+
+
+def window(filled: int, max_len: int) -> int:
+    """Cache positions a compiled step reads when `filled` of them hold keys: rounded up to WINDOW_BUCKET, so
+    that a CUDA graph is recorded once per bucket, not once per step."""
+    return min(-(-filled // WINDOW_BUCKET) * WINDOW_BUCKET, max_len)

@@ -26,6 +26,7 @@ from . import audiocraft_format
 from . import checkpoint as ckpt
 from . import chroma as chroma_mod
 from . import conditions, fused
+from . import lm as lm_mod
 from .audio import convert_channels, resample
 from .codec import EnCodec
 from .config import MusicGenConfig
@@ -295,7 +296,9 @@ class MusicGen(nn.Module):
         step_inputs = lambda x: torch.cat([x, x], dim=0) if params.uses_cfg else x  # noqa: E731
         bar = _progress(L - start, progress)
         logits = self.lm(step_inputs(seq[:, :, :start]), kv, bias, 0, caches, prefix=cond.prefix)[:, :, -1]  # prefill
-        pos_t = torch.tensor([P + start], device=self.device)
+        if compiled:   # the compiled step's position (a tensor) and its self-attention mask, updated in place
+            pos_t = torch.tensor([P + start], device=self.device)
+            window_mask = self._window_mask(caches, P + start)
         for pos in range(start, L):
             if params.uses_cfg:
                 logits = apply_cfg(logits.float(), params.guidance_scale)      # (B, K, V)
@@ -307,7 +310,9 @@ class MusicGen(nn.Module):
                 step = step_inputs(seq[:, :, pos:pos + 1])                     # (rows, K, 1)
                 if compiled:
                     pos_t.fill_(P + pos)
-                    logits = self._run_compiled(step, pos_t, kv, bias, caches)
+                    window_mask[..., P + pos] = 0                             # this step's key is visible
+                    window = window_mask[..., :lm_mod.window(P + pos + 1, window_mask.shape[-1])]
+                    logits = self._run_compiled(step, pos_t, kv, bias, caches, window)
                 else:
                     logits = self.lm(step, kv, bias, P + pos, caches)[:, :, -1]
         bar.close()
@@ -329,13 +334,22 @@ class MusicGen(nn.Module):
         self._caches = {}
         return self
 
-    def _run_compiled(self, step, pos_t, cross_kv, cross_bias, caches) -> torch.Tensor:
+    def _window_mask(self, caches, filled: int) -> torch.Tensor:
+        """(1, 1, 1, max_len) additive self-attention mask of the compiled step: 0 over the `filled` positions
+        the prefill wrote, -inf after; each step opens its own position and reads a bucketed window of it."""
+        k = caches[0].k
+        mask = torch.full((1, 1, 1, k.shape[2]), float("-inf"), dtype=k.dtype, device=k.device)
+        mask[..., :filled] = 0
+        return mask
+
+    def _run_compiled(self, step, pos_t, cross_kv, cross_bias, caches, window) -> torch.Tensor:
+        torch._dynamo.mark_dynamic(window, 3)   # one graph for every window length (CUDA graphs: one per bucket)
         key = (step.shape[0], cross_kv[0][0].shape[2] if cross_kv is not None else 0)
         warmed = self.__dict__.setdefault("_warmed", set())
         if key in warmed:
-            return self._compiled_step(step, pos_t, cross_kv, cross_bias, caches).clone()
+            return self._compiled_step(step, pos_t, cross_kv, cross_bias, caches, window).clone()
         start = time.perf_counter()
-        out = self._compiled_step(step, pos_t, cross_kv, cross_bias, caches).clone()
+        out = self._compiled_step(step, pos_t, cross_kv, cross_bias, caches, window).clone()
         warmed.add(key)
         print(f"musicgen: compiled the decoding step for {key[0]} rows in {time.perf_counter() - start:.1f} s "
               "(once per batch size)", file=sys.stderr)

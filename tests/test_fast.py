@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import musicgen
+from musicgen import lm as lm_mod
 from conftest import kernel_or_skip
 from musicgen.quant import (Int4Linear, Int8Linear, dequantize_int4_weight, quantize_int4_weight,
                             quantize_per_channel)
@@ -105,6 +106,22 @@ def test_compiled_step_equals_eager(ckpt_dir, model):
     for prompts in (PROMPTS, ["a much longer prompt about jazz, brushed drums and an upright bass", "x"]):
         assert torch.equal(m.generate_codes(prompts, duration=0.3, top_k=1),
                            model.generate_codes(prompts, duration=0.3, top_k=1))
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_step_reads_a_growing_window_with_one_graph(ckpt_dir, model, monkeypatch, backend):
+    """The compiled step attends over a bucketed window of the cache: with buckets of 8 positions a 0.6 s
+    generation crosses four windows, through one graph per batch size (the window length is dynamic)."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(lm_mod, "WINDOW_BUCKET", 8)
+    torch._dynamo.reset()   # compiled code is cached per function: count this test's graphs from none
+    m = musicgen.load(ckpt_dir).compile(backend=backend)
+    graphs = counters["stats"]["unique_graphs"]
+    assert torch.equal(m.generate_codes(PROMPTS, duration=0.6, top_k=1),
+                       model.generate_codes(PROMPTS, duration=0.6, top_k=1))
+    assert counters["stats"]["unique_graphs"] - graphs == 1
+    assert lm_mod.window(30, 2048) == 32 and lm_mod.window(32, 2048) == 32 and lm_mod.window(2047, 2048) == 2048
 
 
 def test_compiled_step_equals_eager_for_melody_models(melody_ckpt_dir, melody_model):
