@@ -35,8 +35,9 @@ class FusedLayers:
              cross_bias) -> torch.Tensor:
         """x (R, D), row r at positions[r] (or every row at positions[0]) -> (R, D); keys/values per layer
         (>= R, H, max_len, hd) (the continuous-batching scheduler's slots, rows past R untouched)."""
-        return self.native.step(x.float(), positions, keys, values, cross_keys, cross_values,
-                                cross_bias).to(x.dtype)
+        with torch.profiler.record_function("musicgen::fused_layers"):   # named in profiles (benchmarks/)
+            return self.native.step(x.float(), positions, keys, values, cross_keys, cross_values,
+                                    cross_bias).to(x.dtype)
 
 
 def _linear(module) -> tuple[str, torch.Tensor, torch.Tensor, torch.Tensor | None]:
