@@ -74,10 +74,15 @@ def test_int8_linear_equals_dequantised_matmul():
         torch.testing.assert_close(m(x.to(dtype)).float(), ref, atol=0.05, rtol=0.02)
 
 
+@pytest.mark.parametrize("avx512", [True, False])
 @pytest.mark.parametrize("M,N,K,bias", [(1, 7, 5, True), (2, 64, 100, False), (3, 33, 64, True),
-                                        (5, 130, 1030, True), (8, 96, 4096, False), (16, 40, 6000, True)])
-def test_int8_kernel_equals_dequantised_matmul(M, N, K, bias):
+                                        (5, 130, 1030, True), (7, 17, 33, False), (8, 96, 4096, False),
+                                        (12, 50, 2050, True), (16, 40, 6000, True)])
+def test_int8_kernel_equals_dequantised_matmul(monkeypatch, M, N, K, bias, avx512):
+    """Both code paths: from 4 rows on the AVX-512 one where the CPU has it (blocks of 8, 4, 2, 1 rows over
+    chunks of K), and AVX2 (MUSICGEN_NO_AVX512=1)."""
     kernel = kernel_or_skip("int8_gemv")
+    monkeypatch.setenv("MUSICGEN_NO_AVX512", "0" if avx512 else "1")
     g = torch.Generator().manual_seed(M * N + K)
     x = torch.randn(M, K, generator=g)
     q = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g)
