@@ -329,12 +329,17 @@ def test_int4_logits_within_tolerance_and_generation_well_formed(int4_pair):
 
 
 @pytest.mark.parametrize("quantize", ["int8", "int4"])
-def test_compiled_quantised_step_equals_eager(tmp_path_factory, int4_pair, quantize):
-    """A compiled step keeps the CPU kernels (registered as custom ops) and gives the eager codes."""
+def test_compiled_quantised_step_equals_eager(tmp_path_factory, int4_pair, quantize, monkeypatch, capsys):
+    """With the fused CPU decoder, compile() keeps it and says so; without it (MUSICGEN_FUSED=0), a compiled step
+    keeps the CPU kernels (registered as custom ops) and gives the eager codes."""
     kernel_or_skip("int8_gemv")
     folder = next(tmp_path_factory.getbasetemp().glob("tiny64*"))   # the checkpoint int4_pair wrote
     eager = musicgen.load(folder, quantize=quantize)
+    assert eager.lm.fused is not None and eager.compile()._compiled_step is None
+    assert "fused CPU decoder is faster" in capsys.readouterr().err
+    monkeypatch.setenv("MUSICGEN_FUSED", "0")
     compiled = musicgen.load(folder, quantize=quantize).compile(backend="aot_eager")
+    assert compiled._compiled_step is not None
     assert torch.equal(compiled.generate_codes(PROMPTS, duration=0.3, top_k=1),
                        eager.generate_codes(PROMPTS, duration=0.3, top_k=1))
 
