@@ -293,26 +293,45 @@ def _best_time(fn, repeats: int = 3) -> float:
 
 
 class SkinnyLinear(nn.Linear):
-    """nn.Linear that computes few-row float32 products on CPU as W @ x^T where that is the faster kernel.
+    """nn.Linear that computes few-row products on CPU (decoding) with whichever kernel reads the weights fastest.
 
-    Decoding multiplies a handful of rows by each weight, so the speed is the BLAS kernel's weight bandwidth,
-    and which formulation gets the better kernel depends on the CPU: on a 2-core AMD EPYC (AVX2) `linear`
-    (x @ W^T) read weights at about 5 GB/s and W @ x^T at 10-12 GB/s; on a 2-core Intel Xeon (AVX-512)
-    `linear` reached 24 GB/s and W @ x^T 13. `skinny_wins()` times both once per process and picks. Same
-    weights, same state dict; summation order differs only at float rounding. Anything else takes `F.linear`.
+    Decoding multiplies a handful of rows by each weight, so the speed is the kernel's weight bandwidth, and
+    which formulation gets the better kernel depends on the CPU and the row count:
+    - float32, 1-3 rows: `linear` (x @ W^T) or W @ x^T. On a 2-core AMD EPYC (AVX2) `linear` read weights at
+      about 5 GB/s and W @ x^T at 10-12 GB/s; on a 2-core Intel Xeon (AVX-512) `linear` reached 24 GB/s and
+      W @ x^T 13. `skinny_wins()` times both once per process and picks.
+    - float32, 4-16 rows, and bfloat16, 1-8 rows: our AVX-512 kernel (kernels.dense_gemv: the weights widened
+      exactly to float32, float32 activations and sums) where `dense_policy()` times it faster. On the Xeon, for
+      the musicgen-small layer set, float32 at 8 rows took 81 ms against `linear`'s 139, and bfloat16 at 2 rows
+      32 ms against 52: BLAS read bfloat16 weights at 13 GB/s.
+    Same weights, same state dict; the sums differ only at float rounding (bfloat16 outputs are rounded to
+    bfloat16 as `linear`'s are). Anything else takes `F.linear`.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        if (x.device.type != "cpu" or x.dtype != torch.float32 or not 0 < rows <= GEMV_ROWS
-                or torch.is_grad_enabled() or torch.compiler.is_compiling() or not skinny_wins()):
+        if (x.device.type != "cpu" or not 0 < rows <= GEMV_ROWS or x.dtype != self.weight.dtype
+                or torch.is_grad_enabled() or torch.compiler.is_compiling()):
             return F.linear(x, self.weight, self.bias)
-        x2 = x.reshape(rows, x.shape[-1]).t()                                  # (K, M)
-        y = torch.addmm(self.bias[:, None], self.weight, x2) if self.bias is not None else self.weight @ x2
-        return y.t().reshape(*x.shape[:-1], self.out_features)
+        if x.dtype == torch.float32:
+            if rows >= 4 and dense_policy()[0] and (native := kernels.dense_gemv()) is not None:
+                return self._native(native, x, rows)
+            if skinny_wins():
+                x2 = x.reshape(rows, x.shape[-1]).t()                              # (K, M)
+                y = torch.addmm(self.bias[:, None], self.weight, x2) if self.bias is not None else self.weight @ x2
+                return y.t().reshape(*x.shape[:-1], self.out_features)
+        elif (x.dtype == torch.bfloat16 and rows <= 8 and dense_policy()[1]
+              and (native := kernels.dense_gemv()) is not None):
+            return self._native(native, x.float(), rows).to(torch.bfloat16)
+        return F.linear(x, self.weight, self.bias)
+
+    def _native(self, native, x: torch.Tensor, rows: int) -> torch.Tensor:
+        y = native(x.reshape(rows, x.shape[-1]), self.weight, self.bias)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
 
 _SKINNY: bool | None = None
+_DENSE: tuple[bool, bool] | None = None
 
 
 def skinny_wins() -> bool:
@@ -335,6 +354,35 @@ def _time_skinny() -> bool:
         linear = _best_time(lambda: [F.linear(x, w) for w in weights])
         skinny = _best_time(lambda: [w @ x.t() for w in weights])
     return skinny < 0.9 * linear
+
+
+def dense_policy() -> tuple[bool, bool]:
+    """(float32 at 4-16 rows, bfloat16 at 1-8 rows): where kernels.dense_gemv beats F.linear on this CPU
+    (timed once, about 0.1 s, at 8 and 2 rows; False without the kernel; MUSICGEN_DENSE=1/0 forces both)."""
+    global _DENSE
+    if _DENSE is None:
+        forced = os.environ.get("MUSICGEN_DENSE", "")
+        native = kernels.dense_gemv()
+        if native is None:
+            _DENSE = (False, False)
+        elif forced in ("0", "1"):
+            _DENSE = (forced == "1",) * 2
+        else:
+            _DENSE = _time_dense(native)
+    return _DENSE
+
+
+def _time_dense(native) -> tuple[bool, bool]:
+    wins = []
+    with torch.inference_mode():
+        for dtype, rows in ((torch.float32, 8), (torch.bfloat16, 2)):
+            weights = [torch.full((2048, 1024), 0.01, dtype=dtype) for _ in range(8)]
+            x = torch.full((rows, 1024), 0.5)
+            xd = x.to(dtype)
+            linear = _best_time(lambda: [F.linear(xd, w) for w in weights])
+            ours = _best_time(lambda: [native(x, w, None) for w in weights])
+            wins.append(ours < 0.9 * linear)
+    return wins[0], wins[1]
 
 
 def use_skinny_linear(module: nn.Module) -> int:

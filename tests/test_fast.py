@@ -360,6 +360,59 @@ def test_skinny_linear_both_formulations_equal_linear(monkeypatch, skinny):
             torch.testing.assert_close(lin(x), ref, atol=1e-5, rtol=1e-5)
 
 
+def _dense_or_skip():
+    from musicgen import kernels
+
+    kernel_or_skip("int8_gemv")            # the extension itself (fails in CI if it does not build)
+    native = kernels.dense_gemv()
+    if native is None:
+        pytest.skip("no AVX-512 on this CPU: dense_gemv is not offered")
+    return native
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M,N,K,bias", [(1, 7, 5, True), (2, 64, 100, False), (3, 33, 64, True),
+                                        (5, 130, 1030, True), (8, 96, 4096, False), (13, 40, 6000, True)])
+def test_dense_kernel_equals_float64_reference(dtype, M, N, K, bias):
+    """float32 or bfloat16 weights, widened exactly, times float32 rows: blocks of 8/4/2/1 rows, K tails and
+    chunks of K."""
+    native = _dense_or_skip()
+    g = torch.Generator().manual_seed(M * N + K)
+    x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g).to(dtype)
+    b = torch.randn(N, generator=g) if bias else None
+    ref = x.double() @ w.double().t() + (b.double() if bias else 0)
+    torch.testing.assert_close(native(x, w, b).double(), ref, atol=1e-6 * K ** 0.5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,rows", [(torch.float32, 8), (torch.float32, 5), (torch.bfloat16, 2),
+                                        (torch.bfloat16, 7)])
+def test_skinny_linear_native_path_equals_linear(monkeypatch, dtype, rows):
+    """Where dense_policy picks our kernel (float32 from 4 rows, bfloat16 up to 8), SkinnyLinear calls it and
+    computes F.linear's layer: to float32 rounding, or for bfloat16 to the rounding of its output."""
+    import musicgen.quant as quant
+    from musicgen import kernels
+
+    native = _dense_or_skip()
+    calls = []
+    monkeypatch.setattr(kernels, "dense_gemv", lambda: (lambda *a: calls.append(1) or native(*a)))
+    monkeypatch.setattr(quant, "_DENSE", (True, True))
+    torch.manual_seed(0)
+    for bias in (True, False):
+        lin = torch.nn.Linear(96, 40, bias=bias).to(dtype)
+        ref = lin(x := torch.randn(rows, 1, 96, dtype=dtype)).detach()
+        quant.use_skinny_linear(lin)
+        with torch.inference_mode():
+            out = lin(x)
+        assert out.dtype == dtype and out.shape == ref.shape
+        tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=1.6e-2)
+        torch.testing.assert_close(out, ref, **tol)
+    assert len(calls) == 2
+    monkeypatch.setattr(quant, "_DENSE", (False, False))    # and not where it is not picked
+    with torch.inference_mode():
+        lin(x)
+    assert len(calls) == 2
+
+
 # -- fused decoder (musicgen/fused.py) ------------------------------------------------------------------
 def _step_logits(m, fused: bool, cache_dtype, steps: int = 12) -> torch.Tensor:
     """Logits of `steps` one-position decoding steps after a 6-position prefill, with the fused decoder on

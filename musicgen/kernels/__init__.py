@@ -71,6 +71,13 @@ def int8_quantize():
     return None if module is None else module.int8_quantize
 
 
+def dense_gemv():
+    """dense_gemv(x float32 (M, K), w float32 or bfloat16 (N, K), bias or None) -> float32 (M, N), for few-row
+    products of unquantised layers; AVX-512 only (None elsewhere, or with MUSICGEN_NO_AVX512=1)."""
+    module = _module()
+    return module.dense_gemv if module is not None and module.avx512_available() else None
+
+
 def fused_decoder():
     """The FusedDecoder class of decoder.cpp (every decoder layer of one decoding step in one call, for int4/int8
     layers), or None where the kernels cannot be had. musicgen/fused.py builds it from a quantised MusicLM."""
@@ -98,7 +105,7 @@ def _module():
 
         build_dir = Path(ext._get_build_directory("musicgen_kernels", verbose=False))
         if not any(build_dir.glob("*.so")):
-            print("musicgen: building the quantised CPU kernels (once, about a minute)", file=sys.stderr, flush=True)
+            print("musicgen: building the CPU kernels (once, about a minute)", file=sys.stderr, flush=True)
         # torch rebuilds when the sources or flags change; the header's hash in the flags covers it too
         header = hashlib.sha256((HERE / "gemv.h").read_bytes()).hexdigest()[:16]
         module = ext.load("musicgen_kernels", [str(HERE / "gemv.cpp"), str(HERE / "decoder.cpp")],

@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -92,22 +93,52 @@ inline void dot_rows(const float* x, int64_t K, const int8_t* w, float scale, fl
 // musicgen-small layer set. Here one widening of 32 weights feeds up to 8 rows of 16-lane FMAs, and the
 // activation rows are walked in chunks of at most 32 KB (rows x chunk) that stay in L1 across a block of 16
 // weight rows, instead of streaming every row's whole K (16 KB each for fc2) from L2 once per weight row.
-// Adds rows x[0..MB) (leading dimension ldx) times w over K (a chunk) into acc[m * ld_acc].
-template <int MB>
+// The weights are int8 (times a per-row scale after the sum) or, for dense_gemv, float32 or bfloat16
+// (uint16_t bits): widened exactly to float32 in every case.
+template <typename W>
+__attribute__((target("avx512f,avx512bw,avx512vl,fma"))) inline __m512 widen16(const W* w);
+
+template <>
+__attribute__((target("avx512f,avx512bw,avx512vl,fma"))) inline __m512 widen16(const int8_t* w) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))));
+}
+
+template <>
+__attribute__((target("avx512f,avx512bw,avx512vl,fma"))) inline __m512 widen16(const uint16_t* w) {
+  const __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));        // bfloat16 bits are a float32's high half
+}
+
+template <>
+__attribute__((target("avx512f,avx512bw,avx512vl,fma"))) inline __m512 widen16(const float* w) {
+  return _mm512_loadu_ps(w);
+}
+
+inline float widen1(int8_t w) { return static_cast<float>(w); }
+inline float widen1(float w) { return w; }
+inline float widen1(uint16_t w) {
+  const uint32_t u = static_cast<uint32_t>(w) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// Adds rows x[0..MB) (leading dimension ldx) times w over K (a chunk) into acc[m * ld_acc]; prefetches the
+// weights read ahead_l1 / ahead_l2 bytes later in reading order.
+template <typename W, int MB>
 __attribute__((target("avx512f,avx512bw,avx512vl,fma")))
-void dot_rows_avx512(const float* x, int64_t ldx, int64_t K, const int8_t* w, float* acc_out, int64_t ld_acc,
+void dot_rows_avx512(const float* x, int64_t ldx, int64_t K, const W* w, float* acc_out, int64_t ld_acc,
                      int64_t ahead_l1, int64_t ahead_l2) {
   __m512 acc[MB][2];
   for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+  const char* wb = reinterpret_cast<const char*>(w);
   int64_t k = 0;
   for (; k + 32 <= K; k += 32) {
-    if ((k & 63) == 0) {   // the weights this loop reads ~2 KB and ~16 KB later (as prefetch_weights)
-      _mm_prefetch(reinterpret_cast<const char*>(w + k + ahead_l1), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(w + k + ahead_l2), _MM_HINT_T1);
+    for (int64_t line = (64 - (k * sizeof(W)) % 64) % 64; line < 32 * int64_t(sizeof(W)); line += 64) {
+      _mm_prefetch(wb + k * sizeof(W) + line + ahead_l1, _MM_HINT_T0);   // each 64-byte line once
+      _mm_prefetch(wb + k * sizeof(W) + line + ahead_l2, _MM_HINT_T1);
     }
-    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k));
-    const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
-    const __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1)));
+    const __m512 w0 = widen16(w + k), w1 = widen16(w + k + 16);
     for (int m = 0; m < MB; ++m) {
       acc[m][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + m * ldx + k), acc[m][0]);
       acc[m][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + m * ldx + k + 16), acc[m][1]);
@@ -115,15 +146,17 @@ void dot_rows_avx512(const float* x, int64_t ldx, int64_t K, const int8_t* w, fl
   }
   for (int m = 0; m < MB; ++m) {
     float s = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
-    for (int64_t kk = k; kk < K; ++kk) s += static_cast<float>(w[kk]) * x[m * ldx + kk];
+    for (int64_t kk = k; kk < K; ++kk) s += widen1(w[kk]) * x[m * ldx + kk];
     acc_out[m * ld_acc] += s;
   }
 }
 
 bool has_avx512();
 
-void int8_rows_avx512(const float* xp, int64_t M, int64_t K, const int8_t* qp, const float* sp, const float* bp,
-                      int64_t N, float* yp) {
+// y (M, N) = x (M, K) . w (N, K)^T (* scale[n] where scale) + bias[n]
+template <typename W>
+void rows_avx512(const float* xp, int64_t M, int64_t K, const W* wp, const float* sp, const float* bp, int64_t N,
+                 float* yp) {
   constexpr int64_t NB = 16;                                       // weight rows sharing one activation chunk
   const int64_t rows = std::min<int64_t>(M, 8);
   const int64_t KC = std::max<int64_t>(32, 32768 / (4 * rows) / 32 * 32);   // rows x KC floats <= 32 KB
@@ -134,21 +167,22 @@ void int8_rows_avx512(const float* xp, int64_t M, int64_t K, const int8_t* qp, c
       std::fill(part.begin(), part.end(), 0.f);
       for (int64_t k0 = 0; k0 < K; k0 += KC) {
         const int64_t kc = std::min(KC, K - k0);
-        // weight rows are read kc bytes at a time, K apart: "2 KB / 16 KB ahead" in reading order is rows ahead
-        const int64_t l1 = K * std::max<int64_t>(1, 2048 / kc), l2 = K * std::max<int64_t>(1, 16384 / kc);
+        // weight rows are read kc at a time, K apart: "2 KB / 16 KB ahead" in reading order is rows ahead
+        const int64_t row = K * int64_t(sizeof(W)), chunk = kc * int64_t(sizeof(W));
+        const int64_t l1 = row * std::max<int64_t>(1, 2048 / chunk), l2 = row * std::max<int64_t>(1, 16384 / chunk);
         for (int64_t n = nb; n < ne; ++n) {
-          const int8_t* w = qp + n * K + k0;
+          const W* w = wp + n * K + k0;
           float* acc = &part[n - nb];
           int64_t m = 0;
-          for (; m + 8 <= M; m += 8) dot_rows_avx512<8>(xp + m * K + k0, K, kc, w, acc + m * NB, NB, l1, l2);
-          for (; m + 4 <= M; m += 4) dot_rows_avx512<4>(xp + m * K + k0, K, kc, w, acc + m * NB, NB, l1, l2);
-          for (; m + 2 <= M; m += 2) dot_rows_avx512<2>(xp + m * K + k0, K, kc, w, acc + m * NB, NB, l1, l2);
-          for (; m < M; ++m) dot_rows_avx512<1>(xp + m * K + k0, K, kc, w, acc + m * NB, NB, l1, l2);
+          for (; m + 8 <= M; m += 8) dot_rows_avx512<W, 8>(xp + m * K + k0, K, kc, w, acc + m * NB, NB, l1, l2);
+          for (; m + 4 <= M; m += 4) dot_rows_avx512<W, 4>(xp + m * K + k0, K, kc, w, acc + m * NB, NB, l1, l2);
+          for (; m + 2 <= M; m += 2) dot_rows_avx512<W, 2>(xp + m * K + k0, K, kc, w, acc + m * NB, NB, l1, l2);
+          for (; m < M; ++m) dot_rows_avx512<W, 1>(xp + m * K + k0, K, kc, w, acc + m * NB, NB, l1, l2);
         }
       }
       for (int64_t m = 0; m < M; ++m)
         for (int64_t n = nb; n < ne; ++n)
-          yp[m * N + n] = part[m * NB + n - nb] * sp[n] + (bp ? bp[n] : 0.f);
+          yp[m * N + n] = part[m * NB + n - nb] * (sp ? sp[n] : 1.f) + (bp ? bp[n] : 0.f);
     }
   });
 }
@@ -157,8 +191,8 @@ void int8_rows_avx512(const float* xp, int64_t M, int64_t K, const int8_t* qp, c
 
 void musicgen::int8_gemv_raw(const float* xp, int64_t M, int64_t K, const int8_t* qp, const float* sp,
                              const float* bp, int64_t N, float* yp) {
-  if (M >= 4 && has_avx512()) {   // arithmetic-bound from here on (see int8_rows_avx512)
-    int8_rows_avx512(xp, M, K, qp, sp, bp, N, yp);
+  if (M >= 4 && has_avx512()) {   // arithmetic-bound from here on (see rows_avx512)
+    rows_avx512(xp, M, K, qp, sp, bp, N, yp);
     return;
   }
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
@@ -186,6 +220,30 @@ torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c
                           y.data_ptr<float>());
   return y;
 }
+
+// dense_gemv: float32 or bfloat16 weights, float32 activations, for few-row products of unquantised layers
+// (BLAS reads a bfloat16 weight at about 13 GB/s for two rows here, float32 at about 22, and a float32 one
+// at 11 for eight rows). AVX-512 only: avx512_available() says whether it may be called.
+torch::Tensor dense_gemv(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(has_avx512(), "dense_gemv: needs AVX-512 (see avx512_available)");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "dense_gemv: x (M, K) and w (N, K) expected");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32, "dense_gemv: x must be float32");
+  TORCH_CHECK((w.scalar_type() == torch::kFloat32 || w.scalar_type() == torch::kBFloat16) && w.is_contiguous(),
+              "dense_gemv: w must be contiguous float32 or bfloat16");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  x = x.contiguous();
+  auto y = torch::empty({M, N}, x.options());
+  torch::Tensor b;
+  const float* bp = float_bias(bias, N, b, "dense_gemv");
+  if (w.scalar_type() == torch::kFloat32)
+    rows_avx512(x.data_ptr<float>(), M, K, w.data_ptr<float>(), nullptr, bp, N, y.data_ptr<float>());
+  else
+    rows_avx512(x.data_ptr<float>(), M, K, reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), nullptr,
+                bp, N, y.data_ptr<float>());
+  return y;
+}
+
+bool avx512_available() { return has_avx512(); }
 
 namespace {
 
