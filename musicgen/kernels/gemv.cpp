@@ -3,6 +3,7 @@
 // int8_gemv: weight-only int8, float32 activations (exact products of the int8 weights).
 // int4_gemv: 4-bit weights in groups of 32 with a float16 scale each, activations quantised on the fly to int8
 //            in groups of 32 (as llama.cpp's Q4_0 x Q8_0): the group dot products run in integers.
+// dense_gemv: float32 or bfloat16 weights, float32 activations, AVX-512 (unquantised layers, few rows).
 //
 //   y[m, n] = scale[n] * sum_k x[m, k] * q[n, k] + bias[n]      x float32 (M, K), q int8 (N, K)
 //
