@@ -90,7 +90,7 @@ inline void dot_rows(const float* x, int64_t K, const int8_t* w, float scale, fl
 }
 
 // The same product for many rows (batched decoding: two per request under guidance), with AVX-512. From four
-// rows on the AVX2 kernel is bound by arithmetic, not by the weight stream: 8 rows took 2.5x as long as 2 on the
+// rows on the AVX2 kernel is bound by arithmetic, not by the weight stream: 8 rows took 2.7x as long as 2 on the
 // musicgen-small layer set. Here one widening of 32 weights feeds up to 8 rows of 16-lane FMAs, and the
 // activation rows are walked in chunks of at most 32 KB (rows x chunk) that stay in L1 across a block of 16
 // weight rows, instead of streaming every row's whole K (16 KB each for fc2) from L2 once per weight row.
