@@ -32,6 +32,7 @@ from .delay import build_pattern, codebook_delays
 from .model import MAX_DURATION
 
 MARGIN = 4   # frames of real context kept on each side of a recomputed window (A needs 3, C about 2)
+FIRST_CHUNK_SECONDS = 0.25   # the first chunk of a stream, when chunk_seconds is longer: audio starts sooner
 
 
 class StreamingDecoder:
@@ -107,12 +108,14 @@ def stream_codes(model, prompts: Sequence[str] | str | None, duration: float, ch
                  melody=None, melody_sample_rate: int | None = None, prompt_audio=None,
                  prompt_sample_rate: int | None = None, batch_size: int | None = None, demucs: bool = True,
                  top_k: int = 250, top_p: float = 0.0, temperature: float = 1.0, guidance_scale: float = 3.0,
-                 seed: int | None = None) -> Iterator[tuple[torch.Tensor, bool]]:
-    """Yield (codes (B, K, n), last) for every `chunk_frames` newly complete frames; the codes joined equal
-    `model.generate_codes` with the same arguments (every mode of one 30 s window; a continuation's prompt
-    frames come first)."""
-    if chunk_frames < 1:
-        raise ValueError(f"chunks must hold at least one frame, got {chunk_frames}")
+                 seed: int | None = None, first_chunk_frames: int | None = None
+                 ) -> Iterator[tuple[torch.Tensor, bool]]:
+    """Yield (codes (B, K, n), last) for every `chunk_frames` newly complete frames (`first_chunk_frames` for the
+    first yield, default the same); the codes joined equal `model.generate_codes` with the same arguments
+    (every mode of one 30 s window; a continuation's prompt frames come first)."""
+    first_chunk_frames = chunk_frames if first_chunk_frames is None else first_chunk_frames
+    if chunk_frames < 1 or first_chunk_frames < 1:
+        raise ValueError(f"chunks must hold at least one frame, got {min(chunk_frames, first_chunk_frames)}")
     frames, known, melodies, params, states, mask, generator = model._prepare(
         prompts, duration, melody, melody_sample_rate, prompt_audio, prompt_sample_rate, batch_size, demucs,
         top_k, top_p, temperature, guidance_scale, seed)
@@ -127,7 +130,7 @@ def stream_codes(model, prompts: Sequence[str] | str | None, duration: float, ch
     sent = 0
     for pos in model._decode_steps(seq, cond, params, generator):
         complete = min(frames, pos - max(delays))                  # frame f is complete at pos f + max delay + 1
-        if complete - sent >= chunk_frames or pos == L - 1:
+        if complete - sent >= (chunk_frames if sent else first_chunk_frames) or pos == L - 1:
             yield _frames(seq, sent, complete, delays), pos == L - 1
             sent = complete
 
@@ -137,14 +140,21 @@ def _frames(seq: torch.Tensor, start: int, end: int, delays: list[int]) -> torch
 
 
 def stream(model, prompts: Sequence[str] | str | None, duration: float = 8.0, chunk_seconds: float = 1.0,
-           **sampling) -> Iterator[torch.Tensor]:
+           first_chunk_seconds: float | None = None, **sampling) -> Iterator[torch.Tensor]:
     """Yield float32 audio (B, channels, samples) as it is decoded; joined, it is `model.generate(...)`'s audio
-    up to float rounding."""
+    up to float rounding. The first chunk is `first_chunk_seconds` long (default: chunk_seconds, at most
+    FIRST_CHUNK_SECONDS), so that playback can start after a few decoding steps; the others chunk_seconds."""
     if not chunk_seconds > 0:
         raise ValueError(f"chunk_seconds must be positive, got {chunk_seconds!r}")
+    if first_chunk_seconds is None:
+        first_chunk_seconds = min(chunk_seconds, FIRST_CHUNK_SECONDS)
+    if not first_chunk_seconds > 0:
+        raise ValueError(f"first_chunk_seconds must be positive, got {first_chunk_seconds!r}")
     chunk_frames = max(1, round(chunk_seconds * model.frame_rate))
+    first_frames = max(1, round(first_chunk_seconds * model.frame_rate))
     decoder = MultiChannelDecoder(model.codec, model.audio_channels)
-    for codes, last in stream_codes(model, prompts, duration, chunk_frames, **sampling):
+    for codes, last in stream_codes(model, prompts, duration, chunk_frames, first_chunk_frames=first_frames,
+                                    **sampling):
         audio = decoder.push(codes, final=last)
         if audio.shape[-1] or last:
             yield audio

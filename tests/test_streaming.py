@@ -86,6 +86,24 @@ def test_stream_yields_progressively_and_matches_generate(model):
     assert snr_db(ref, joined) > 100
 
 
+def test_stream_starts_with_a_short_chunk(model):
+    """By default the first chunk is at most FIRST_CHUNK_SECONDS (0.25 s) of decoding, the rest chunk_seconds;
+    first_chunk_seconds sets it. The stream still joins to generate()'s audio."""
+    from musicgen.streaming import FIRST_CHUNK_SECONDS
+
+    ref = model.generate(["ambient pads"], duration=3.0, seed=2)
+    chunks = list(model.stream(["ambient pads"], duration=3.0, chunk_seconds=1.0, seed=2))
+    rate = model.sample_rate
+    assert 0 < chunks[0].shape[-1] <= FIRST_CHUNK_SECONDS * rate
+    assert chunks[1].shape[-1] == rate                  # then 1 s chunks (50 frames of 640 samples)
+    assert snr_db(ref, torch.cat(chunks, dim=-1)) > 100
+    slow = list(model.stream(["ambient pads"], duration=3.0, chunk_seconds=1.0, first_chunk_seconds=1.0, seed=2))
+    assert chunks[0].shape[-1] < slow[0].shape[-1] <= rate
+    torch.testing.assert_close(torch.cat(slow, dim=-1), torch.cat(chunks, dim=-1), atol=1e-5, rtol=0)
+
+
 def test_stream_rejects_bad_chunks(model):
     with pytest.raises(ValueError, match="chunk_seconds"):
         next(model.stream(["x"], duration=1.0, chunk_seconds=0))
+    with pytest.raises(ValueError, match="first_chunk_seconds"):
+        next(model.stream(["x"], duration=1.0, first_chunk_seconds=-1))
