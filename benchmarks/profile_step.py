@@ -24,7 +24,7 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import PROMPTS, ensure_checkpoint, sync  # noqa: E402
+from speed import PROMPTS, ensure_checkpoint, load_mode, sync  # noqa: E402
 
 # first match wins: (kind, substrings of lower-cased operator / kernel names)
 KINDS = [
@@ -60,13 +60,8 @@ def main() -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    import musicgen
-
-    folder = ensure_checkpoint(args.size, args.cache)
     mode = args.mode
-    dtype = "bfloat16" if "bfloat16" in mode else "float16" if "float16" in mode else "float32"
-    quantize = "int8" if "int8" in mode else "int4" if "int4" in mode else None
-    model = musicgen.load(folder, device=args.device, dtype=dtype, quantize=quantize, compile="compile" in mode)
+    model = load_mode(ensure_checkpoint(args.size, args.cache), mode, args.device)
     prompts = (PROMPTS * args.batch)[:args.batch]
     kw = dict(duration=args.seconds, top_k=250, guidance_scale=3.0, seed=0)
 

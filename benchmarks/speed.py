@@ -93,14 +93,19 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def measure_ours(folder: Path, mode: str, batch: int, seconds: float, device: str) -> dict:
-    import torch
-
+def load_mode(folder: Path, mode: str, device: str):
+    """musicgen.load in one of our modes: float32, bfloat16, float16, int8, int4, any +compile."""
     import musicgen
 
     dtype = "bfloat16" if "bfloat16" in mode else "float16" if "float16" in mode else "float32"
     quantize = "int8" if "int8" in mode else "int4" if "int4" in mode else None
-    model = musicgen.load(folder, device=device, dtype=dtype, quantize=quantize, compile="compile" in mode)
+    return musicgen.load(folder, device=device, dtype=dtype, quantize=quantize, compile="compile" in mode)
+
+
+def measure_ours(folder: Path, mode: str, batch: int, seconds: float, device: str) -> dict:
+    import torch
+
+    model = load_mode(folder, mode, device)
     prompts = (PROMPTS * batch)[:batch]
     kw = dict(top_k=250, guidance_scale=3.0, seed=0)
     # warm-up: compiles, and under compile=True on CUDA records a graph per attention window the request uses

@@ -26,11 +26,15 @@
 
 namespace {
 
-// The activation rows in blocks of 4, then 2, then 1: fn(std::integral_constant<int, MB>, first row), so each
-// kernel is instantiated for those block sizes (MB accumulators per weight row).
-template <typename Fn>
+// The activation rows in blocks of 4 (or first 8, with Max = 8), then 2, then 1:
+// fn(std::integral_constant<int, MB>, first row), so each kernel is instantiated for those block sizes (MB
+// accumulators per weight row).
+template <int Max = 4, typename Fn>
 inline void row_blocks(int64_t M, Fn&& fn) {
+  static_assert(Max == 4 || Max == 8, "row blocks of at most 4 or 8 rows");
   int64_t m = 0;
+  if constexpr (Max == 8)
+    for (; m + 8 <= M; m += 8) fn(std::integral_constant<int, 8>{}, m);
   for (; m + 4 <= M; m += 4) fn(std::integral_constant<int, 4>{}, m);
   for (; m + 2 <= M; m += 2) fn(std::integral_constant<int, 2>{}, m);
   for (; m < M; ++m) fn(std::integral_constant<int, 1>{}, m);
@@ -174,11 +178,9 @@ void rows_avx512(const float* xp, int64_t M, int64_t K, const W* wp, const float
         for (int64_t n = nb; n < ne; ++n) {
           const W* w = wp + n * K + k0;
           float* acc = &part[n - nb];
-          int64_t m = 0;
-          for (; m + 8 <= M; m += 8) dot_rows_avx512<W, 8>(xp + m * K + k0, K, kc, w, acc + m * NB, NB, l1, l2);
-          for (; m + 4 <= M; m += 4) dot_rows_avx512<W, 4>(xp + m * K + k0, K, kc, w, acc + m * NB, NB, l1, l2);
-          for (; m + 2 <= M; m += 2) dot_rows_avx512<W, 2>(xp + m * K + k0, K, kc, w, acc + m * NB, NB, l1, l2);
-          for (; m < M; ++m) dot_rows_avx512<W, 1>(xp + m * K + k0, K, kc, w, acc + m * NB, NB, l1, l2);
+          row_blocks<8>(M, [&](auto mb, int64_t m) {
+            dot_rows_avx512<W, decltype(mb)::value>(xp + m * K + k0, K, kc, w, acc + m * NB, NB, l1, l2);
+          });
         }
       }
       for (int64_t m = 0; m < M; ++m)
