@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .delay import build_pattern, codebook_delays, revert_pattern
+from . import lm as lm_mod
 from .sampling import SamplingParams, sample_rows
 
 GROW = 64   # cache length grows in steps of this many positions
@@ -238,8 +239,9 @@ class Scheduler:
                                  f"exceeds the model's {self.lm.positions.shape[0]}; shorten the prompt or duration")
             self._grow(req.offset + req.seq.shape[-1], 0)
             caches = self.lm.new_caches(2, req.offset)
-            self.lm(torch.zeros(2, self.K, 0, dtype=torch.long, device=model.device), None, None, 0, caches,
-                    prefix=prefix)
+            with lm_mod.attention_backends(model.device):
+                self.lm(torch.zeros(2, self.K, 0, dtype=torch.long, device=model.device), None, None, 0, caches,
+                        prefix=prefix)
             for i, c in enumerate(caches):
                 self.k[i][rows, :, :req.offset], self.v[i][rows, :, :req.offset] = c.k, c.v
             self.active.append(req)
@@ -307,23 +309,30 @@ class Scheduler:
             x = lm.fused.rows(x[:, 0], pos.tolist(), self.k, self.v, [k[:R] for k in self.ck] if text else [],
                               [v[:R] for v in self.cv] if text else [], self.bias[:R] if text else None)[:, None]
         else:
-            span = int(pos.max()) + 1
-            visible = (torch.arange(span, device=pos.device) <= pos[:, None])[:, None, None]  # (R, 1, 1, span)
-            rows = torch.arange(R, device=pos.device)
-            for i, layer in enumerate(lm.layers):
-                att = layer.self_attn
-                H, hd = att.heads, att.head_dim
-                q, k, v = att.qkv(layer.norm1(x)).view(R, 1, 3, H, hd).permute(2, 0, 3, 1, 4)  # 3 x (R, H, 1, hd)
-                self.k[i][rows, :, pos] = k[:, :, 0]
-                self.v[i][rows, :, pos] = v[:, :, 0]
-                y = F.scaled_dot_product_attention(q, self.k[i][:R, :, :span], self.v[i][:R, :, :span],
-                                                   attn_mask=visible)                        # (R, H, 1, hd)
-                x = x + att.out(y.transpose(1, 2).reshape(R, 1, H * hd))
-                if layer.cross_attn is not None:
-                    x = x + layer.cross_attn(layer.norm_cross(x), (self.ck[i][:R], self.cv[i][:R]), self.bias[:R])
-                x = x + layer.fc2(layer.act(layer.fc1(layer.norm2(x))))
+            with lm_mod.attention_backends(x.device):   # the key span changes every step
+                x = self._layers(x, pos)
         x = lm.norm(x)
         return torch.stack([head(x[:, 0]) for head in lm.heads], dim=1)                 # (R, K, V)
+
+    def _layers(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """The decoder layers for (R, 1, D) rows at positions pos (R,), in torch operators."""
+        lm, R = self.lm, x.shape[0]
+        span = int(pos.max()) + 1
+        visible = (torch.arange(span, device=pos.device) <= pos[:, None])[:, None, None]  # (R, 1, 1, span)
+        rows = torch.arange(R, device=pos.device)
+        for i, layer in enumerate(lm.layers):
+            att = layer.self_attn
+            H, hd = att.heads, att.head_dim
+            q, k, v = att.qkv(layer.norm1(x)).view(R, 1, 3, H, hd).permute(2, 0, 3, 1, 4)  # 3 x (R, H, 1, hd)
+            self.k[i][rows, :, pos] = k[:, :, 0]
+            self.v[i][rows, :, pos] = v[:, :, 0]
+            y = F.scaled_dot_product_attention(q, self.k[i][:R, :, :span], self.v[i][:R, :, :span],
+                                               attn_mask=visible)                        # (R, H, 1, hd)
+            x = x + att.out(y.transpose(1, 2).reshape(R, 1, H * hd))
+            if layer.cross_attn is not None:
+                x = x + layer.cross_attn(layer.norm_cross(x), (self.ck[i][:R], self.cv[i][:R]), self.bias[:R])
+            x = x + layer.fc2(layer.act(layer.fc1(layer.norm2(x))))
+        return x
 
 
 def _finish(req: Request, status: str) -> None:

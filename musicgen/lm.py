@@ -15,7 +15,9 @@ layers in one native call, writing the same caches.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 
 import torch
 import torch.nn as nn
@@ -213,6 +215,26 @@ class MusicLM(nn.Module):
         after. W (see `window`) is the one size that changes between steps, so that attention reads about as
         much of the cache as eager decoding does instead of all of it."""
         return self.forward(codes, cross_kv, cross_bias, pos, caches, window_bias=window_bias)[:, :, -1]
+
+
+def attention_backends(device: torch.device, compiled: bool = False):
+    """Context for attention whose shapes change from call to call (decoding, the text encoder): on CUDA it
+    keeps scaled_dot_product_attention off the cuDNN backend; elsewhere it does nothing.
+
+    On Hopper-class cards (sm90/sm100 with a recent cuDNN) PyTorch tries cuDNN attention first for
+    half-precision inputs. cuDNN builds an execution graph for every new problem shape, key length included,
+    which reportedly takes tens of ms of host time. An eager decoding step has a new key length every step.
+    On an H200, eager bfloat16 decoded 4x slower than float32 (20 against 78 steps/s; transformers 15 against
+    35); these per-shape builds are the likely cause, not yet confirmed on a GPU. Flash and memory-efficient
+    attention need no per-shape build. float32 never takes cuDNN, so the exact path is unchanged.
+
+    Compiled steps (`compiled=True`) replay CUDA graphs recorded once per window bucket, so a build is paid
+    once; they keep PyTorch's own choice. MUSICGEN_CUDNN_ATTENTION=1 allows cuDNN everywhere, =0 nowhere."""
+    setting = os.environ.get("MUSICGEN_CUDNN_ATTENTION", "")
+    if device.type != "cuda" or setting == "1" or (compiled and setting != "0"):
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 WINDOW_BUCKET = 128   # compiled steps attend over a multiple of this many cache positions

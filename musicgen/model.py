@@ -95,7 +95,8 @@ class MusicGen(nn.Module):
             raise RuntimeError("this model was built without a tokenizer; load it from a checkpoint folder")
         ids, mask = self.tokenizer(list(prompts))
         ids, mask = ids.to(self.device), mask.to(self.device)
-        states = self.text_encoder(ids, mask)                                  # (B, S, d_model)
+        with lm_mod.attention_backends(self.device):                           # a new text length per request
+            states = self.text_encoder(ids, mask)                              # (B, S, d_model)
         if self.text_proj is not None:
             states = self.text_proj(states)                                    # (B, S, dim)
         return states * mask[..., None].to(states.dtype), mask
@@ -295,7 +296,9 @@ class MusicGen(nn.Module):
         start = int(open_.nonzero()[0]) if open_.any() else L                  # first position to generate
         step_inputs = lambda x: torch.cat([x, x], dim=0) if params.uses_cfg else x  # noqa: E731
         bar = _progress(L - start, progress)
-        logits = self.lm(step_inputs(seq[:, :, :start]), kv, bias, 0, caches, prefix=cond.prefix)[:, :, -1]  # prefill
+        attention = functools.partial(lm_mod.attention_backends, self.device)   # CUDA: shapes change per step
+        with attention():   # prefill
+            logits = self.lm(step_inputs(seq[:, :, :start]), kv, bias, 0, caches, prefix=cond.prefix)[:, :, -1]
         if compiled:   # the compiled step's position (a tensor) and its self-attention mask, updated in place
             pos_t = torch.tensor([P + start], device=self.device)
             window_mask = self._window_mask(caches, P + start)
@@ -312,9 +315,11 @@ class MusicGen(nn.Module):
                     pos_t.fill_(P + pos)
                     window_mask[..., P + pos] = 0                             # this step's key is visible
                     window = window_mask[..., :lm_mod.window(P + pos + 1, window_mask.shape[-1])]
-                    logits = self._run_compiled(step, pos_t, kv, bias, caches, window)
+                    with attention(compiled=True):
+                        logits = self._run_compiled(step, pos_t, kv, bias, caches, window)
                 else:
-                    logits = self.lm(step, kv, bias, P + pos, caches)[:, :, -1]
+                    with attention():
+                        logits = self.lm(step, kv, bias, P + pos, caches)[:, :, -1]
         bar.close()
         return seq
 

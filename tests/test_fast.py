@@ -146,6 +146,73 @@ def test_bad_precision_options(ckpt_dir):
         musicgen.load(ckpt_dir, dtype="float8")
 
 
+def _cudnn_flags(device, compiled=False):
+    with lm_mod.attention_backends(torch.device(device), compiled=compiled):
+        return torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled(), \
+            torch.backends.cuda.mem_efficient_sdp_enabled(), torch.backends.cuda.math_sdp_enabled()
+
+
+def test_attention_backends_keep_eager_cuda_attention_off_cudnn(monkeypatch):
+    """The switches are process-wide flags, so this runs without a GPU: the context turns cuDNN attention
+    off for CUDA and leaves the rest on, does nothing elsewhere, and puts the flags back."""
+    monkeypatch.delenv("MUSICGEN_CUDNN_ATTENTION", raising=False)
+    before = _cudnn_flags("cpu")
+    assert before[0]                                                   # PyTorch's default: cuDNN allowed
+    assert _cudnn_flags("cuda") == (False, True, True, True)
+    assert _cudnn_flags("cuda", compiled=True) == before              # compiled steps keep PyTorch's choice
+    assert torch.backends.cuda.cudnn_sdp_enabled()                    # restored on exit
+    monkeypatch.setenv("MUSICGEN_CUDNN_ATTENTION", "0")
+    assert _cudnn_flags("cuda", compiled=True) == (False, True, True, True)
+    monkeypatch.setenv("MUSICGEN_CUDNN_ATTENTION", "1")
+    assert _cudnn_flags("cuda") == before
+
+
+def test_decoding_and_serving_attention_runs_inside_the_backend_context(ckpt_dir, model, monkeypatch):
+    """Every attention call of an eager generation (text encoder, prefill, steps) and of the service's
+    batched step runs with cuDNN attention off when the context is the CUDA one. On CPU the device is
+    faked: the context under test is given 'cuda' whatever the model's device."""
+    from musicgen.batching import Request, Scheduler
+
+    real = lm_mod.attention_backends
+    monkeypatch.delenv("MUSICGEN_CUDNN_ATTENTION", raising=False)
+    monkeypatch.setattr(lm_mod, "attention_backends",
+                        lambda device, compiled=False: real(torch.device("cuda"), compiled))
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    layers = len(model.lm.layers)
+    model.generate_codes(PROMPTS, duration=0.2, top_k=1)               # 10 frames: 13 decoding positions
+    assert len(seen) >= 2 * layers * 13 and not any(seen)
+    seen.clear()
+    sched = Scheduler(model, max_batch=2)
+    req = sched.submit(Request("lofi", frames=5, params=musicgen.sampling.SamplingParams(top_k=1)))
+    for _ in range(100):
+        if req.done.is_set():
+            break
+        sched.step()
+    assert req.status == "done"
+    assert len(seen) >= 2 * layers * 5 and not any(seen)
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_decoding_attention_is_not_cudnn():
+    """On the GPU itself: a bfloat16 one-query step inside the context picks flash or memory-efficient
+    attention, whatever PyTorch would pick outside it."""
+    q = torch.randn(2, 24, 1, 64, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(2, 24, 37, 64, device="cuda", dtype=torch.bfloat16)
+    with lm_mod.attention_backends(torch.device("cuda")):
+        choice = torch._fused_sdp_choice(q, k, k)
+    assert choice in (int(torch.nn.attention.SDPBackend.FLASH_ATTENTION),
+                      int(torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION))
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("kw", [dict(dtype="bfloat16"), dict(dtype="bfloat16", quantize="int8"),
