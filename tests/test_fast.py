@@ -242,14 +242,24 @@ def test_int4_weight_round_trip():
         quantize_int4_weight(torch.randn(4, 96))
 
 
-@pytest.mark.parametrize("avx512", [True, False])
+@pytest.mark.parametrize("path", ["amx", "vnni", "avx2"])
 @pytest.mark.parametrize("M,N,K,bias", [(1, 7, 64, True), (2, 64, 256, False), (3, 33, 320, True),
-                                        (5, 130, 1024, True), (8, 96, 4096, False), (16, 40, 6144, True)])
-def test_int4_kernel_equals_quantised_reference(monkeypatch, M, N, K, bias, avx512):
+                                        (5, 130, 1024, True), (8, 96, 4096, False), (16, 40, 6144, True),
+                                        (4, 16, 64, True), (7, 48, 192, False), (16, 64, 6144, True),
+                                        (21, 32, 128, True)])
+def test_int4_kernel_equals_quantised_reference(monkeypatch, M, N, K, bias, path):
     """The kernel computes exactly (to float rounding) dequant(W) @ quant8(x): int8 activations per group of 32.
-    Both code paths: AVX-512 VNNI where the CPU has it, and AVX2 (MUSICGEN_NO_AVX512=1)."""
+    Every code path: AMX tiles (from 4 rows, N a multiple of 16; more than 16 rows in blocks of 16), AVX-512
+    VNNI (MUSICGEN_NO_AMX=1) and AVX2 (MUSICGEN_NO_AVX512=1)."""
+    import musicgen.kernels as kernels
+
     kernel = kernel_or_skip("int4_gemv")
-    monkeypatch.setenv("MUSICGEN_NO_AVX512", "0" if avx512 else "1")
+    monkeypatch.setenv("MUSICGEN_NO_AVX512", "1" if path == "avx2" else "0")
+    monkeypatch.setenv("MUSICGEN_NO_AMX", "0" if path == "amx" else "1")
+    if path == "amx" and not kernels.amx_available():
+        pytest.skip("this CPU (or kernel) has no AMX tiles")
+    if path != "amx":
+        assert not kernels.amx_available()
     g = torch.Generator().manual_seed(M * N + K)
     x = torch.randn(M, K, generator=g) * 3
     w = torch.randn(N, K, generator=g)

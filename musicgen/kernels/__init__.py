@@ -1,7 +1,7 @@
 """Native CPU kernels, built on first use with the system C++ compiler (torch.utils.cpp_extension).
 
 `int8_gemv()` and `int4_gemv()` return the quantised matrix-vector kernels of gemv.cpp (AVX2; the int4 one
-also has an AVX-512 VNNI path chosen at run time), and `fused_decoder()` the native decoder layers of
+also has AVX-512 VNNI and, from 4 rows on, AMX paths chosen at run time), and `fused_decoder()` the native decoder layers of
 decoder.cpp (musicgen/fused.py), or None where they cannot be had: not x86-64 with AVX2, FMA
 and F16C, no compiler, a failed build, or MUSICGEN_NO_KERNELS=1. Callers fall back to PyTorch's own kernels,
 so a missing compiler costs speed, never a result. The build takes about a minute once; torch caches it
@@ -76,6 +76,13 @@ def dense_gemv():
     products of unquantised layers; AVX-512 only (None elsewhere, or with MUSICGEN_NO_AVX512=1)."""
     module = _module()
     return module.dense_gemv if module is not None and module.avx512_available() else None
+
+
+def amx_available() -> bool:
+    """Whether int4_gemv multiplies 4 rows and more on AMX tiles: an Intel CPU from Sapphire Rapids on, a Linux
+    kernel that grants the tile state, and MUSICGEN_NO_AMX unset (checked per call)."""
+    module = _module()
+    return module is not None and module.amx_available()
 
 
 def fused_decoder():

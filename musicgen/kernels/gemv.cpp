@@ -2,7 +2,8 @@
 //
 // int8_gemv: weight-only int8, float32 activations (exact products of the int8 weights).
 // int4_gemv: 4-bit weights in groups of 32 with a float16 scale each, activations quantised on the fly to int8
-//            in groups of 32 (as llama.cpp's Q4_0 x Q8_0): the group dot products run in integers.
+//            in groups of 32 (as llama.cpp's Q4_0 x Q8_0): the group dot products run in integers (AVX2,
+//            AVX-512 VNNI, or from 4 rows on AMX tiles).
 // dense_gemv: float32 or bfloat16 weights, float32 activations, AVX-512 (unquantised layers, few rows).
 //
 //   y[m, n] = scale[n] * sum_k x[m, k] * q[n, k] + bias[n]      x float32 (M, K), q int8 (N, K)
@@ -16,6 +17,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -396,6 +399,8 @@ inline void quantize_group(const float* v, int8_t* q, float* scale, float* offse
   *offset = 8.f * *scale * static_cast<float>(_mm_cvtsi128_si32(s4));
 }
 
+constexpr int64_t AMX_MIN_ROWS = 4;   // fewer rows: the VNNI kernel (as fast, and bound by the weight stream)
+
 // checked per call (cheap): MUSICGEN_NO_AVX512=1 selects the AVX2 paths, e.g. to compare the two
 bool avx512_allowed() {
   const char* off = std::getenv("MUSICGEN_NO_AVX512");
@@ -416,6 +421,132 @@ bool has_vnni() {
 
 }  // namespace
 
+// The same int4 product for 4 rows and more with AMX (Intel Sapphire Rapids and later): the tile unit multiplies
+// up to 16 activation rows by 16 weight rows over one group of 32 in one instruction (tdpbssd), where the VNNI
+// kernel above spends a dot product, a conversion and a multiply-add per row and per pair of groups; from 4 rows
+// on that arithmetic, not the weight stream, was its limit (16 rows took 4.7x as long as 1 on the musicgen-small
+// layer set). Each block of 16 weight rows (contiguous in memory) is walked a pair of groups at a time:
+//   - the 16 x 32 weight bytes of the pair are transposed into the tile unit's B layout (row r: the 4 bytes
+//     k = 4r..4r+3 of each of the 16 weight rows) and the nibbles become signed codes u - 8, one B tile per
+//     group, so no offset term is needed;
+//   - one tdpbssd per group gives the (rows x 16) exact int32 group sums; they are stored and scaled in float,
+//     y[m, n] += sum * x_scale[m, g] * w_scale[n, g], 16 output channels per vector;
+//   - the next pair is transposed, and the next block of weight rows prefetched, while the tile unit works:
+//     without the prefetch the strided walk over 16 rows was slower than the VNNI kernel at 4 rows.
+// Only the order of the float sums differs from the kernels above. Needs N % 16 == 0 (every MusicGen layer).
+namespace {
+
+bool amx_usable() {
+  static const bool ok = [] {
+    if (!__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-int8") ||
+        !__builtin_cpu_supports("avx512bw") || !__builtin_cpu_supports("avx512vl"))
+      return false;
+    // Linux hands a process the (8 KB) tile state only when asked, once, before its first tile instruction
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+  }();
+  const char* off = std::getenv("MUSICGEN_NO_AMX");   // MUSICGEN_NO_AMX=1: the VNNI / AVX2 kernels, to compare
+  return ok && (off == nullptr || off[0] == '\0' || off[0] == '0') && avx512_allowed();
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// 16 weight rows (leading dimension ld bytes) x 32 bytes, two groups of nibbles -> the B tiles of the two groups,
+// 8 rows x 64 bytes each, as signed codes u - 8.
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+inline void q4_to_tiles(const uint8_t* w, int64_t ld, int8_t* ba, int8_t* bb) {
+  __m512i z[8], t[8], u[8];
+  for (int i = 0; i < 8; ++i)   // lanes 0-7: the 8 dwords of row i; lanes 8-15: those of row i + 8
+    z[i] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i * ld))),
+                              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (i + 8) * ld)), 1);
+  // an 8 x 8 dword transpose in each 256-bit half
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(z[2 * i], z[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(z[2 * i], z[2 * i + 1]);
+  }
+  for (int i = 0; i < 2; ++i) {
+    u[4 * i + 0] = _mm512_unpacklo_epi64(t[4 * i + 0], t[4 * i + 2]);
+    u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i + 0], t[4 * i + 2]);
+    u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  // 128-bit lane q of u[j] holds dword 4 * (q & 1) + j of rows 0-3 (j < 4) or 4-7 (j >= 4), plus 8 for q >= 2
+  const __m512i first = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13), second = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
+  const __m512i low4 = _mm512_set1_epi8(0x0F), eight = _mm512_set1_epi8(8);
+  for (int j = 0; j < 8; ++j) {
+    const __m512i row = _mm512_permutex2var_epi64(u[j % 4], j < 4 ? first : second, u[j % 4 + 4]);   // dword j
+    _mm512_store_si512(ba + 64 * j, _mm512_sub_epi8(_mm512_and_si512(row, low4), eight));
+    _mm512_store_si512(bb + 64 * j, _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(row, 4), low4), eight));
+  }
+}
+
+// acc[m] (16 output channels) += the group sums ca / cb (rows x 16 int32) of groups 2p, 2p + 1, scaled
+__attribute__((target("avx512f,avx512bw,avx512vl,f16c,fma")))
+inline void q4_tile_sums(const int32_t* ca, const int32_t* cb, const uint16_t* ws, __m512i scale_at, int64_t p,
+                         const float* xs, int64_t G, int MB, __m512* acc) {
+  const __m512i raw = _mm512_i32gather_epi32(scale_at, ws + 2 * p, 2);   // 16 rows' scales of groups 2p, 2p + 1
+  const __m512 swa = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(raw));
+  const __m512 swb = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(raw, 16)));
+  for (int m = 0; m < MB; ++m) {
+    const float* s = xs + m * G + 2 * p;
+    const __m512 fa = _mm512_cvtepi32_ps(_mm512_load_si512(ca + 16 * m));
+    const __m512 fb = _mm512_cvtepi32_ps(_mm512_load_si512(cb + 16 * m));
+    acc[m] = _mm512_fmadd_ps(_mm512_mul_ps(fa, _mm512_set1_ps(s[0])), swa, acc[m]);
+    acc[m] = _mm512_fmadd_ps(_mm512_mul_ps(fb, _mm512_set1_ps(s[1])), swb, acc[m]);
+  }
+}
+
+// rows [0, MB) (MB <= 16) of y (leading dimension N), output channels [n0, n1) (multiples of 16)
+__attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,f16c,fma")))
+void q4_amx(const int8_t* xq, const float* xs, int MB, int64_t K, const uint8_t* w, const uint16_t* ws,
+            const float* bias, int64_t n0, int64_t n1, float* y, int64_t N) {
+  const int64_t G = K / 32, P = G / 2, ld = K / 2;
+  TileConfig cfg;   // tiles 0, 1: sums (rows x 16 int32); 2, 3: activations (rows x 32); 4, 5: weights (8 x 64)
+  for (int t = 0; t < 6; ++t) {
+    cfg.rows[t] = t < 4 ? MB : 8;
+    cfg.colsb[t] = t == 2 || t == 3 ? 32 : 64;
+  }
+  _tile_loadconfig(&cfg);
+  alignas(64) int8_t b[2][2][512];          // two pairs of B tiles: one transposed ahead while the other is used
+  alignas(64) int32_t c[2][2][16 * 16];
+  const __m512i scale_at = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                              _mm512_set1_epi32(static_cast<int>(G)));
+  for (int64_t nb = n0; nb < n1; nb += 16) {
+    __m512 acc[16];
+    for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
+    const uint8_t* wn = w + nb * ld;
+    const uint16_t* wsn = ws + nb * G;
+    q4_to_tiles(wn, ld, b[0][0], b[0][1]);
+    for (int64_t p = 0; p < P; ++p) {
+      const char* next = reinterpret_cast<const char*>(wn + 16 * ld) + 512 * p;   // next block: 8 lines per pair
+      for (int l = 0; l < 8; ++l) _mm_prefetch(next + 64 * l, _MM_HINT_T0);
+      if (p + 1 < P) q4_to_tiles(wn + 32 * (p + 1), ld, b[(p + 1) & 1][0], b[(p + 1) & 1][1]);
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_loadd(2, xq + 64 * p, K);
+      _tile_loadd(3, xq + 64 * p + 32, K);
+      _tile_loadd(4, b[p & 1][0], 64);
+      _tile_loadd(5, b[p & 1][1], 64);
+      _tile_dpbssd(0, 2, 4);
+      _tile_dpbssd(1, 3, 5);
+      _tile_stored(0, c[p & 1][0], 64);
+      _tile_stored(1, c[p & 1][1], 64);
+      if (p > 0) q4_tile_sums(c[(p - 1) & 1][0], c[(p - 1) & 1][1], wsn, scale_at, p - 1, xs, G, MB, acc);
+    }
+    q4_tile_sums(c[(P - 1) & 1][0], c[(P - 1) & 1][1], wsn, scale_at, P - 1, xs, G, MB, acc);
+    const __m512 bv = bias ? _mm512_loadu_ps(bias + nb) : _mm512_setzero_ps();
+    for (int m = 0; m < MB; ++m) _mm512_storeu_ps(y + m * N + nb, _mm512_add_ps(acc[m], bv));
+  }
+  _tile_release();
+}
+
+}  // namespace
+
+bool amx_available() { return amx_usable(); }
+
 void musicgen::int4_gemv_raw(const float* xp, int64_t M, int64_t K, const uint8_t* qp, const uint16_t* sp,
                              const float* bp, int64_t N, float* yp, Int4Scratch& scratch) {
   const int64_t G = K / 32;
@@ -426,6 +557,14 @@ void musicgen::int4_gemv_raw(const float* xp, int64_t M, int64_t K, const uint8_
   int8_t* xq = scratch.xq.data();
   float *xs = scratch.xs.data(), *xc = scratch.xc.data();
   for (int64_t i = 0; i < M * G; ++i) quantize_group(xp + 32 * i, xq + 32 * i, xs + i, xc + i);
+  if (M >= AMX_MIN_ROWS && N % 16 == 0 && amx_usable()) {
+    at::parallel_for(0, N / 16, 4, [&](int64_t b0, int64_t b1) {
+      for (int64_t m = 0; m < M; m += 16)
+        q4_amx(xq + m * K, xs + m * G, static_cast<int>(std::min<int64_t>(16, M - m)), K, qp, sp, bp, 16 * b0,
+               16 * b1, yp + m * N, N);
+    });
+    return;
+  }
   const bool vnni = has_vnni();
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
