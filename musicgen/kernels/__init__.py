@@ -78,11 +78,12 @@ def dense_gemv():
     return module.dense_gemv if module is not None and module.avx512_available() else None
 
 
-def amx_available() -> bool:
-    """Whether int4_gemv multiplies 4 rows and more on AMX tiles: an Intel CPU from Sapphire Rapids on, a Linux
-    kernel that grants the tile state, and MUSICGEN_NO_AMX unset (checked per call)."""
+def amx_available(kind: str = "int8") -> bool:
+    """Whether the kernels use AMX tiles of `kind`: "int8" (int4_gemv from 4 rows) or "bf16" (int8_gemv from 10
+    rows). Needs an Intel CPU from Sapphire Rapids on, a Linux kernel that grants the tile state, and
+    MUSICGEN_NO_AMX unset (checked per call)."""
     module = _module()
-    return module is not None and module.amx_available()
+    return module is not None and module.amx_available(kind)
 
 
 def fused_decoder():

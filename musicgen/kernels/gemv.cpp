@@ -193,10 +193,147 @@ void rows_avx512(const float* xp, int64_t M, int64_t K, const W* wp, const float
   });
 }
 
+// AMX (Intel Sapphire Rapids and later): tile registers of up to 16 rows x 64 bytes and a unit that multiplies
+// them. Used from several rows on, where the kernels above are bound by arithmetic rather than by the weight
+// stream. Linux hands a process the (8 KB) tile state only when asked, once, before its first tile instruction
+// (Linux >= 5.16). MUSICGEN_NO_AMX=1 (or MUSICGEN_NO_AVX512=1) selects the AVX-512 / AVX2 kernels instead.
+enum AmxKind { AMX_INT8, AMX_BF16 };
+
+bool avx512_allowed();
+
+bool amx_usable(AmxKind kind) {
+  static const bool granted = __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("avx512bw") &&
+                              __builtin_cpu_supports("avx512vl") &&
+                              syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  static const bool int8 = granted && __builtin_cpu_supports("amx-int8");
+  static const bool bf16 = granted && __builtin_cpu_supports("amx-bf16") && __builtin_cpu_supports("avx512bf16");
+  const char* off = std::getenv("MUSICGEN_NO_AMX");
+  return (kind == AMX_INT8 ? int8 : bf16) && (off == nullptr || off[0] == '\0' || off[0] == '0') && avx512_allowed();
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// int8 weights times many rows on the bfloat16 tile unit: tdpbf16ps multiplies up to 16 rows of 32 bfloat16
+// activations by 16 weight rows and accumulates in float32 across all of K inside the tile, so the per-weight
+// work left is building the B tiles: 32 int8 weights of a row widen exactly to bfloat16 (at most 8 significant
+// bits), and a 16 x 16 dword transpose puts pairs k = 2r, 2r + 1 of the 16 rows in tile row r.
+// The float32 activations are kept: each is split once per call into three bfloat16 parts, x = hi + mid + lo
+// exactly (8 significant bits each, 24 in all), and the tile unit runs one product per part. Every product of a
+// part and an int8 weight is exact in float32, so the result differs from the AVX-512 kernel's only in the order
+// of the float32 sums, and a request's codes do not depend on which other requests share its batch.
+#define MUSICGEN_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,fma")))
+
+MUSICGEN_AVX512_BF16 inline __m512i row_bf16(const int8_t* w) {   // 32 weights of one row as bfloat16
+  const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))));
+  const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16))));
+  return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+}
+
+// 16 weight rows (leading dimension ld) x 32 -> the B tile: row r holds dword r (k = 2r, 2r + 1) of rows 0..15
+MUSICGEN_AVX512_BF16 inline void bf16_tile(const int8_t* w, int64_t ld, uint16_t* b) {
+  __m512i r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = row_bf16(w + i * ld);
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {   // r[4i + j], 128-bit lane q: rows 4i..4i+3, dword 4q + j
+    r[4 * i + 0] = _mm512_unpacklo_epi64(t[4 * i + 0], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i + 0], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  // t[8i + j]: lanes (rows 8i..+3 @ dword j, @ 8 + j, rows 8i+4..+7 @ j, @ 8 + j); t[8i + 4 + j]: dwords 4 + j, 12 + j
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 4; ++j) {
+      t[8 * i + j] = _mm512_shuffle_i32x4(r[8 * i + j], r[8 * i + 4 + j], 0x88);
+      t[8 * i + 4 + j] = _mm512_shuffle_i32x4(r[8 * i + j], r[8 * i + 4 + j], 0xDD);
+    }
+  for (int j = 0; j < 8; ++j) {
+    _mm512_store_si512(b + 32 * j, _mm512_shuffle_i32x4(t[j], t[8 + j], 0x88));         // dword j, rows 0..15
+    _mm512_store_si512(b + 32 * (8 + j), _mm512_shuffle_i32x4(t[j], t[8 + j], 0xDD));   // dword 8 + j
+  }
+}
+
+// rows [0, MB) (MB <= 16) of y = x . w^T * scale + bias, channels [n0, n1); x is given as its three bfloat16
+// parts (split_bf16), each (rows, K)
+__attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16,fma")))
+void int8_amx(const uint16_t* hi, const uint16_t* mid, const uint16_t* lo, int MB, int64_t K, const int8_t* w,
+              const float* scale, const float* bias, int64_t n0, int64_t n1, float* y, int64_t N) {
+  TileConfig cfg;   // tile 0: sums (rows x 16 float32); 1-3: activation parts (rows x 32 bf16); 4: weights (16 x 64 B)
+  for (int t = 0; t < 4; ++t) {
+    cfg.rows[t] = MB;
+    cfg.colsb[t] = 64;
+  }
+  cfg.rows[4] = 16;
+  cfg.colsb[4] = 64;
+  _tile_loadconfig(&cfg);
+  alignas(64) uint16_t b[2][512];           // the next chunk's B tile is built while the tile unit uses this one
+  alignas(64) float c[16 * 16];
+  const int64_t chunks = K / 32, ahead = 16 * K / chunks;   // bytes of the next 16 rows to prefetch per chunk
+  for (int64_t nb = n0; nb < n1; nb += 16) {
+    const int8_t* wn = w + nb * K;
+    _tile_zero(0);
+    bf16_tile(wn, K, b[0]);
+    for (int64_t kc = 0; kc < chunks; ++kc) {
+      const char* next = reinterpret_cast<const char*>(wn + 16 * K) + ahead * kc;
+      for (int64_t l = 0; l < ahead; l += 64) _mm_prefetch(next + l, _MM_HINT_T0);
+      if (kc + 1 < chunks) bf16_tile(wn + 32 * (kc + 1), K, b[(kc + 1) & 1]);
+      _tile_loadd(4, b[kc & 1], 64);
+      _tile_loadd(1, hi + 32 * kc, 2 * K);
+      _tile_loadd(2, mid + 32 * kc, 2 * K);
+      _tile_loadd(3, lo + 32 * kc, 2 * K);
+      _tile_dpbf16ps(0, 3, 4);   // the small parts first
+      _tile_dpbf16ps(0, 2, 4);
+      _tile_dpbf16ps(0, 1, 4);
+    }
+    _tile_stored(0, c, 64);
+    const __m512 sv = _mm512_loadu_ps(scale + nb);
+    const __m512 bv = bias ? _mm512_loadu_ps(bias + nb) : _mm512_setzero_ps();
+    for (int m = 0; m < MB; ++m) _mm512_storeu_ps(y + m * N + nb, _mm512_fmadd_ps(_mm512_load_ps(c + 16 * m), sv, bv));
+  }
+  _tile_release();
+}
+
+// x (n floats, n % 16 == 0) = hi + mid + lo exactly, each part bfloat16 rounded to nearest (the two remainders
+// are exact in float32, and 3 x 8 significant bits hold float32's 24)
+MUSICGEN_AVX512_BF16 void split_bf16(const float* x, int64_t n, uint16_t* hi, uint16_t* mid, uint16_t* lo) {
+  uint16_t* out[3] = {hi, mid, lo};
+  for (int64_t i = 0; i < n; i += 16) {
+    __m512 r = _mm512_loadu_ps(x + i);
+    for (int part = 0; part < 3; ++part) {
+      const __m256bh p = _mm512_cvtneps_pbh(r);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[part] + i), reinterpret_cast<__m256i>(p));
+      r = _mm512_sub_ps(r, _mm512_cvtpbh_ps(p));
+    }
+  }
+}
+
+// Three tile products per chunk make the tile unit the limit: on the small layer set, 2 threads, 8 rows took
+// 35 ms either way, 16 rows 86 -> 65 ms, 32 rows 182 -> 88 ms (with one bfloat16 product, rounding the
+// activations, 16 rows took 29 ms; that would make a request's codes depend on its batch).
+constexpr int64_t AMX_INT8_MIN_ROWS = 10;
+
 }  // namespace
 
 void musicgen::int8_gemv_raw(const float* xp, int64_t M, int64_t K, const int8_t* qp, const float* sp,
                              const float* bp, int64_t N, float* yp) {
+  if (M >= AMX_INT8_MIN_ROWS && N % 16 == 0 && K % 32 == 0 && amx_usable(AMX_BF16)) {
+    thread_local std::vector<uint16_t> scratch;   // (a worker thread has its own: pass pointers, not the name)
+    scratch.resize(3 * M * K);
+    uint16_t *hi = scratch.data(), *mid = hi + M * K, *lo = mid + M * K;
+    split_bf16(xp, M * K, hi, mid, lo);
+    at::parallel_for(0, N / 16, 4, [&](int64_t b0, int64_t b1) {
+      for (int64_t m = 0; m < M; m += 16)
+        int8_amx(hi + m * K, mid + m * K, lo + m * K, static_cast<int>(std::min<int64_t>(16, M - m)), K, qp, sp, bp,
+                 16 * b0, 16 * b1, yp + m * N, N);
+    });
+    return;
+  }
   if (M >= 4 && has_avx512()) {   // arithmetic-bound from here on (see rows_avx512)
     rows_avx512(xp, M, K, qp, sp, bp, N, yp);
     return;
@@ -399,7 +536,7 @@ inline void quantize_group(const float* v, int8_t* q, float* scale, float* offse
   *offset = 8.f * *scale * static_cast<float>(_mm_cvtsi128_si32(s4));
 }
 
-constexpr int64_t AMX_MIN_ROWS = 4;   // fewer rows: the VNNI kernel (as fast, and bound by the weight stream)
+constexpr int64_t AMX_INT4_MIN_ROWS = 4;   // int4: fewer rows take the VNNI kernel (as fast: bound by the weight stream)
 
 // checked per call (cheap): MUSICGEN_NO_AVX512=1 selects the AVX2 paths, e.g. to compare the two
 bool avx512_allowed() {
@@ -435,24 +572,6 @@ bool has_vnni() {
 //     without the prefetch the strided walk over 16 rows was slower than the VNNI kernel at 4 rows.
 // Only the order of the float sums differs from the kernels above. Needs N % 16 == 0 (every MusicGen layer).
 namespace {
-
-bool amx_usable() {
-  static const bool ok = [] {
-    if (!__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-int8") ||
-        !__builtin_cpu_supports("avx512bw") || !__builtin_cpu_supports("avx512vl"))
-      return false;
-    // Linux hands a process the (8 KB) tile state only when asked, once, before its first tile instruction
-    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
-  }();
-  const char* off = std::getenv("MUSICGEN_NO_AMX");   // MUSICGEN_NO_AMX=1: the VNNI / AVX2 kernels, to compare
-  return ok && (off == nullptr || off[0] == '\0' || off[0] == '0') && avx512_allowed();
-}
-
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
 
 // 16 weight rows (leading dimension ld bytes) x 32 bytes, two groups of nibbles -> the B tiles of the two groups,
 // 8 rows x 64 bytes each, as signed codes u - 8.
@@ -545,7 +664,7 @@ void q4_amx(const int8_t* xq, const float* xs, int MB, int64_t K, const uint8_t*
 
 }  // namespace
 
-bool amx_available() { return amx_usable(); }
+bool amx_available(const std::string& kind) { return amx_usable(kind == "bf16" ? AMX_BF16 : AMX_INT8); }
 
 void musicgen::int4_gemv_raw(const float* xp, int64_t M, int64_t K, const uint8_t* qp, const uint16_t* sp,
                              const float* bp, int64_t N, float* yp, Int4Scratch& scratch) {
@@ -557,7 +676,7 @@ void musicgen::int4_gemv_raw(const float* xp, int64_t M, int64_t K, const uint8_
   int8_t* xq = scratch.xq.data();
   float *xs = scratch.xs.data(), *xc = scratch.xc.data();
   for (int64_t i = 0; i < M * G; ++i) quantize_group(xp + 32 * i, xq + 32 * i, xs + i, xc + i);
-  if (M >= AMX_MIN_ROWS && N % 16 == 0 && amx_usable()) {
+  if (M >= AMX_INT4_MIN_ROWS && N % 16 == 0 && amx_usable(AMX_INT8)) {
     at::parallel_for(0, N / 16, 4, [&](int64_t b0, int64_t b1) {
       for (int64_t m = 0; m < M; m += 16)
         q4_amx(xq + m * K, xs + m * G, static_cast<int>(std::min<int64_t>(16, M - m)), K, qp, sp, bp, 16 * b0,

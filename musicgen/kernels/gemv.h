@@ -40,7 +40,7 @@ void int4_gemv_raw(const float* x, int64_t M, int64_t K, const uint8_t* w, const
 torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c10::optional<torch::Tensor> bias);
 torch::Tensor dense_gemv(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias);
 bool avx512_available();
-bool amx_available();
+bool amx_available(const std::string& kind);
 torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor qw, torch::Tensor scales, c10::optional<torch::Tensor> bias);
 torch::Tensor int4_dequant(torch::Tensor qw, torch::Tensor scales, bool bf16);
 std::vector<torch::Tensor> int4_quantize(torch::Tensor w);
