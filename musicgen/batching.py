@@ -104,6 +104,8 @@ class Scheduler:
         self.ck: list[torch.Tensor] = []         # per layer (2 * max_batch, H, S, hd) cross-attention keys
         self.cv: list[torch.Tensor] = []
         self.bias = None                         # (2 * max_batch, 1, 1, S) additive text mask
+        # caches in the dtype generate() decodes with (bfloat16 for int4 on CPU), so codes match a solo request's
+        self.cache_dtype = model.cache_dtype or model.lm.norm.weight.dtype
         self.length = self.text_length = 0
         self._stop = threading.Event()
         self._paused = False
@@ -238,7 +240,7 @@ class Scheduler:
                 raise ValueError(f"the text and melody take {req.offset} positions; with {req.frames} frames that "
                                  f"exceeds the model's {self.lm.positions.shape[0]}; shorten the prompt or duration")
             self._grow(req.offset + req.seq.shape[-1], 0)
-            caches = self.lm.new_caches(2, req.offset)
+            caches = self.lm.new_caches(2, req.offset, dtype=self.cache_dtype)
             with lm_mod.attention_backends(model.device):
                 self.lm(torch.zeros(2, self.K, 0, dtype=torch.long, device=model.device), None, None, 0, caches,
                         prefix=prefix)
@@ -255,8 +257,10 @@ class Scheduler:
             ck[rows].zero_()
             cv[rows].zero_()
             ck[rows, :, :S], cv[rows, :, :S] = k, v
-        self.bias[rows] = torch.finfo(model.dtype).min
-        self.bias[rows, ..., :S] = self.lm.cross_bias(pair_mask, model.dtype)
+        # as generate() has it: keys, values and the text bias in the cache dtype, the bias saturated there
+        low = torch.finfo(self.cache_dtype).min
+        self.bias[rows] = low
+        self.bias[rows, ..., :S] = self.lm.cross_bias(pair_mask, model.dtype).clamp(min=low).to(self.cache_dtype)
         self.active.append(req)
 
     def _release(self, req: Request, status: str) -> None:
@@ -279,7 +283,7 @@ class Scheduler:
         R = 2 * self.max_batch
 
         def grown(old, shape, fill=0.0):
-            new = torch.full(shape, fill, dtype=p.dtype, device=p.device)
+            new = torch.full(shape, fill, dtype=self.cache_dtype, device=p.device)
             if old is not None:
                 new[tuple(slice(0, n) for n in old.shape)] = old
             return new
@@ -290,7 +294,7 @@ class Scheduler:
         self.v = [grown(o, (R, cfg.num_heads, L, cfg.head_dim)) for o in olds(self.v)]
         self.ck = [grown(o, (R, cfg.num_heads, S, cfg.head_dim)) for o in olds(self.ck)]
         self.cv = [grown(o, (R, cfg.num_heads, S, cfg.head_dim)) for o in olds(self.cv)]
-        self.bias = grown(self.bias, (R, 1, 1, S), torch.finfo(p.dtype).min)
+        self.bias = grown(self.bias, (R, 1, 1, S), torch.finfo(self.cache_dtype).min)
         self.length, self.text_length = L, S
 
     # -- the model, one position per row --------------------------------------------------------------
@@ -324,11 +328,11 @@ class Scheduler:
             att = layer.self_attn
             H, hd = att.heads, att.head_dim
             q, k, v = att.qkv(layer.norm1(x)).view(R, 1, 3, H, hd).permute(2, 0, 3, 1, 4)  # 3 x (R, H, 1, hd)
-            self.k[i][rows, :, pos] = k[:, :, 0]
-            self.v[i][rows, :, pos] = v[:, :, 0]
-            y = F.scaled_dot_product_attention(q, self.k[i][:R, :, :span], self.v[i][:R, :, :span],
-                                               attn_mask=visible)                        # (R, H, 1, hd)
-            x = x + att.out(y.transpose(1, 2).reshape(R, 1, H * hd))
+            self.k[i][rows, :, pos] = k[:, :, 0].to(self.cache_dtype)
+            self.v[i][rows, :, pos] = v[:, :, 0].to(self.cache_dtype)
+            y = F.scaled_dot_product_attention(q.to(self.cache_dtype), self.k[i][:R, :, :span],
+                                               self.v[i][:R, :, :span], attn_mask=visible)   # (R, H, 1, hd)
+            x = x + att.out(y.transpose(1, 2).reshape(R, 1, H * hd).to(x.dtype))
             if layer.cross_attn is not None:
                 x = x + layer.cross_attn(layer.norm_cross(x), (self.ck[i][:R], self.cv[i][:R]), self.bias[:R])
             x = x + layer.fc2(layer.act(layer.fc1(layer.norm2(x))))

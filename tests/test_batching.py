@@ -75,22 +75,24 @@ def test_requests_joining_at_different_steps_keep_their_solo_codes(request, whic
 
 
 @pytest.fixture(scope="module")
-def int8_model_64(tmp_path_factory, spm_model):
-    """LM width 64 and vocabulary 128: every product of the LM has N % 16 == K % 32 == 0, the shapes where the
-    int8 kernel takes AMX tiles from 10 rows."""
-    import musicgen
+def ckpt_64(tmp_path_factory, spm_model):
+    """LM width 64 and vocabulary 128: every product of the LM has N % 16 == K % 64 == 0, the shapes where the
+    int8 and int4 kernels take AMX tiles (int8 from 10 rows, int4 from 4)."""
     from conftest import build_hf_model, save_checkpoint
 
-    kernel_or_skip("fused_decoder")
-    folder = save_checkpoint(build_hf_model(lm_dim=64, vocab=128), tmp_path_factory.mktemp("w64"), spm_model)
-    return musicgen.load(folder, quantize="int8")
+    return save_checkpoint(build_hf_model(lm_dim=64, vocab=128), tmp_path_factory.mktemp("w64"), spm_model)
 
 
-def test_ten_quantised_rows_keep_their_solo_codes(int8_model_64):
-    """Five requests at once: 10 rows with guidance, where the int8 products switch to AMX tiles (on CPUs
-    that have them: float32 activations kept, see gemv.cpp; with them rounded to bfloat16 this test failed).
-    Each request still gets its solo codes."""
-    model = int8_model_64
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_ten_quantised_rows_keep_their_solo_codes(ckpt_64, quantize):
+    """Five requests at once: 10 rows with guidance, where the quantised products switch to AMX tiles (on CPUs
+    that have them) while a solo request's 2 rows do not. int8 keeps its float32 activations there (see
+    gemv.cpp; with them rounded to bfloat16 this test failed). Each request still gets its solo codes, with the
+    solo path's bfloat16 KV cache for int4 (before, the service kept a float32 one and int4 codes differed).
+    Without the kernels (MUSICGEN_NO_KERNELS=1) the same holds through PyTorch's layers."""
+    import musicgen
+
+    model = musicgen.load(ckpt_64, quantize=quantize)
     sched = Scheduler(model, max_batch=5)
     prompts = ["lofi", "rock", "jazz trio", "techno", "ambient pads"]
     reqs = [sched.submit(Request(p, 12, SamplingParams(top_k=50), seed=i)) for i, p in enumerate(prompts)]
