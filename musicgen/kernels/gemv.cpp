@@ -299,8 +299,9 @@ void int8_amx(const uint16_t* hi, const uint16_t* mid, const uint16_t* lo, int M
   _tile_release();
 }
 
-// x (n floats, n % 16 == 0) = hi + mid + lo exactly, each part bfloat16 rounded to nearest (the two remainders
-// are exact in float32, and 3 x 8 significant bits hold float32's 24)
+// x (n floats, n % 16 == 0) = hi + mid + lo, each part bfloat16 rounded to nearest: exactly, since the two
+// remainders are exact in float32 and 3 x 8 significant bits hold float32's 24 (parts below float32's normal
+// range, 1e-38, are flushed to zero, as the tile unit would flush them anyway)
 MUSICGEN_AVX512_BF16 void split_bf16(const float* x, int64_t n, uint16_t* hi, uint16_t* mid, uint16_t* lo) {
   uint16_t* out[3] = {hi, mid, lo};
   for (int64_t i = 0; i < n; i += 16) {
