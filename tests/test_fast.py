@@ -74,6 +74,20 @@ def test_int8_linear_equals_dequantised_matmul():
         torch.testing.assert_close(m(x.to(dtype)).float(), ref, atol=0.05, rtol=0.02)
 
 
+def kernel_path(monkeypatch, name: str, path: str, tiles: str):
+    """The kernel `name` with one code path allowed: "amx" (AMX tiles of kind `tiles` where the shape suits
+    them), "avx512"/"vnni" (MUSICGEN_NO_AMX=1) or "avx2" (MUSICGEN_NO_AVX512=1)."""
+    import musicgen.kernels as kernels
+
+    kernel = kernel_or_skip(name)
+    monkeypatch.setenv("MUSICGEN_NO_AVX512", "1" if path == "avx2" else "0")
+    monkeypatch.setenv("MUSICGEN_NO_AMX", "0" if path == "amx" else "1")
+    if path == "amx" and not kernels.amx_available(tiles):
+        pytest.skip(f"this CPU (or kernel) has no AMX {tiles} tiles")
+    assert kernels.amx_available(tiles) == (path == "amx")
+    return kernel
+
+
 @pytest.mark.parametrize("path", ["amx", "avx512", "avx2"])
 @pytest.mark.parametrize("M,N,K,bias", [(1, 7, 5, True), (2, 64, 100, False), (3, 33, 64, True),
                                         (5, 130, 1030, True), (7, 17, 33, False), (8, 96, 4096, False),
@@ -83,15 +97,7 @@ def test_int8_kernel_equals_dequantised_matmul(monkeypatch, M, N, K, bias, path)
     """Every code path: AMX bfloat16 tiles from 10 rows where N % 16 == K % 32 == 0 (float32 activations as
     three bfloat16 parts; more than 16 rows in blocks of 16), else from 4 rows the AVX-512 kernel (blocks of 8,
     4, 2, 1 rows over chunks of K; MUSICGEN_NO_AMX=1), and AVX2 (MUSICGEN_NO_AVX512=1)."""
-    import musicgen.kernels as kernels
-
-    kernel = kernel_or_skip("int8_gemv")
-    monkeypatch.setenv("MUSICGEN_NO_AVX512", "1" if path == "avx2" else "0")
-    monkeypatch.setenv("MUSICGEN_NO_AMX", "0" if path == "amx" else "1")
-    if path == "amx" and not kernels.amx_available("bf16"):
-        pytest.skip("this CPU (or kernel) has no AMX bfloat16 tiles")
-    if path != "amx":
-        assert not kernels.amx_available("bf16")
+    kernel = kernel_path(monkeypatch, "int8_gemv", path, "bf16")
     g = torch.Generator().manual_seed(M * N + K)
     x = torch.randn(M, K, generator=g)
     q = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g)
@@ -286,15 +292,7 @@ def test_int4_kernel_equals_quantised_reference(monkeypatch, M, N, K, bias, path
     """The kernel computes exactly (to float rounding) dequant(W) @ quant8(x): int8 activations per group of 32.
     Every code path: AMX tiles (from 4 rows, N a multiple of 16; more than 16 rows in blocks of 16), AVX-512
     VNNI (MUSICGEN_NO_AMX=1) and AVX2 (MUSICGEN_NO_AVX512=1)."""
-    import musicgen.kernels as kernels
-
-    kernel = kernel_or_skip("int4_gemv")
-    monkeypatch.setenv("MUSICGEN_NO_AVX512", "1" if path == "avx2" else "0")
-    monkeypatch.setenv("MUSICGEN_NO_AMX", "0" if path == "amx" else "1")
-    if path == "amx" and not kernels.amx_available("int8"):
-        pytest.skip("this CPU (or kernel) has no AMX tiles")
-    if path != "amx":
-        assert not kernels.amx_available("int8")
+    kernel = kernel_path(monkeypatch, "int4_gemv", path, "int8")
     g = torch.Generator().manual_seed(M * N + K)
     x = torch.randn(M, K, generator=g) * 3
     w = torch.randn(N, K, generator=g)
