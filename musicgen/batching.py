@@ -257,10 +257,9 @@ class Scheduler:
             ck[rows].zero_()
             cv[rows].zero_()
             ck[rows, :, :S], cv[rows, :, :S] = k, v
-        # as generate() has it: keys, values and the text bias in the cache dtype, the bias saturated there
-        low = torch.finfo(self.cache_dtype).min
-        self.bias[rows] = low
-        self.bias[rows, ..., :S] = self.lm.cross_bias(pair_mask, model.dtype).clamp(min=low).to(self.cache_dtype)
+        # as generate() has it: keys, values and the text bias in the cache dtype (its lowest value masks)
+        self.bias[rows] = torch.finfo(self.cache_dtype).min
+        self.bias[rows, ..., :S] = self.lm.cross_bias(pair_mask, self.cache_dtype)
         self.active.append(req)
 
     def _release(self, req: Request, status: str) -> None:

@@ -1,7 +1,7 @@
 """Native CPU kernels, built on first use with the system C++ compiler (torch.utils.cpp_extension).
 
-`int8_gemv()` and `int4_gemv()` return the quantised matrix-vector kernels of gemv.cpp (AVX2; the int4 one
-also has AVX-512 VNNI and, from 4 rows on, AMX paths chosen at run time), and `fused_decoder()` the native decoder layers of
+`int8_gemv()` and `int4_gemv()` return the quantised matrix-vector kernels of gemv.cpp (AVX2; AVX-512, VNNI
+and, for many rows, AMX paths chosen at run time), and `fused_decoder()` the native decoder layers of
 decoder.cpp (musicgen/fused.py), or None where they cannot be had: not x86-64 with AVX2, FMA
 and F16C, no compiler, a failed build, or MUSICGEN_NO_KERNELS=1. Callers fall back to PyTorch's own kernels,
 so a missing compiler costs speed, never a result. The build takes about a minute once; torch caches it

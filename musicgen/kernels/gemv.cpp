@@ -537,7 +537,7 @@ inline void quantize_group(const float* v, int8_t* q, float* scale, float* offse
   *offset = 8.f * *scale * static_cast<float>(_mm_cvtsi128_si32(s4));
 }
 
-constexpr int64_t AMX_INT4_MIN_ROWS = 4;   // int4: fewer rows take the VNNI kernel (as fast: bound by the weight stream)
+constexpr int64_t AMX_INT4_MIN_ROWS = 4;   // fewer rows take the VNNI kernel (as fast: bound by the weight stream)
 
 // checked per call (cheap): MUSICGEN_NO_AVX512=1 selects the AVX2 paths, e.g. to compare the two
 bool avx512_allowed() {
@@ -594,7 +594,8 @@ inline void q4_to_tiles(const uint8_t* w, int64_t ld, int8_t* ba, int8_t* bb) {
     u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
   }
   // 128-bit lane q of u[j] holds dword 4 * (q & 1) + j of rows 0-3 (j < 4) or 4-7 (j >= 4), plus 8 for q >= 2
-  const __m512i first = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13), second = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
+  const __m512i first = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13);
+  const __m512i second = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
   const __m512i low4 = _mm512_set1_epi8(0x0F), eight = _mm512_set1_epi8(8);
   for (int j = 0; j < 8; ++j) {
     const __m512i row = _mm512_permutex2var_epi64(u[j % 4], j < 4 ? first : second, u[j % 4 + 4]);   // dword j
