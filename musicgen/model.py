@@ -334,11 +334,11 @@ class MusicGen(nn.Module):
         """Compile the one-token decoding step (static shapes; CUDA graphs with mode "reduce-overhead" on GPU).
         The first generation pays the compile time; later ones with the same batch size reuse it.
 
-        A quantised model on CPU keeps its fused native decoder instead (musicgen/fused.py: every layer in one
-        call), which a compiled graph of the same layers does not beat: small int4 53.5 against 32.1 steps/s,
-        int8 30.2 against 22.4. It says so once; MUSICGEN_FUSED=0 at load compiles the layer loop."""
+        A quantised or bfloat16 model on CPU keeps its fused native decoder instead (musicgen/fused.py: every
+        layer in one call), which a compiled graph of the same layers does not beat: small int4 53.5 against 32.1
+        steps/s, int8 30.2 against 22.4. It says so once; MUSICGEN_FUSED=0 at load compiles the layer loop."""
         if self.lm.fused is not None:
-            print("musicgen: compile skipped: this quantised model's fused CPU decoder is faster than a compiled "
+            print("musicgen: compile skipped: this model's fused CPU decoder is faster than a compiled "
                   "step (MUSICGEN_FUSED=0 at load to compile anyway)", file=sys.stderr)
             return self
         if mode is None:
@@ -512,7 +512,7 @@ def load(name_or_path: str | os.PathLike = "facebook/musicgen-small", device: st
                 use_skinny_linear(part)
     if quantize == "int4" and device.type == "cpu" and torch_dtype == torch.float32:
         model.cache_dtype = torch.bfloat16
-    if quantize is not None:   # attach decides where the fused step applies (CPU, float32, kernels built)
+    if device.type == "cpu":   # attach decides where the fused step applies (quantised or bfloat16, kernels built)
         fused.attach(model.lm)
     if compile:
         model.compile()

@@ -92,7 +92,26 @@ def test_ten_quantised_rows_keep_their_solo_codes(ckpt_64, quantize):
     Without the kernels (MUSICGEN_NO_KERNELS=1) the same holds through PyTorch's layers."""
     import musicgen
 
-    model = musicgen.load(ckpt_64, quantize=quantize)
+    _ten_rows_keep_their_solo_codes(musicgen.load(ckpt_64, quantize=quantize))
+
+
+def test_ten_bfloat16_rows_keep_their_solo_codes(ckpt_64, monkeypatch):
+    """The same for a bfloat16 model on its fused decoder: the dense kernel gives each row the same sums in a
+    batch of 10 as alone (tests/test_fast.py holds the kernel to that at a K of several chunks)."""
+    import musicgen
+    import musicgen.quant as quant
+    from musicgen import kernels
+
+    kernel_or_skip("fused_decoder")
+    if kernels.dense_gemv() is None:
+        pytest.skip("no AVX-512 here: bfloat16 models keep the layer loop")
+    monkeypatch.setattr(quant, "_DENSE", (True, True))
+    model = musicgen.load(ckpt_64, dtype="bfloat16")
+    assert model.lm.fused is not None
+    _ten_rows_keep_their_solo_codes(model)
+
+
+def _ten_rows_keep_their_solo_codes(model):
     sched = Scheduler(model, max_batch=5)
     prompts = ["lofi", "rock", "jazz trio", "techno", "ambient pads"]
     reqs = [sched.submit(Request(p, 12, SamplingParams(top_k=50), seed=i)) for i, p in enumerate(prompts)]

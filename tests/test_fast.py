@@ -494,6 +494,19 @@ def test_dense_kernel_equals_float64_reference(dtype, M, N, K, bias):
     torch.testing.assert_close(native(x, w, b).double(), ref, atol=1e-6 * K ** 0.5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_kernel_rows_do_not_depend_on_their_batch(dtype):
+    """Each row's sums are bitwise the same alone, in pairs, or among 10 or 16 rows (the service batches the
+    rows of several requests and promises each its solo codes). K = 4096 spans several chunks of K: with the
+    chunk sized by the row count, as it once was, 10 rows and 2 gave different sums."""
+    native = _dense_or_skip()
+    g = torch.Generator().manual_seed(7)
+    x, w = torch.randn(16, 4096, generator=g), torch.randn(48, 4096, generator=g).to(dtype)
+    together = native(x, w, None)
+    for lo, hi in ((0, 1), (2, 4), (4, 14), (0, 10)):
+        assert torch.equal(native(x[lo:hi], w, None), together[lo:hi])
+
+
 @pytest.mark.parametrize("dtype,rows", [(torch.float32, 8), (torch.float32, 5), (torch.bfloat16, 2),
                                         (torch.bfloat16, 7)])
 def test_skinny_linear_native_path_equals_linear(monkeypatch, dtype, rows):
@@ -584,6 +597,75 @@ def test_fused_decoder_int4(int4_pair):
         print(f"int4 {name} vs float32: max |error| / std = {err:.4f}")
         assert err < TOLERANCE["int4"]
     assert (fused.argmax(-1) == loop.argmax(-1)).float().mean() > 0.9
+
+
+@pytest.fixture(scope="module")
+def bf16_models(ckpt_dir, melody_ckpt_dir):
+    """The bfloat16 test models with their fused decoders: our dense kernel picked (dense_policy picks it on
+    AVX-512 CPUs where it beats PyTorch's bfloat16 products, as on the Xeon of the README)."""
+    import musicgen.quant as quant
+    from musicgen import kernels
+
+    kernel_or_skip("fused_decoder")
+    if kernels.dense_gemv() is None:
+        pytest.skip("no AVX-512 here: bfloat16 models keep the layer loop")
+    saved, quant._DENSE = quant._DENSE, (True, True)
+    try:
+        models = {"text": musicgen.load(ckpt_dir, dtype="bfloat16"),
+                  "melody": musicgen.load(melody_ckpt_dir, dtype="bfloat16")}
+    finally:
+        quant._DENSE = saved
+    assert all(m.lm.fused is not None for m in models.values())
+    return models
+
+
+@pytest.mark.parametrize("family", ["text", "melody"])
+def test_fused_bfloat16_layers_are_the_float32_loop_on_the_same_weights(bf16_models, family):
+    """The dense kind widens bfloat16 weights exactly and keeps float32 activations, so the native layers
+    compute what the float32 layer loop computes with the weights' bfloat16 values: outputs, and the keys and
+    values written at the step's position, to float32 rounding (float32 caches and text keys here)."""
+    import copy
+
+    lm = bf16_models[family].lm
+    twin = copy.deepcopy(lm).float()
+    twin.fused = None
+    cfg, R, pos = lm.cfg, 4, 9
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(R, 1, cfg.dim, generator=g)
+    caches = twin.new_caches(R, 16)
+    for c in caches:   # earlier positions: anything; later ones are neither read nor written
+        c.k.normal_(generator=g), c.v.normal_(generator=g)
+    kv = bias = None
+    if lm.layers[0].cross_attn is not None:
+        kv = [tuple(torch.randn(R, cfg.num_heads, 7, cfg.head_dim, generator=g) for _ in "kv") for _ in lm.layers]
+        bias = lm.cross_bias(torch.tensor([[1.0] * 7] * 2 + [[1.0] * 5 + [0.0] * 2] * 2), torch.float32)
+    loop_caches = copy.deepcopy(caches)
+    with torch.inference_mode():
+        fused = lm.fused(x, pos, caches, kv, bias)
+        loop = x
+        for i, layer in enumerate(twin.layers):
+            loop = layer(loop, pos, loop_caches[i], kv[i] if kv else None, bias)
+    assert fused.dtype == torch.float32
+    err = ((fused - loop).abs().max() / loop.std()).item()
+    print(f"{family}: fused bfloat16 vs float32 loop, max |error| / std = {err:.2e}")
+    assert err < 1e-5
+    for a, b in zip(caches, loop_caches):
+        torch.testing.assert_close(a.k, b.k, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a.v, b.v, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_bfloat16_steps_stay_within_tolerance(model, bf16_models):
+    """Decoding steps of the bfloat16 model, fused and through the layer loop, against float32. The fused
+    path rounds only its output and the cache to bfloat16, so it departs from float32 no more than the loop."""
+    m = bf16_models["text"]
+    exact = _step_logits(model, False, None)
+    errs = {}
+    for name, fused in (("fused", True), ("layer loop", False)):
+        logits = _step_logits(m, fused, None).float()
+        errs[name] = ((logits - exact).abs().max() / exact.std()).item()
+        print(f"bfloat16 {name} vs float32: max |error| / std = {errs[name]:.4f}")
+        assert errs[name] < TOLERANCE["bfloat16"]
+    assert errs["fused"] <= errs["layer loop"]
 
 
 def test_fused_decoder_can_be_turned_off(monkeypatch, ckpt_dir):

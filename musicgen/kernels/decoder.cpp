@@ -1,5 +1,5 @@
 // All decoder layers of one decoding step (one new position per row) in a single call, for quantised models
-// on x86 CPUs (AVX2 + FMA + F16C).
+// on x86 CPUs (AVX2 + FMA + F16C), and bfloat16 models on AVX-512 CPUs (dense weights through dense_gemv_raw).
 //
 // With 4-bit weights a step of musicgen-small reads about 200 MB, which the kernels of gemv.cpp stream in about
 // 11 ms on two cores; driven from Python the whole step took about 24 ms (at position 300), the rest being
@@ -155,17 +155,21 @@ KV view_kv(const torch::Tensor& k, const torch::Tensor& v) {
 }
 
 struct Linear {
-  bool int4 = true;
-  torch::Tensor w, s, b;   // packed uint8 + float16 group scales, or int8 + float32 scales; float32 bias or {}
+  enum Kind { INT4, INT8, DENSE } kind = INT4;
+  // int4: packed uint8 + float16 group scales; int8: int8 + float32 scales; dense: float32 or bfloat16, no scales.
+  // Bias: float32 or {}.
+  torch::Tensor w, s, b;
   int64_t N = 0, K = 0;
 
   void operator()(const float* x, int64_t M, float* y, musicgen::Int4Scratch& scratch) const {
     const float* bias = b.defined() ? b.data_ptr<float>() : nullptr;
-    if (int4)
+    if (kind == INT4)
       musicgen::int4_gemv_raw(x, M, K, w.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(s.data_ptr<at::Half>()),
                               bias, N, y, scratch);
-    else
+    else if (kind == INT8)
       musicgen::int8_gemv_raw(x, M, K, w.data_ptr<int8_t>(), s.data_ptr<float>(), bias, N, y);
+    else
+      musicgen::dense_gemv_raw(x, M, K, w.data_ptr(), w.scalar_type() == torch::kBFloat16, bias, N, y);
   }
 };
 
@@ -175,26 +179,32 @@ struct Layer {
   bool cross = false;
 };
 
-Linear make_linear(const std::string& kind, torch::Tensor w, torch::Tensor s, c10::optional<torch::Tensor> b,
-                   int64_t in_features) {
+Linear make_linear(const std::string& kind, torch::Tensor w, c10::optional<torch::Tensor> s,
+                   c10::optional<torch::Tensor> b, int64_t in_features) {
   Linear l;
-  TORCH_CHECK(kind == "int4" || kind == "int8", "fused decoder: linear kind must be int4 or int8");
-  l.int4 = kind == "int4";
+  TORCH_CHECK(kind == "int4" || kind == "int8" || kind == "dense",
+              "fused decoder: linear kind must be int4, int8 or dense");
+  l.kind = kind == "int4" ? Linear::INT4 : kind == "int8" ? Linear::INT8 : Linear::DENSE;
   l.N = w.size(0);
   l.K = in_features;
-  if (l.int4) {
+  TORCH_CHECK(l.kind == Linear::DENSE || s.has_value(), "fused decoder: quantised weights need their scales");
+  if (l.kind == Linear::INT4) {
     TORCH_CHECK(w.scalar_type() == torch::kUInt8 && w.is_contiguous() && w.size(1) * 2 == in_features &&
                 in_features % 64 == 0, "fused decoder: int4 weights (N, K / 2) uint8 with K % 64 == 0");
-    TORCH_CHECK(s.scalar_type() == torch::kFloat16 && s.is_contiguous() && s.numel() == l.N * (in_features / 32),
+    TORCH_CHECK(s->scalar_type() == torch::kFloat16 && s->is_contiguous() && s->numel() == l.N * (in_features / 32),
                 "fused decoder: int4 scales (N, K / 32) float16");
-  } else {
+  } else if (l.kind == Linear::INT8) {
     TORCH_CHECK(w.scalar_type() == torch::kInt8 && w.is_contiguous() && w.size(1) == in_features,
                 "fused decoder: int8 weights (N, K)");
-    TORCH_CHECK(s.scalar_type() == torch::kFloat32 && s.is_contiguous() && s.numel() == l.N,
+    TORCH_CHECK(s->scalar_type() == torch::kFloat32 && s->is_contiguous() && s->numel() == l.N,
                 "fused decoder: int8 scales (N,) float32");
+  } else {
+    TORCH_CHECK(avx512_available(), "fused decoder: dense weights need AVX-512");
+    TORCH_CHECK((w.scalar_type() == torch::kFloat32 || w.scalar_type() == torch::kBFloat16) && w.is_contiguous() &&
+                w.size(1) == in_features, "fused decoder: dense weights (N, K) float32 or bfloat16, contiguous");
   }
+  if (s.has_value()) l.s = *s;
   l.w = w;
-  l.s = s;
   if (b.has_value()) {
     l.b = b->to(torch::kFloat32).contiguous();
     TORCH_CHECK(l.b.numel() == l.N, "fused decoder: bias must be (N,)");
@@ -214,9 +224,9 @@ class FusedDecoder {
   }
 
   // norms: [norm1_w, norm1_b, norm2_w, norm2_b(, norm_cross_w, norm_cross_b)];
-  // linears: qkv, out, fc1, fc2(, cross_q, cross_out) as (kind, weight, scales, bias)
+  // linears: qkv, out, fc1, fc2(, cross_q, cross_out) as (kind, weight, scales or None (dense), bias or None)
   void add_layer(std::vector<torch::Tensor> norms, std::vector<std::string> kinds, std::vector<torch::Tensor> weights,
-                 std::vector<torch::Tensor> scales, std::vector<c10::optional<torch::Tensor>> biases) {
+                 std::vector<c10::optional<torch::Tensor>> scales, std::vector<c10::optional<torch::Tensor>> biases) {
     const bool cross = norms.size() == 6;
     TORCH_CHECK((norms.size() == 4 || cross) && kinds.size() == norms.size() && weights.size() == kinds.size() &&
                 scales.size() == kinds.size() && biases.size() == kinds.size(),

@@ -101,6 +101,9 @@ inline void dot_rows(const float* x, int64_t K, const int8_t* w, float scale, fl
 // musicgen-small layer set. Here one widening of 32 weights feeds up to 8 rows of 16-lane FMAs, and the
 // activation rows are walked in chunks of at most 32 KB (rows x chunk) that stay in L1 across a block of 16
 // weight rows, instead of streaming every row's whole K (16 KB each for fc2) from L2 once per weight row.
+// The chunk is the same for every M, and each row has its own accumulators whatever block of rows it is in, so a
+// row's result does not depend on how many rows share the call (the service batches requests and promises each
+// its solo codes); 1- and 2-row calls lost nothing to the shorter chunk (bfloat16 layer set of musicgen-small).
 // The weights are int8 (times a per-row scale after the sum) or, for dense_gemv, float32 or bfloat16
 // (uint16_t bits): widened exactly to float32 in every case.
 template <typename W>
@@ -166,8 +169,7 @@ template <typename W>
 void rows_avx512(const float* xp, int64_t M, int64_t K, const W* wp, const float* sp, const float* bp, int64_t N,
                  float* yp) {
   constexpr int64_t NB = 16;                                       // weight rows sharing one activation chunk
-  const int64_t rows = std::min<int64_t>(M, 8);
-  const int64_t KC = std::max<int64_t>(32, 32768 / (4 * rows) / 32 * 32);   // rows x KC floats <= 32 KB
+  constexpr int64_t KC = 1024;   // 8 rows x KC floats = 32 KB; the same chunks whatever M (see above)
   at::parallel_for(0, N, NB, [&](int64_t n0, int64_t n1) {
     std::vector<float> part(NB * M);                               // part[m * NB + n - nb]
     for (int64_t nb = n0; nb < n1; nb += NB) {
@@ -388,6 +390,14 @@ torch::Tensor dense_gemv(torch::Tensor x, torch::Tensor w, c10::optional<torch::
 }
 
 bool avx512_available() { return has_avx512(); }
+
+void musicgen::dense_gemv_raw(const float* x, int64_t M, int64_t K, const void* w, bool bf16, const float* bias,
+                              int64_t N, float* y) {
+  if (bf16)
+    rows_avx512(x, M, K, static_cast<const uint16_t*>(w), nullptr, bias, N, y);
+  else
+    rows_avx512(x, M, K, static_cast<const float*>(w), nullptr, bias, N, y);
+}
 
 namespace {
 

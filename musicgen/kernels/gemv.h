@@ -1,4 +1,4 @@
-// The quantised matrix-vector kernels of gemv.cpp, on raw pointers: the tensor wrappers (int8_gemv,
+// The matrix-vector kernels of gemv.cpp, on raw pointers: the tensor wrappers (int8_gemv,
 // int4_gemv) and the fused decoder (decoder.cpp) both call these. Output channels are split across threads.
 #pragma once
 
@@ -34,6 +34,11 @@ struct Int4Scratch {
 // y (M, N) = x (M, K) . dequant(w (N, K / 2), scales (N, K / 32) float16 bits)^T + bias[n]; K % 64 == 0
 void int4_gemv_raw(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* scales,
                    const float* bias, int64_t N, float* y, Int4Scratch& scratch);
+
+// y (M, N) = x (M, K) . w (N, K)^T + bias[n], w float32 or (bf16) bfloat16 bits, widened exactly; bias may be
+// nullptr. AVX-512 only (avx512_available).
+void dense_gemv_raw(const float* x, int64_t M, int64_t K, const void* w, bool bf16, const float* bias, int64_t N,
+                    float* y);
 
 }  // namespace musicgen
 
