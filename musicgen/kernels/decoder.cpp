@@ -423,7 +423,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dense_gemv", &dense_gemv, "float32 / bfloat16 weights times few float32 rows (AVX-512)");
   m.def("avx512_available", &avx512_available, "whether dense_gemv may be called on this CPU");
   m.def("amx_available", &amx_available, "whether AMX tiles of a kind (\"int8\": int4_gemv from 4 rows, \"bf16\": "
-        "int8_gemv from 10 rows) are used (MUSICGEN_NO_AMX unset)");
+        "int8_gemv and bfloat16 dense_gemv from 6 rows) are used (MUSICGEN_NO_AMX unset)");
   m.def("int4_gemv", &int4_gemv, "4-bit grouped weights times int8-quantised activations (AVX2 + FMA + F16C)");
   m.def("int4_dequant", &int4_dequant, "4-bit grouped weights to float32 or bfloat16 (AVX2 + F16C)");
   m.def("int4_quantize", &int4_quantize, "float32 (N, K) -> 4-bit packed weights and float16 group scales");

@@ -4,7 +4,8 @@
 // int4_gemv: 4-bit weights in groups of 32 with a float16 scale each, activations quantised on the fly to int8
 //            in groups of 32 (as llama.cpp's Q4_0 x Q8_0): the group dot products run in integers (AVX2,
 //            AVX-512 VNNI, or from 4 rows on AMX tiles).
-// dense_gemv: float32 or bfloat16 weights, float32 activations, AVX-512 (unquantised layers, few rows).
+// dense_gemv: float32 or bfloat16 weights, float32 activations, AVX-512 (unquantised layers, few rows; bfloat16
+//            from 6 rows on AMX tiles).
 //
 //   y[m, n] = scale[n] * sum_k x[m, k] * q[n, k] + bias[n]      x float32 (M, K), q int8 (N, K)
 //
@@ -219,10 +220,10 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-// int8 weights times many rows on the bfloat16 tile unit: tdpbf16ps multiplies up to 16 rows of 32 bfloat16
-// activations by 16 weight rows and accumulates in float32 across all of K inside the tile, so the per-weight
-// work left is building the B tiles: 32 int8 weights of a row widen exactly to bfloat16 (at most 8 significant
-// bits), and a 16 x 16 dword transpose puts pairs k = 2r, 2r + 1 of the 16 rows in tile row r.
+// int8 or bfloat16 weights times many rows on the bfloat16 tile unit: tdpbf16ps multiplies 16 weight rows of 32
+// bfloat16 by up to 16 activation rows and accumulates in float32 across all of K inside the tile. bfloat16
+// weights are a tile as they lie in memory; 32 int8 weights of a row widen exactly to bfloat16 (at most 8
+// significant bits) first.
 // The float32 activations are kept: each is split once per call into three bfloat16 parts, x = hi + mid + lo
 // exactly (8 significant bits each, 24 in all), and the tile unit runs one product per part. Every product of a
 // part and an int8 weight is exact in float32, so the result differs from the AVX-512 kernel's only in the order
@@ -235,10 +236,10 @@ MUSICGEN_AVX512_BF16 inline __m512i row_bf16(const int8_t* w) {   // 32 weights 
   return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
 }
 
-// 16 weight rows (leading dimension ld) x 32 -> the B tile: row r holds dword r (k = 2r, 2r + 1) of rows 0..15
-MUSICGEN_AVX512_BF16 inline void bf16_tile(const int8_t* w, int64_t ld, uint16_t* b) {
+// 16 x 16 dwords (rows of 64 bytes, contiguous) -> transposed: row r of b holds dword r of rows 0..15
+MUSICGEN_AVX512_BF16 inline void transpose16(const uint16_t* src, uint16_t* b) {
   __m512i r[16], t[16];
-  for (int i = 0; i < 16; ++i) r[i] = row_bf16(w + i * ld);
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_load_si512(src + 32 * i);
   for (int i = 0; i < 8; ++i) {
     t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
     t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
@@ -256,85 +257,164 @@ MUSICGEN_AVX512_BF16 inline void bf16_tile(const int8_t* w, int64_t ld, uint16_t
       t[8 * i + 4 + j] = _mm512_shuffle_i32x4(r[8 * i + j], r[8 * i + 4 + j], 0xDD);
     }
   for (int j = 0; j < 8; ++j) {
-    _mm512_store_si512(b + 32 * j, _mm512_shuffle_i32x4(t[j], t[8 + j], 0x88));         // dword j, rows 0..15
-    _mm512_store_si512(b + 32 * (8 + j), _mm512_shuffle_i32x4(t[j], t[8 + j], 0xDD));   // dword 8 + j
+    _mm512_storeu_si512(b + 32 * j, _mm512_shuffle_i32x4(t[j], t[8 + j], 0x88));         // dword j, rows 0..15
+    _mm512_storeu_si512(b + 32 * (8 + j), _mm512_shuffle_i32x4(t[j], t[8 + j], 0xDD));   // dword 8 + j
   }
 }
 
-// rows [0, MB) (MB <= 16) of y = x . w^T * scale + bias, channels [n0, n1); x is given as its three bfloat16
-// parts (split_bf16), each (rows, K)
-__attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16,fma")))
-void int8_amx(const uint16_t* hi, const uint16_t* mid, const uint16_t* lo, int MB, int64_t K, const int8_t* w,
-              const float* scale, const float* bias, int64_t n0, int64_t n1, float* y, int64_t N) {
-  TileConfig cfg;   // tile 0: sums (rows x 16 float32); 1-3: activation parts (rows x 32 bf16); 4: weights (16 x 64 B)
-  for (int t = 0; t < 4; ++t) {
-    cfg.rows[t] = MB;
-    cfg.colsb[t] = 64;
+// 16 int8 weight rows (leading dimension ld) x 32 -> 16 tile rows of 32 bfloat16
+MUSICGEN_AVX512_BF16 inline void widen_tile(const int8_t* w, int64_t ld, uint16_t* b) {
+  for (int i = 0; i < 16; ++i) _mm512_store_si512(b + 32 * i, row_bf16(w + i * ld));
+}
+
+#define MUSICGEN_AMX_BF16 __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16,fma")))
+
+// NBK (1 or 2) blocks of 16 weight rows from wn on (leading dimension K) times one packed block of rows a -> c
+// (NBK x 16 weight rows x 16 float32 columns, one per activation row); tiles configured by rows_amx_bf16. The
+// two blocks share each chunk's loads of the activation parts. The next rows' weights are prefetched into L2, a
+// little per chunk (into L1, the line-fill buffers were the limit).
+template <typename W, int NBK>
+MUSICGEN_AMX_BF16 inline void amx_blocks(const uint16_t* a, int64_t K, const W* wn, uint16_t (*b)[2][512],
+                                         float* c) {
+  constexpr bool direct = std::is_same<W, uint16_t>::value;
+  const int64_t chunks = K / 32, ahead = NBK * 16 * K * int64_t(sizeof(W)) / chunks;   // next rows' bytes
+  _tile_zero(0);
+  if constexpr (NBK == 2) _tile_zero(6);
+  if constexpr (!direct) {
+    widen_tile(wn, K, b[0][0]);
+    if constexpr (NBK == 2) widen_tile(wn + 16 * K, K, b[0][1]);
   }
-  cfg.rows[4] = 16;
-  cfg.colsb[4] = 64;
-  _tile_loadconfig(&cfg);
-  alignas(64) uint16_t b[2][512];           // the next chunk's B tile is built while the tile unit uses this one
-  alignas(64) float c[16 * 16];
-  const int64_t chunks = K / 32, ahead = 16 * K / chunks;   // bytes of the next 16 rows to prefetch per chunk
-  for (int64_t nb = n0; nb < n1; nb += 16) {
-    const int8_t* wn = w + nb * K;
-    _tile_zero(0);
-    bf16_tile(wn, K, b[0]);
-    for (int64_t kc = 0; kc < chunks; ++kc) {
-      const char* next = reinterpret_cast<const char*>(wn + 16 * K) + ahead * kc;
-      for (int64_t l = 0; l < ahead; l += 64) _mm_prefetch(next + l, _MM_HINT_T0);
-      if (kc + 1 < chunks) bf16_tile(wn + 32 * (kc + 1), K, b[(kc + 1) & 1]);
-      _tile_loadd(4, b[kc & 1], 64);
-      _tile_loadd(1, hi + 32 * kc, 2 * K);
-      _tile_loadd(2, mid + 32 * kc, 2 * K);
-      _tile_loadd(3, lo + 32 * kc, 2 * K);
-      _tile_dpbf16ps(0, 3, 4);   // the small parts first
-      _tile_dpbf16ps(0, 2, 4);
-      _tile_dpbf16ps(0, 1, 4);
+  for (int64_t kc = 0; kc < chunks; ++kc) {
+    const char* next = reinterpret_cast<const char*>(wn + NBK * 16 * K) + ahead * kc;
+    for (int64_t l = 0; l < ahead; l += 64) _mm_prefetch(next + l, _MM_HINT_T1);
+    if constexpr (!direct) {
+      if (kc + 1 < chunks) {
+        widen_tile(wn + 32 * (kc + 1), K, b[(kc + 1) & 1][0]);
+        if constexpr (NBK == 2) widen_tile(wn + 16 * K + 32 * (kc + 1), K, b[(kc + 1) & 1][1]);
+      }
     }
-    _tile_stored(0, c, 64);
-    const __m512 sv = _mm512_loadu_ps(scale + nb);
-    const __m512 bv = bias ? _mm512_loadu_ps(bias + nb) : _mm512_setzero_ps();
-    for (int m = 0; m < MB; ++m) _mm512_storeu_ps(y + m * N + nb, _mm512_fmadd_ps(_mm512_load_ps(c + 16 * m), sv, bv));
+    const uint16_t* parts = a + kc * 3 * 512;
+    _tile_loadd(2, parts, 64);
+    _tile_loadd(3, parts + 512, 64);
+    _tile_loadd(4, parts + 1024, 64);
+    if constexpr (direct) _tile_loadd(1, wn + 32 * kc, 2 * K);
+    else _tile_loadd(1, b[kc & 1][0], 64);
+    _tile_dpbf16ps(0, 1, 4);   // the small parts first
+    _tile_dpbf16ps(0, 1, 3);
+    _tile_dpbf16ps(0, 1, 2);
+    if constexpr (NBK == 2) {
+      if constexpr (direct) _tile_loadd(5, wn + 16 * K + 32 * kc, 2 * K);
+      else _tile_loadd(5, b[kc & 1][1], 64);
+      _tile_dpbf16ps(6, 5, 4);
+      _tile_dpbf16ps(6, 5, 3);
+      _tile_dpbf16ps(6, 5, 2);
+    }
+  }
+  _tile_stored(0, c, 64);
+  if constexpr (NBK == 2) _tile_stored(6, c + 256, 64);
+}
+
+// y = x . w^T (* scale) + bias for channels [n0, n1), with the weights as the tiles' A operand: 16 weight rows x
+// 32 k are one tile as they lie in memory (bfloat16, loaded straight from the weight), or after a widening of each
+// row (int8), with no transpose. The activations are the B operand, given packed by pack_bf16 (per block of 16
+// rows, per chunk of 32 and per bfloat16 part, tile row r holding the pair k = 2r, 2r + 1 of each activation row).
+// The sums come out as (weight row, activation row) and are transposed into y. Blocks of more than 16 rows take
+// turns on the same two blocks of weight rows, which they then read from L2. w int8 (with per-row scales) or
+// bfloat16 (scale nullptr); a bfloat16 weight times a part has at most 16 significant bits: exact in float32 too.
+template <typename W>
+MUSICGEN_AMX_BF16 void rows_amx_bf16(const uint16_t* a, int64_t M, int64_t K, const W* w, const float* scale,
+                                     const float* bias, int64_t n0, int64_t n1, float* y, int64_t N) {
+  const int64_t block = K / 32 * 3 * 512;   // one block of 16 rows in a
+  alignas(64) uint16_t b[2][2][512];   // int8: the next chunk's widened weights are built while this one is used
+  alignas(64) float c[2 * 16 * 16];
+  const __m512i column = _mm512_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176, 192, 208, 224, 240);
+  int configured = 0;
+  for (int64_t nb = n0; nb < n1;) {
+    const int nbk = n1 - nb >= 32 ? 2 : 1;
+    for (int64_t m0 = 0; m0 < M; m0 += 16) {
+      const int mb = static_cast<int>(std::min<int64_t>(16, M - m0));
+      if (mb != configured) {
+        TileConfig cfg;   // 0, 6: sums (16 weight rows x mb float32); 1, 5: weights (16 x 32 bf16); 2-4: parts
+        for (int t : {0, 2, 3, 4, 6}) cfg.rows[t] = 16, cfg.colsb[t] = static_cast<uint16_t>(4 * mb);
+        for (int t : {1, 5}) cfg.rows[t] = 16, cfg.colsb[t] = 64;
+        _tile_loadconfig(&cfg);
+        configured = mb;
+      }
+      if (nbk == 2) amx_blocks<W, 2>(a + m0 / 16 * block, K, w + nb * K, b, c);
+      else amx_blocks<W, 1>(a + m0 / 16 * block, K, w + nb * K, b, c);
+      for (int blk = 0; blk < nbk; ++blk) {
+        const int64_t n = nb + 16 * blk;
+        const __m512 sv = scale ? _mm512_loadu_ps(scale + n) : _mm512_set1_ps(1.0f);
+        const __m512 bv = bias ? _mm512_loadu_ps(bias + n) : _mm512_setzero_ps();
+        for (int m = 0; m < mb; ++m)   // c[blk][n][m] -> y[m0 + m, n]
+          _mm512_storeu_ps(y + (m0 + m) * N + n,
+                           _mm512_fmadd_ps(_mm512_i32gather_ps(column, c + 256 * blk + m, 4), sv, bv));
+      }
+    }
+    nb += 16 * nbk;
   }
   _tile_release();
 }
 
-// x (n floats, n % 16 == 0) = hi + mid + lo, each part bfloat16 rounded to nearest: exactly, since the two
-// remainders are exact in float32 and 3 x 8 significant bits hold float32's 24 (parts below float32's normal
-// range, 1e-38, are flushed to zero, as the tile unit would flush them anyway)
-MUSICGEN_AVX512_BF16 void split_bf16(const float* x, int64_t n, uint16_t* hi, uint16_t* mid, uint16_t* lo) {
-  uint16_t* out[3] = {hi, mid, lo};
-  for (int64_t i = 0; i < n; i += 16) {
-    __m512 r = _mm512_loadu_ps(x + i);
-    for (int part = 0; part < 3; ++part) {
-      const __m256bh p = _mm512_cvtneps_pbh(r);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[part] + i), reinterpret_cast<__m256i>(p));
-      r = _mm512_sub_ps(r, _mm512_cvtpbh_ps(p));
+// x (M, K), K % 32 == 0 -> the B operands of rows_amx_bf16: block of 16 rows b, chunk kc of 32, part p (x = hi +
+// mid + lo, each bfloat16 rounded to nearest: exactly, since the two remainders are exact in float32 and 3 x 8
+// significant bits hold float32's 24; parts below float32's normal range, 1e-38, are flushed to zero, as the tile
+// unit would flush them anyway) at a + ((b * K / 32 + kc) * 3 + p) * 512, whose tile row r (32 bfloat16) holds
+// the pair k = 2r, 2r + 1 of rows 16 b + 0..15.
+MUSICGEN_AVX512_BF16 void pack_bf16(const float* x, int64_t M, int64_t K, uint16_t* a) {
+  const int64_t chunks = K / 32;
+  alignas(64) uint16_t parts[3][16 * 32];   // one chunk of one block of rows: each row's three parts
+  for (int64_t m0 = 0; m0 < M; m0 += 16) {
+    const int64_t mb = std::min<int64_t>(16, M - m0);
+    for (int64_t kc = 0; kc < chunks; ++kc) {
+      for (int64_t i = 0; i < 16; ++i) {
+        if (i >= mb) {   // rows past M: zeros (the tiles are configured for mb columns and never use them)
+          for (auto& part : parts) _mm512_store_si512(part + 32 * i, _mm512_setzero_si512());
+          continue;
+        }
+        const float* xr = x + (m0 + i) * K + 32 * kc;
+        __m512 lo = _mm512_loadu_ps(xr), hi = _mm512_loadu_ps(xr + 16);
+        for (auto& part : parts) {
+          const __m512i p = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));   // k order: dword r = pair r
+          _mm512_store_si512(part + 32 * i, p);
+          lo = _mm512_sub_ps(lo, _mm512_cvtpbh_ps(reinterpret_cast<__m256bh>(_mm512_castsi512_si256(p))));
+          hi = _mm512_sub_ps(hi, _mm512_cvtpbh_ps(reinterpret_cast<__m256bh>(_mm512_extracti64x4_epi64(p, 1))));
+        }
+      }
+      for (int part = 0; part < 3; ++part) transpose16(parts[part], a + ((m0 / 16 * chunks + kc) * 3 + part) * 512);
     }
   }
 }
 
-// Three tile products per chunk make the tile unit the limit: on the small layer set, 2 threads, 8 rows took
-// 35 ms either way, 16 rows 86 -> 65 ms, 32 rows 182 -> 88 ms (with one bfloat16 product, rounding the
-// activations, 16 rows took 29 ms; that would make a request's codes depend on its batch).
-constexpr int64_t AMX_INT8_MIN_ROWS = 10;
+// Where the tiles start. Small layer set (24 x musicgen-small's six products), 2 threads, AVX-512 kernel against
+// tiles: int8 at 4 rows 23.5 against 31.0 ms, 6 rows 33.5 / 31.3, 8 rows 33.4 / 31.2, 16 rows 76 / 30, 32 rows
+// 162 / 57; bfloat16 at 4 rows 33.5 / 36.2, 6 rows 41.3 / 35.9, 16 rows 89 / 39 (PyTorch's bfloat16 linear, which
+// rounds the activations: 56). With the activation parts as the A operand and the weights transposed into B
+// tiles, as first written, int8 took 65 ms at 16 rows: loading the parts, 48 lines 2 KB apart, and the transposes
+// were the limit, not the tile unit.
+constexpr int64_t AMX_INT8_MIN_ROWS = 6;
+constexpr int64_t AMX_DENSE_MIN_ROWS = 6;
+
+// y (M, N) = x (M, K) . w (N, K)^T (* scale) + bias on the tile unit (the caller checks N % 16, K % 32, AMX)
+template <typename W>
+void gemv_amx_bf16(const float* xp, int64_t M, int64_t K, const W* wp, const float* sp, const float* bp, int64_t N,
+                   float* yp) {
+  thread_local std::vector<uint16_t> scratch;   // (a worker thread has its own: pass pointers, not the name)
+  const int64_t block = K / 32 * 3 * 512;       // one block of 16 rows, packed
+  scratch.resize((M + 15) / 16 * block);
+  uint16_t* a = scratch.data();
+  pack_bf16(xp, M, K, a);
+  at::parallel_for(0, N / 16, 4, [&](int64_t b0, int64_t b1) {
+    rows_amx_bf16(a, M, K, wp, sp, bp, 16 * b0, 16 * b1, yp, N);
+  });
+}
 
 }  // namespace
 
 void musicgen::int8_gemv_raw(const float* xp, int64_t M, int64_t K, const int8_t* qp, const float* sp,
                              const float* bp, int64_t N, float* yp) {
   if (M >= AMX_INT8_MIN_ROWS && N % 16 == 0 && K % 32 == 0 && amx_usable(AMX_BF16)) {
-    thread_local std::vector<uint16_t> scratch;   // (a worker thread has its own: pass pointers, not the name)
-    scratch.resize(3 * M * K);
-    uint16_t *hi = scratch.data(), *mid = hi + M * K, *lo = mid + M * K;
-    split_bf16(xp, M * K, hi, mid, lo);
-    at::parallel_for(0, N / 16, 4, [&](int64_t b0, int64_t b1) {
-      for (int64_t m = 0; m < M; m += 16)
-        int8_amx(hi + m * K, mid + m * K, lo + m * K, static_cast<int>(std::min<int64_t>(16, M - m)), K, qp, sp, bp,
-                 16 * b0, 16 * b1, yp + m * N, N);
-    });
+    gemv_amx_bf16(xp, M, K, qp, sp, bp, N, yp);
     return;
   }
   if (M >= 4 && has_avx512()) {   // arithmetic-bound from here on (see rows_avx512)
@@ -381,11 +461,8 @@ torch::Tensor dense_gemv(torch::Tensor x, torch::Tensor w, c10::optional<torch::
   auto y = torch::empty({M, N}, x.options());
   torch::Tensor b;
   const float* bp = float_bias(bias, N, b, "dense_gemv");
-  if (w.scalar_type() == torch::kFloat32)
-    rows_avx512(x.data_ptr<float>(), M, K, w.data_ptr<float>(), nullptr, bp, N, y.data_ptr<float>());
-  else
-    rows_avx512(x.data_ptr<float>(), M, K, reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), nullptr,
-                bp, N, y.data_ptr<float>());
+  musicgen::dense_gemv_raw(x.data_ptr<float>(), M, K, w.data_ptr(), w.scalar_type() == torch::kBFloat16, bp, N,
+                           y.data_ptr<float>());
   return y;
 }
 
@@ -393,7 +470,9 @@ bool avx512_available() { return has_avx512(); }
 
 void musicgen::dense_gemv_raw(const float* x, int64_t M, int64_t K, const void* w, bool bf16, const float* bias,
                               int64_t N, float* y) {
-  if (bf16)
+  if (bf16 && M >= AMX_DENSE_MIN_ROWS && N % 16 == 0 && K % 32 == 0 && amx_usable(AMX_BF16))
+    gemv_amx_bf16(x, M, K, static_cast<const uint16_t*>(w), nullptr, bias, N, y);
+  else if (bf16)
     rows_avx512(x, M, K, static_cast<const uint16_t*>(w), nullptr, bias, N, y);
   else
     rows_avx512(x, M, K, static_cast<const float*>(w), nullptr, bias, N, y);
