@@ -3,6 +3,7 @@
     python benchmarks/serve_load.py                          # 8 requests, tiny random model, 4 s each
     python benchmarks/serve_load.py --requests 8 --dim 256 --layers 4 --duration 4
     python benchmarks/serve_load.py --dim 1024 --layers 24 --quantize int4   # musicgen-small's width and depth
+    python benchmarks/serve_load.py --dim 1024 --layers 24 --dtype bfloat16
 
 Builds a random checkpoint in the hub format (transformers, a test dependency, writes it; cached under
 --cache), starts the real server (`python -m musicgen serve`) on a free port, and prints a table: wall time,
@@ -56,6 +57,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=2, help="LM layers (musicgen-small: 24)")
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--quantize", choices=["int8", "int4"], help="serve the model quantised (default: float32)")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="the served model's dtype")
     ap.add_argument("--timeout", type=float, default=600, help="seconds allowed per phase")
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "musicgen-serve-bench")
     args = ap.parse_args()
@@ -69,7 +71,7 @@ def main() -> None:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     server = subprocess.Popen([sys.executable, "-m", "musicgen", "serve", "--model", str(ckpt), "--port", str(port),
                                "--data-dir", str(data), "--max-batch", str(args.max_batch), "--max-queue", "64"]
-                              + (["--quantize", args.quantize] if args.quantize else []),
+                              + (["--quantize", args.quantize] if args.quantize else []) + ["--dtype", args.dtype],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
@@ -112,7 +114,8 @@ def main() -> None:
     steps = after["steps"] - before["steps"]
     req_steps = after["request_steps"] - before["request_steps"]
     print(f"musicgen serve load test: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"torch {torch.__version__} ({torch.get_num_threads()} threads), {args.quantize or 'float32'}")
+          f"torch {torch.__version__} ({torch.get_num_threads()} threads), {args.quantize or args.dtype}"
+          + (f" ({args.dtype})" if args.quantize and args.dtype != "float32" else ""))
     print(f"random model: LM dim {info['dim']}, {info['layers']} layers, {info['parameters'] / 1e6:.1f} M parameters; "
           f"{n} requests of {args.duration:g} s, max batch {args.max_batch}")
     print()

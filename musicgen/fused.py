@@ -26,8 +26,9 @@ from .quant import Int4Linear, Int8Linear, SkinnyLinear, dense_policy
 
 
 class FusedLayers:
-    def __init__(self, native):
+    def __init__(self, native, dtype: torch.dtype):
         self.native = native
+        self.dtype = dtype   # the model's, when built: a model converted since (model.float()) keeps its layer loop
 
     def __call__(self, x: torch.Tensor, pos: int, caches, cross_kv, cross_bias) -> torch.Tensor:
         """x (R, 1, D) at position pos -> (R, 1, D) after every decoder layer (MusicLM.forward's step)."""
@@ -77,7 +78,7 @@ def build(lm) -> FusedLayers | None:
         kinds, weights, scales, biases = zip(*(_linear(m) for m in _layer_linears(layer)))
         native.add_layer([t.float() for n in norms for t in (n.weight, n.bias)], list(kinds), list(weights),
                          list(scales), [None if b is None else b.float() for b in biases])
-    return FusedLayers(native)
+    return FusedLayers(native, dtype)
 
 
 def _layer_linears(layer) -> list:

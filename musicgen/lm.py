@@ -198,7 +198,7 @@ class MusicLM(nn.Module):
         else:
             x = x + self.positions[pos:pos + T].to(x.dtype)
         if (self.fused is not None and T == 1 and type(pos) is int and caches is not None
-                and x.device.type == "cpu" and not torch.is_grad_enabled()):
+                and x.device.type == "cpu" and x.dtype == self.fused.dtype and not torch.is_grad_enabled()):
             x = self.fused(x, pos, caches, cross_kv, cross_bias)   # every layer in one native call (fused.py)
         else:
             for i, layer in enumerate(self.layers):

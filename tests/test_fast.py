@@ -679,6 +679,26 @@ def test_fused_bfloat16_steps_stay_within_tolerance(model, bf16_models):
     assert errs["fused"] <= errs["layer loop"]
 
 
+def test_bfloat16_model_converted_to_float32_leaves_the_fused_decoder(bf16_models, monkeypatch):
+    """The fused decoder was built for the model's dtype: after model.float() the steps go through the layer
+    loop on the float32 weights instead."""
+    import copy
+
+    import musicgen.quant as quant
+
+    monkeypatch.setattr(quant, "_DENSE", (True, True))   # the copy builds its own fused decoder
+    twin = copy.deepcopy(bf16_models["text"])
+    twin.lm.float()
+    calls = []
+    native = twin.lm.fused.native
+    twin.lm.fused.native = type("Spy", (), {"step": lambda self, *a: calls.append(1) or native.step(*a)})()
+    codes = twin.generate_codes(PROMPTS, duration=0.2, top_k=1)
+    assert codes.shape == (2, 4, 10) and not calls
+    twin.lm.bfloat16()
+    twin.generate_codes(PROMPTS, duration=0.2, top_k=1)
+    assert calls   # back in its dtype, the steps use it again
+
+
 def test_fused_decoder_can_be_turned_off(monkeypatch, ckpt_dir):
     kernel_or_skip("int8_gemv")
     monkeypatch.setenv("MUSICGEN_FUSED", "0")
