@@ -108,7 +108,16 @@ class LSTMBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.permute(2, 0, 1)                 # (T, B, C)
-        return (self.lstm(x)[0] + x).permute(1, 2, 0)
+        return (self.run(x)[0] + x).permute(1, 2, 0)
+
+    def run(self, x: torch.Tensor, state=None):
+        """The LSTM alone, as nn.LSTM: (T, B, C) and optional (h, c) -> (y, (h, c)); on CPU in float32 without
+        autograd through codec_fast's native recurrence (equal to float rounding)."""
+        if codec_fast.enabled(x):
+            out = codec_fast.lstm(self.lstm, x, state)
+            if out is not None:
+                return out
+        return self.lstm(x, state)
 
 
 class ResBlock(nn.Module):

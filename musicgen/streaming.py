@@ -57,7 +57,7 @@ class StreamingDecoder:
         if ready_b > done_b:
             x = _window(self.stage_a, self.latent, done_b, ready_b, self.margin)             # (B, C, new)
             x = x.permute(2, 0, 1)                                                           # (new, B, C)
-            y, self.state = self.lstm_block.lstm(x, self.state)
+            y, self.state = self.lstm_block.run(x, self.state)
             y = (y + x).permute(1, 2, 0)                                                     # LSTMBlock's residual
             self.hidden = y if self.hidden is None else torch.cat([self.hidden, y], dim=-1)
         total = 0 if self.hidden is None else self.hidden.shape[-1]

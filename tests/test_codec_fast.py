@@ -148,3 +148,47 @@ def test_reference_path_with_autograd_and_when_turned_off(small_codec, monkeypat
         small_codec.decoder(latent)
         small_codec.encoder(audio)
     assert calls == ["decode", "encode"]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("batch,with_state", [(1, False), (3, True), (2, False)])
+def test_native_lstm_equals_torch(bias, batch, with_state):
+    """The native recurrence (kernels/decoder.cpp lstm_layer) against nn.LSTM: outputs and the last (h, c), from
+    zeros or a given state (the streaming decoder's), with and without biases, to float32 rounding (over 37 steps)."""
+    torch.manual_seed(batch)
+    lstm = torch.nn.LSTM(64, 64, 2, bias=bias).eval()
+    with torch.no_grad():
+        for p in lstm.parameters():
+            p.mul_(6.0)                     # the default init (about ±0.12) barely drives the gates
+    x = torch.randn(37, batch, 64)
+    state = (torch.randn(2, batch, 64), torch.randn(2, batch, 64)) if with_state else None
+    with torch.inference_mode():
+        out = codec_fast.lstm(lstm, x, state)
+        if out is None:
+            pytest.skip("no AVX-512 kernels here: the codec keeps torch's LSTM")
+        y, (h, c) = lstm(x, state)
+    assert out[0].shape == y.shape and out[1][0].shape == h.shape
+    for ours, ref in ((out[0], y), (out[1][0], h), (out[1][1], c)):
+        torch.testing.assert_close(ours, ref, atol=1e-5 * ref.abs().max().item(), rtol=0)   # measured up to 2e-6
+
+
+def test_codec_lstm_goes_native_where_the_fast_codec_applies(small_codec, monkeypatch):
+    """Decoding (one-shot and streamed) runs the bottleneck LSTM through codec_fast.lstm; with autograd or
+    MUSICGEN_FAST_CODEC=0 it stays torch's."""
+    from musicgen.streaming import StreamingDecoder
+
+    calls = []
+    real = codec_fast.lstm
+    monkeypatch.setattr(codec_fast, "lstm", lambda *a: calls.append(1) or real(*a))
+    codes = torch.randint(0, 2048, (1, 4, 12), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        one_shot = small_codec.decode(codes)
+        stream = StreamingDecoder(small_codec)
+        streamed = torch.cat([stream.push(codes[..., :5]), stream.push(codes[..., 5:], final=True)], dim=-1)
+    assert len(calls) >= 3
+    torch.testing.assert_close(streamed, one_shot, atol=1e-5 * one_shot.abs().max().item(), rtol=0)
+    calls.clear()
+    monkeypatch.setenv("MUSICGEN_FAST_CODEC", "0")
+    with torch.inference_mode():
+        small_codec.decode(codes)
+    assert not calls

@@ -79,10 +79,17 @@ def dense_gemv():
     return module.dense_gemv if module is not None and module.avx512_available() else None
 
 
+def lstm_layer():
+    """lstm_layer(xw float32 (T, B, 4H), w_hh (4H, H), h0, c0 (B, H)) -> [y (T, B, H), h, c]: one LSTM layer's
+    recurrence over precomputed input projections (musicgen/codec_fast.py `lstm`); AVX-512 only, else None."""
+    module = _module()
+    return module.lstm_layer if module is not None and module.avx512_available() else None
+
+
 def amx_available(kind: str = "int8") -> bool:
     """Whether the kernels use AMX tiles of `kind`: "int8" (int4_gemv from 4 rows) or "bf16" (int8_gemv, and
-    dense_gemv with bfloat16 weights, from 6 rows). Needs an Intel CPU from Sapphire Rapids on, a Linux kernel that grants the tile state, and
-    MUSICGEN_NO_AMX unset (checked per call)."""
+    dense_gemv with bfloat16 weights, from 6 rows). Needs an Intel CPU from Sapphire Rapids on, a Linux kernel
+    that grants the tile state, and MUSICGEN_NO_AMX unset (checked per call)."""
     module = _module()
     return module is not None and module.amx_available(kind)
 
