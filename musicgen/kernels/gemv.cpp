@@ -103,8 +103,9 @@ inline void dot_rows(const float* x, int64_t K, const int8_t* w, float scale, fl
 // activation rows are walked in chunks of at most 32 KB (rows x chunk) that stay in L1 across a block of 16
 // weight rows, instead of streaming every row's whole K (16 KB each for fc2) from L2 once per weight row.
 // The chunk is the same for every M, and each row has its own accumulators whatever block of rows it is in, so a
-// row's result does not depend on how many rows share the call (the service batches requests and promises each
-// its solo codes); 1- and 2-row calls lost nothing to the shorter chunk (bfloat16 layer set of musicgen-small).
+// row's result here does not depend on how many rows share the call (the service batches requests and promises
+// each its solo codes; where a row count switches to AMX tiles the sums still agree to float32 rounding); 1- and
+// 2-row calls lost nothing to the shorter chunk (bfloat16 layer set of musicgen-small).
 // The weights are int8 (times a per-row scale after the sum) or, for dense_gemv, float32 or bfloat16
 // (uint16_t bits): widened exactly to float32 in every case.
 template <typename W>
