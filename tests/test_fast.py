@@ -97,8 +97,8 @@ def kernel_path(monkeypatch, name: str, path: str, tiles: str):
 def test_int8_kernel_equals_dequantised_matmul(monkeypatch, M, N, K, bias, path):
     """Every code path: AMX bfloat16 tiles from 6 rows where N % 16 == K % 32 == 0 (float32 activations as
     three bfloat16 parts; weight rows in pairs of 16 blocks and one left over, more than 16 rows in blocks of
-    16), else from 4 rows the AVX-512 kernel (blocks of 8, 4, 2, 1 rows over chunks of K; MUSICGEN_NO_AMX=1),
-    and AVX2 (MUSICGEN_NO_AVX512=1)."""
+    16), else the AVX-512 kernel (blocks of 8, 4, 2, 1 rows over chunks of K, four accumulators per row at 1-3
+    rows; MUSICGEN_NO_AMX=1), and AVX2 (MUSICGEN_NO_AVX512=1)."""
     kernel = kernel_path(monkeypatch, "int8_gemv", path, "bf16")
     g = torch.Generator().manual_seed(M * N + K)
     x = torch.randn(M, K, generator=g)
