@@ -307,7 +307,7 @@ class Scheduler:
         R, K = tokens.shape
         x = sum(lm.embed[k](tokens[:, k]) for k in range(K)) * lm.embed_scale           # (R, D)
         x = (x + lm.positions[pos].to(x.dtype))[:, None]                                 # (R, 1, D)
-        if lm.fused is not None and x.device.type == "cpu" and x.dtype == lm.fused.dtype:   # one native call (fused.py)
+        if lm.fused is not None and lm.fused.takes(x):   # one native call (fused.py)
             text = lm.layers[0].cross_attn is not None
             x = lm.fused.rows(x[:, 0], pos.tolist(), self.k, self.v, [k[:R] for k in self.ck] if text else [],
                               [v[:R] for v in self.cv] if text else [], self.bias[:R] if text else None)[:, None]

@@ -30,6 +30,10 @@ class FusedLayers:
         self.native = native
         self.dtype = dtype   # the model's, when built: a model converted since (model.float()) keeps its layer loop
 
+    def takes(self, x: torch.Tensor) -> bool:
+        """Whether the one-position rows x go through it: on CPU, in the dtype it was built for, no autograd."""
+        return x.device.type == "cpu" and x.dtype == self.dtype and not torch.is_grad_enabled()
+
     def __call__(self, x: torch.Tensor, pos: int, caches, cross_kv, cross_bias) -> torch.Tensor:
         """x (R, 1, D) at position pos -> (R, 1, D) after every decoder layer (MusicLM.forward's step)."""
         ks, vs = ([], []) if cross_kv is None else ([k for k, _ in cross_kv], [v for _, v in cross_kv])
@@ -62,7 +66,8 @@ def build(lm) -> FusedLayers | None:
         return None
     if cfg.head_dim > 256 or cfg.dim % 8 or cfg.ffn_dim % 8:
         return None
-    kinds = {_linear(m)[0] for layer in lm.layers for m in _layer_linears(layer)}
+    linears = [[_linear(m) for m in _layer_linears(layer)] for layer in lm.layers]
+    kinds = {kind for layer in linears for kind, *_ in layer}
     if None in kinds:   # checked before asking for the kernels, which would build them
         return None
     if "dense" in kinds and (kernels.dense_gemv() is None or not dense_policy()[1]):
@@ -71,11 +76,11 @@ def build(lm) -> FusedLayers | None:
     if native_cls is None:
         return None
     native = native_cls(cfg.dim, cfg.num_heads, cfg.ffn_dim, cfg.layer_norm_eps, cfg.activation)
-    for layer in lm.layers:
+    for layer, layer_linears in zip(lm.layers, linears):
         norms = [layer.norm1, layer.norm2] + ([layer.norm_cross] if layer.cross_attn is not None else [])
         if any(n.weight is None or n.bias is None for n in norms):
             return None
-        kinds, weights, scales, biases = zip(*(_linear(m) for m in _layer_linears(layer)))
+        kinds, weights, scales, biases = zip(*layer_linears)
         native.add_layer([t.float() for n in norms for t in (n.weight, n.bias)], list(kinds), list(weights),
                          list(scales), [None if b is None else b.float() for b in biases])
     return FusedLayers(native, dtype)

@@ -10,8 +10,8 @@ they sit in the self-attention cache and code positions count on after them.
 
 Decoding follows gpt-fast: the KV cache is preallocated once per generation (`KVCache`), cross-attention
 keys/values are computed once (`cross_kv`), and a step writes into the cache at `pos` without allocating.
-Quantised and bfloat16 models on x86 CPUs run those one-position steps through `fused` (musicgen/fused.py): the same
-layers in one native call, writing the same caches.
+Quantised and bfloat16 models on x86 CPUs run those one-position steps through `fused` (musicgen/fused.py):
+the same layers in one native call, writing the same caches.
 """
 from __future__ import annotations
 
@@ -197,8 +197,7 @@ class MusicLM(nn.Module):
             raise ValueError(f"sequence of {pos + T} steps exceeds the model's {self.positions.shape[0]} positions")
         else:
             x = x + self.positions[pos:pos + T].to(x.dtype)
-        if (self.fused is not None and T == 1 and type(pos) is int and caches is not None
-                and x.device.type == "cpu" and x.dtype == self.fused.dtype and not torch.is_grad_enabled()):
+        if self.fused is not None and T == 1 and type(pos) is int and caches is not None and self.fused.takes(x):
             x = self.fused(x, pos, caches, cross_kv, cross_bias)   # every layer in one native call (fused.py)
         else:
             for i, layer in enumerate(self.layers):

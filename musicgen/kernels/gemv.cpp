@@ -430,12 +430,11 @@ void musicgen::int8_gemv_raw(const float* xp, int64_t M, int64_t K, const int8_t
     gemv_amx_bf16(xp, M, K, qp, sp, bp, N, yp);
     return;
   }
-  if (M < 4 && has_avx512()) {   // decoding's 1-2 rows: four accumulators per row (see rows_avx512)
-    rows_avx512<int8_t, 4>(xp, M, K, qp, sp, bp, N, yp);
-    return;
-  }
-  if (M >= 4 && has_avx512()) {   // arithmetic-bound from here on (see rows_avx512)
-    rows_avx512(xp, M, K, qp, sp, bp, N, yp);
+  if (has_avx512()) {   // decoding's 1-3 rows with four accumulators per row (see rows_avx512)
+    if (M < 4)
+      rows_avx512<int8_t, 4>(xp, M, K, qp, sp, bp, N, yp);
+    else
+      rows_avx512(xp, M, K, qp, sp, bp, N, yp);
     return;
   }
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
