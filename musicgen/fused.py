@@ -1,4 +1,4 @@
-"""Decoding steps of a quantised or bfloat16 LM in one native call (musicgen/kernels/decoder.cpp).
+"""Decoding steps of a quantised, bfloat16 or float16 LM in one native call (musicgen/kernels/decoder.cpp).
 
 With 4-bit weights the products of a musicgen-small step take about 11 ms on two cores; the whole step driven
 layer by layer from Python took about 24 ms at position 300: attention over the cache, and the dispatch of
@@ -7,12 +7,13 @@ some 30 small operations per layer. bfloat16 weights paid the same: 28 ms of pro
 routes one-position eager steps on CPU through it; the embeddings, the final norm and the heads stay in Python.
 It computes what the layer loop computes (tests/test_fast.py holds the two together), writing keys and values
 into the same `KVCache` buffers, so prefill in Python and steps here interleave. Its activations are float32
-throughout the layers, so for a bfloat16 model it is closer to float32 than the layer loop (which rounds every
-activation to bfloat16); only the step's output, the keys and the values are rounded to bfloat16.
+throughout the layers, so for a bfloat16 (or float16) model it is closer to float32 than the layer loop (which
+rounds every activation to the model's dtype); only the step's output, the keys and the values are rounded.
 
 `attach(lm)` installs it where it applies: CPU, no autograd, the kernels built, and every decoder linear an
-Int4Linear or Int8Linear (float32 or bfloat16 model), or a bfloat16 linear on a CPU with AVX-512 where our
-dense kernel beats PyTorch's (quant.dense_policy). A float32 model without quantisation keeps the layer loop:
+Int4Linear or Int8Linear (float32 or bfloat16 model), or a bfloat16 or float16 linear on a CPU with AVX-512
+where our dense kernel beats PyTorch's (quant.dense_policy; float16 products in PyTorch read the weights at
+7 GB/s here, a third of our kernel's rate). A float32 model without quantisation keeps the layer loop:
 it is the exact path. MUSICGEN_FUSED=0 turns it off (to compare the two paths).
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ import os
 import torch
 
 from . import kernels
-from .quant import Int4Linear, Int8Linear, SkinnyLinear, dense_policy
+from .quant import _HALF, Int4Linear, Int8Linear, SkinnyLinear, dense_policy
 
 
 class FusedLayers:
@@ -53,7 +54,7 @@ def _linear(module) -> tuple[str, torch.Tensor, torch.Tensor | None, torch.Tenso
     """(kind, weight, scales, bias) of a layer, as the native decoder takes it; kind None where it cannot."""
     if isinstance(module, (Int4Linear, Int8Linear)):
         return ("int4" if isinstance(module, Int4Linear) else "int8", module.weight, *module._kernel_args())
-    if type(module) in (torch.nn.Linear, SkinnyLinear) and module.weight.dtype == torch.bfloat16:
+    if type(module) in (torch.nn.Linear, SkinnyLinear) and module.weight.dtype in _HALF:
         return "dense", module.weight.contiguous(), None, module.bias
     return None, module.weight, None, None
 
@@ -62,7 +63,7 @@ def build(lm) -> FusedLayers | None:
     """The fused decoder for `lm`, or None where it does not apply (see the module docstring)."""
     cfg = lm.cfg
     dtype = lm.norm.weight.dtype
-    if lm.norm.weight.device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
+    if lm.norm.weight.device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return None
     if cfg.head_dim > 256 or cfg.dim % 8 or cfg.ffn_dim % 8:
         return None
@@ -70,7 +71,8 @@ def build(lm) -> FusedLayers | None:
     kinds = {kind for layer in linears for kind, *_ in layer}
     if None in kinds:   # checked before asking for the kernels, which would build them
         return None
-    if "dense" in kinds and (kernels.dense_gemv() is None or not dense_policy()[1]):
+    dense = {w.dtype for layer in linears for kind, w, _, _ in layer if kind == "dense"}
+    if dense and (kernels.dense_gemv() is None or not all(dense_policy()[_HALF[t]] for t in dense)):
         return None
     native_cls = kernels.fused_decoder()
     if native_cls is None:

@@ -10,8 +10,8 @@ they sit in the self-attention cache and code positions count on after them.
 
 Decoding follows gpt-fast: the KV cache is preallocated once per generation (`KVCache`), cross-attention
 keys/values are computed once (`cross_kv`), and a step writes into the cache at `pos` without allocating.
-Quantised and bfloat16 models on x86 CPUs run those one-position steps through `fused` (musicgen/fused.py):
-the same layers in one native call, writing the same caches.
+Quantised, bfloat16 and float16 models on x86 CPUs run those one-position steps through `fused`
+(musicgen/fused.py): the same layers in one native call, writing the same caches.
 """
 from __future__ import annotations
 
@@ -131,7 +131,7 @@ class DecoderLayer(nn.Module):
 
 
 class MusicLM(nn.Module):
-    fused = None   # quantised or bfloat16 models on CPU: musicgen.fused.FusedLayers runs the one-position steps
+    fused = None   # quantised or 16-bit models on CPU: musicgen.fused.FusedLayers runs the one-position steps
 
     def __init__(self, cfg: LMConfig, context_dim: int | None = None):
         super().__init__()

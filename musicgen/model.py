@@ -334,7 +334,7 @@ class MusicGen(nn.Module):
         """Compile the one-token decoding step (static shapes; CUDA graphs with mode "reduce-overhead" on GPU).
         The first generation pays the compile time; later ones with the same batch size reuse it.
 
-        A quantised or bfloat16 model on CPU keeps its fused native decoder instead (musicgen/fused.py: every
+        A quantised or 16-bit model on CPU keeps its fused native decoder instead (musicgen/fused.py: every
         layer in one call), which a compiled graph of the same layers does not beat: small int4 53.5 against 32.1
         steps/s, int8 30.2 against 22.4. It says so once; MUSICGEN_FUSED=0 at load compiles the layer loop."""
         if self.lm.fused is not None:
@@ -512,7 +512,7 @@ def load(name_or_path: str | os.PathLike = "facebook/musicgen-small", device: st
                 use_skinny_linear(part)
     if quantize == "int4" and device.type == "cpu" and torch_dtype == torch.float32:
         model.cache_dtype = torch.bfloat16
-    if device.type == "cpu":   # attach decides where the fused step applies (quantised or bfloat16, kernels built)
+    if device.type == "cpu":   # attach decides where the fused step applies (quantised or 16-bit, kernels built)
         fused.attach(model.lm)
     if compile:
         model.compile()

@@ -300,12 +300,13 @@ class SkinnyLinear(nn.Linear):
     - float32, 1-3 rows: `linear` (x @ W^T) or W @ x^T. On a 2-core AMD EPYC (AVX2) `linear` read weights at
       about 5 GB/s and W @ x^T at 10-12 GB/s; on a 2-core Intel Xeon (AVX-512) `linear` reached 24 GB/s and
       W @ x^T 13. `skinny_wins()` times both once per process and picks.
-    - float32, 4-16 rows, and bfloat16, 1-8 rows: our AVX-512 kernel (kernels.dense_gemv: the weights widened
-      exactly to float32, float32 activations and sums) where `dense_policy()` times it faster. On the Xeon, for
-      the musicgen-small layer set, float32 at 8 rows took 81 ms against `linear`'s 139, and bfloat16 at 2 rows
-      32 ms against 52: BLAS read bfloat16 weights at 13 GB/s.
-    Same weights, same state dict; the sums differ only at float rounding (bfloat16 outputs are rounded to
-    bfloat16 as `linear`'s are). Anything else takes `F.linear`.
+    - float32, 4-16 rows, and bfloat16 or float16, 1-8 rows: our AVX-512 kernel (kernels.dense_gemv: the
+      weights widened exactly to float32, float32 activations and sums) where `dense_policy()` times it faster.
+      On the Xeon, for the musicgen-small layer set, float32 at 8 rows took 81 ms against `linear`'s 139,
+      bfloat16 at 2 rows 32 ms against 52 (BLAS read bfloat16 weights at 13 GB/s), float16 at 2 rows 33 ms
+      against 97 (7 GB/s).
+    Same weights, same state dict; the sums differ only at float rounding (16-bit outputs are rounded to their
+    dtype as `linear`'s are). Anything else takes `F.linear`.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -320,9 +321,9 @@ class SkinnyLinear(nn.Linear):
                 x2 = x.reshape(rows, x.shape[-1]).t()                              # (K, M)
                 y = torch.addmm(self.bias[:, None], self.weight, x2) if self.bias is not None else self.weight @ x2
                 return y.t().reshape(*x.shape[:-1], self.out_features)
-        elif (x.dtype == torch.bfloat16 and rows <= 8 and dense_policy()[1]
+        elif (x.dtype in _HALF and rows <= 8 and dense_policy()[_HALF[x.dtype]]
               and (native := kernels.dense_gemv()) is not None):
-            return self._native(native, x.float(), rows).to(torch.bfloat16)
+            return self._native(native, x.float(), rows).to(x.dtype)
         return F.linear(x, self.weight, self.bias)
 
     def _native(self, native, x: torch.Tensor, rows: int) -> torch.Tensor:
@@ -330,8 +331,9 @@ class SkinnyLinear(nn.Linear):
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
+_HALF = {torch.bfloat16: 1, torch.float16: 2}   # 16-bit dtypes: their entry in dense_policy()
 _SKINNY: bool | None = None
-_DENSE: tuple[bool, bool] | None = None
+_DENSE: tuple[bool, bool, bool] | None = None
 
 
 def skinny_wins() -> bool:
@@ -356,33 +358,34 @@ def _time_skinny() -> bool:
     return skinny < 0.9 * linear
 
 
-def dense_policy() -> tuple[bool, bool]:
-    """(float32 at 4-16 rows, bfloat16 at 1-8 rows): where kernels.dense_gemv beats F.linear on this CPU
-    (timed once, about 0.1 s, at 8 and 2 rows; False without the kernel; MUSICGEN_DENSE=1/0 forces both)."""
+def dense_policy() -> tuple[bool, bool, bool]:
+    """(float32 at 4-16 rows, bfloat16 at 1-8 rows, float16 at 1-8 rows): where kernels.dense_gemv beats
+    F.linear on this CPU (timed once, about 0.15 s, at 8, 2 and 2 rows; False without the kernel;
+    MUSICGEN_DENSE=1/0 forces all three)."""
     global _DENSE
     if _DENSE is None:
         forced = os.environ.get("MUSICGEN_DENSE", "")
         native = kernels.dense_gemv()
         if native is None:
-            _DENSE = (False, False)
+            _DENSE = (False, False, False)
         elif forced in ("0", "1"):
-            _DENSE = (forced == "1",) * 2
+            _DENSE = (forced == "1",) * 3
         else:
             _DENSE = _time_dense(native)
     return _DENSE
 
 
-def _time_dense(native) -> tuple[bool, bool]:
+def _time_dense(native) -> tuple[bool, bool, bool]:
     wins = []
     with torch.inference_mode():
-        for dtype, rows in ((torch.float32, 8), (torch.bfloat16, 2)):
+        for dtype, rows in ((torch.float32, 8), (torch.bfloat16, 2), (torch.float16, 2)):
             weights = [torch.full((2048, 1024), 0.01, dtype=dtype) for _ in range(8)]
             x = torch.full((rows, 1024), 0.5)
             xd = x.to(dtype)
             linear = _best_time(lambda: [F.linear(xd, w) for w in weights])
             ours = _best_time(lambda: [native(x, w, None) for w in weights])
             wins.append(ours < 0.9 * linear)
-    return wins[0], wins[1]
+    return wins[0], wins[1], wins[2]
 
 
 def use_skinny_linear(module: nn.Module) -> int:

@@ -12,7 +12,7 @@ from musicgen.quant import (Int4Linear, Int8Linear, dequantize_int4_weight, quan
 
 PROMPTS = ["80s pop track with bassy drums and synth", "lofi"]
 # error of the guided logits relative to their spread, on the tiny random model (measured: see test output)
-TOLERANCE = {"bfloat16": 0.05, "int8": 0.08, "int4": 0.12}   # measured 0.025, 0.033 and 0.051
+TOLERANCE = {"bfloat16": 0.05, "float16": 0.01, "int8": 0.08, "int4": 0.12}   # measured 0.025, 0.004, 0.026, 0.051
 
 
 def relative_error(model, ref):
@@ -30,17 +30,18 @@ def relative_error(model, ref):
 
 @pytest.fixture(scope="module")
 def fast_models(ckpt_dir):
-    return {"bfloat16": musicgen.load(ckpt_dir, dtype="bfloat16"), "int8": musicgen.load(ckpt_dir, quantize="int8")}
+    return {"bfloat16": musicgen.load(ckpt_dir, dtype="bfloat16"), "float16": musicgen.load(ckpt_dir, dtype="float16"),
+            "int8": musicgen.load(ckpt_dir, quantize="int8")}
 
 
-@pytest.mark.parametrize("mode", ["bfloat16", "int8"])
+@pytest.mark.parametrize("mode", ["bfloat16", "float16", "int8"])
 def test_logits_within_tolerance_of_float32(model, fast_models, mode):
     err = relative_error(fast_models[mode], model)
     print(f"{mode}: max |logit error| / std = {err:.4f}")
     assert err < TOLERANCE[mode]
 
 
-@pytest.mark.parametrize("mode", ["bfloat16", "int8"])
+@pytest.mark.parametrize("mode", ["bfloat16", "float16", "int8"])
 def test_fast_generation_is_well_formed(model, fast_models, mode):
     m = fast_models[mode]
     codes = m.generate_codes(PROMPTS, duration=0.4, seed=0)
@@ -486,14 +487,14 @@ def _dense_or_skip():
 
 
 @pytest.mark.parametrize("path", ["amx", "avx512"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("M,N,K,bias", [(1, 7, 5, True), (2, 64, 100, False), (3, 33, 64, True),
                                         (5, 130, 1030, True), (8, 96, 4096, False), (13, 40, 6000, True),
                                         (6, 16, 64, True), (16, 48, 1024, False), (40, 80, 160, True)])
 def test_dense_kernel_equals_float64_reference(monkeypatch, path, dtype, M, N, K, bias):
-    """float32 or bfloat16 weights, widened exactly, times float32 rows: blocks of 8/4/2/1 rows, K tails and
-    chunks of K on AVX-512; bfloat16 weights from 6 rows (N % 16 == K % 32 == 0) on AMX tiles, the activations
-    split exactly into three bfloat16 parts."""
+    """float32, bfloat16 or float16 weights, widened exactly, times float32 rows: blocks of 8/4/2/1 rows, K
+    tails and chunks of K on AVX-512; bfloat16 weights from 6 rows (N % 16 == K % 32 == 0) on AMX tiles, the
+    activations split exactly into three bfloat16 parts (float16 weights stay on AVX-512)."""
     native = _dense_or_skip()
     import musicgen.kernels as kernels
 
@@ -507,7 +508,7 @@ def test_dense_kernel_equals_float64_reference(monkeypatch, path, dtype, M, N, K
     torch.testing.assert_close(native(x, w, b).double(), ref, atol=1e-6 * K ** 0.5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_dense_kernel_rows_do_not_depend_on_their_batch(monkeypatch, dtype):
     """On the AVX-512 kernel each row's sums are bitwise the same alone, in pairs, or among 5 or 8 rows.
     K = 4096 spans several chunks of K: with the chunk sized by the row count, as it once was, 8 rows and 2
@@ -522,17 +523,18 @@ def test_dense_kernel_rows_do_not_depend_on_their_batch(monkeypatch, dtype):
 
 
 @pytest.mark.parametrize("dtype,rows", [(torch.float32, 8), (torch.float32, 5), (torch.bfloat16, 2),
-                                        (torch.bfloat16, 7)])
+                                        (torch.bfloat16, 7), (torch.float16, 2), (torch.float16, 8)])
 def test_skinny_linear_native_path_equals_linear(monkeypatch, dtype, rows):
-    """Where dense_policy picks our kernel (float32 from 4 rows, bfloat16 up to 8), SkinnyLinear calls it and
-    computes F.linear's layer: to float32 rounding, or for bfloat16 to the rounding of its output."""
+    """Where dense_policy picks our kernel (float32 from 4 rows, bfloat16 and float16 up to 8), SkinnyLinear
+    calls it and computes F.linear's layer: to float32 rounding, or for 16-bit weights to the rounding of its
+    output."""
     import musicgen.quant as quant
     from musicgen import kernels
 
     native = _dense_or_skip()
     calls = []
     monkeypatch.setattr(kernels, "dense_gemv", lambda: (lambda *a: calls.append(1) or native(*a)))
-    monkeypatch.setattr(quant, "_DENSE", (True, True))
+    monkeypatch.setattr(quant, "_DENSE", (True, True, True))
     torch.manual_seed(0)
     for bias in (True, False):
         lin = torch.nn.Linear(96, 40, bias=bias).to(dtype)
@@ -541,10 +543,11 @@ def test_skinny_linear_native_path_equals_linear(monkeypatch, dtype, rows):
         with torch.inference_mode():
             out = lin(x)
         assert out.dtype == dtype and out.shape == ref.shape
-        tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=1.6e-2)
+        tol = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=1.6e-2),
+               torch.float16: dict(atol=2e-3, rtol=2e-3)}[dtype]
         torch.testing.assert_close(out, ref, **tol)
     assert len(calls) == 2
-    monkeypatch.setattr(quant, "_DENSE", (False, False))    # and not where it is not picked
+    monkeypatch.setattr(quant, "_DENSE", (False, False, False))    # and not where it is not picked
     with torch.inference_mode():
         lin(x)
     assert len(calls) == 2
@@ -586,11 +589,11 @@ def int8_models(ckpt_dir, melody_ckpt_dir):
 
 
 @pytest.mark.parametrize("family", ["text", "melody"])
-@pytest.mark.parametrize("cache_dtype", [None, torch.bfloat16])
+@pytest.mark.parametrize("cache_dtype", [None, torch.bfloat16, torch.float16])
 def test_fused_decoder_equals_the_layer_loop(int8_models, family, cache_dtype):
     """One native call per step computes what the Python layer loop computes, text and melody models, with the
-    model's float32 cache (to float rounding) and a bfloat16 cache (float32 arithmetic over bfloat16 keys,
-    where SDPA also rounds the query and the output to bfloat16)."""
+    model's float32 cache (to float rounding) and a 16-bit cache (float32 arithmetic over 16-bit keys, where
+    SDPA also rounds the query and the output to the cache's dtype)."""
     m = int8_models[family]
     assert m.lm.fused is not None
     fused, loop = _step_logits(m, True, cache_dtype), _step_logits(m, False, cache_dtype)
@@ -614,20 +617,20 @@ def test_fused_decoder_int4(int4_pair):
     assert (fused.argmax(-1) == loop.argmax(-1)).float().mean() > 0.9
 
 
-@pytest.fixture(scope="module")
-def bf16_models(ckpt_dir, melody_ckpt_dir):
-    """The bfloat16 test models with their fused decoders: our dense kernel picked (dense_policy picks it on
-    AVX-512 CPUs where it beats PyTorch's bfloat16 products, as on the Xeon of the README)."""
+@pytest.fixture(scope="module", params=["bfloat16", "float16"])
+def half_models(request, ckpt_dir, melody_ckpt_dir):
+    """The 16-bit test models with their fused decoders: our dense kernel picked (dense_policy picks it on
+    AVX-512 CPUs where it beats PyTorch's 16-bit products, as on the Xeon of the README)."""
     import musicgen.quant as quant
     from musicgen import kernels
 
     kernel_or_skip("fused_decoder")
     if kernels.dense_gemv() is None:
-        pytest.skip("no AVX-512 here: bfloat16 models keep the layer loop")
-    saved, quant._DENSE = quant._DENSE, (True, True)
+        pytest.skip("no AVX-512 here: 16-bit models keep the layer loop")
+    saved, quant._DENSE = quant._DENSE, (True, True, True)
     try:
-        models = {"text": musicgen.load(ckpt_dir, dtype="bfloat16"),
-                  "melody": musicgen.load(melody_ckpt_dir, dtype="bfloat16")}
+        models = {"text": musicgen.load(ckpt_dir, dtype=request.param),
+                  "melody": musicgen.load(melody_ckpt_dir, dtype=request.param)}
     finally:
         quant._DENSE = saved
     assert all(m.lm.fused is not None for m in models.values())
@@ -635,13 +638,13 @@ def bf16_models(ckpt_dir, melody_ckpt_dir):
 
 
 @pytest.mark.parametrize("family", ["text", "melody"])
-def test_fused_bfloat16_layers_are_the_float32_loop_on_the_same_weights(bf16_models, family):
-    """The dense kind widens bfloat16 weights exactly and keeps float32 activations, so the native layers
-    compute what the float32 layer loop computes with the weights' bfloat16 values: outputs, and the keys and
-    values written at the step's position, to float32 rounding (float32 caches and text keys here)."""
+def test_fused_16bit_layers_are_the_float32_loop_on_the_same_weights(half_models, family):
+    """The dense kind widens bfloat16 and float16 weights exactly and keeps float32 activations, so the native
+    layers compute what the float32 layer loop computes with the weights' 16-bit values: outputs, and the keys
+    and values written at the step's position, to float32 rounding (float32 caches and text keys here)."""
     import copy
 
-    lm = bf16_models[family].lm
+    lm = half_models[family].lm
     twin = copy.deepcopy(lm).float()
     twin.fused = None
     cfg, R, pos = lm.cfg, 4, 9
@@ -662,43 +665,45 @@ def test_fused_bfloat16_layers_are_the_float32_loop_on_the_same_weights(bf16_mod
             loop = layer(loop, pos, loop_caches[i], kv[i] if kv else None, bias)
     assert fused.dtype == torch.float32
     err = ((fused - loop).abs().max() / loop.std()).item()
-    print(f"{family}: fused bfloat16 vs float32 loop, max |error| / std = {err:.2e}")
+    print(f"{family}: fused {lm.norm.weight.dtype} vs float32 loop, max |error| / std = {err:.2e}")
     assert err < 1e-5
     for a, b in zip(caches, loop_caches):
         torch.testing.assert_close(a.k, b.k, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(a.v, b.v, rtol=1e-5, atol=1e-5)
 
 
-def test_fused_bfloat16_steps_stay_within_tolerance(model, bf16_models):
-    """Decoding steps of the bfloat16 model, fused and through the layer loop, against float32. The fused
-    path rounds only its output and the cache to bfloat16, so it departs from float32 no more than the loop."""
-    m = bf16_models["text"]
+def test_fused_16bit_steps_stay_within_tolerance(model, half_models):
+    """Decoding steps of the 16-bit model, fused and through the layer loop, against float32. The fused path
+    rounds only its output and the cache to the model's dtype, so it departs from float32 no more than the loop."""
+    m = half_models["text"]
+    mode = str(m.dtype).removeprefix("torch.")
     exact = _step_logits(model, False, None)
     errs = {}
     for name, fused in (("fused", True), ("layer loop", False)):
         logits = _step_logits(m, fused, None).float()
         errs[name] = ((logits - exact).abs().max() / exact.std()).item()
-        print(f"bfloat16 {name} vs float32: max |error| / std = {errs[name]:.4f}")
-        assert errs[name] < TOLERANCE["bfloat16"]
+        print(f"{mode} {name} vs float32: max |error| / std = {errs[name]:.4f}")
+        assert errs[name] < TOLERANCE[mode]
     assert errs["fused"] <= errs["layer loop"]
 
 
-def test_bfloat16_model_converted_to_float32_leaves_the_fused_decoder(bf16_models, monkeypatch):
+def test_16bit_model_converted_to_float32_leaves_the_fused_decoder(half_models, monkeypatch):
     """The fused decoder was built for the model's dtype: after model.float() the steps go through the layer
     loop on the float32 weights instead."""
     import copy
 
     import musicgen.quant as quant
 
-    monkeypatch.setattr(quant, "_DENSE", (True, True))   # the copy builds its own fused decoder
-    twin = copy.deepcopy(bf16_models["text"])
+    monkeypatch.setattr(quant, "_DENSE", (True, True, True))   # the copy builds its own fused decoder
+    twin = copy.deepcopy(half_models["text"])
+    dtype = twin.dtype
     twin.lm.float()
     calls = []
     native = twin.lm.fused.native
     twin.lm.fused.native = type("Spy", (), {"step": lambda self, *a: calls.append(1) or native.step(*a)})()
     codes = twin.generate_codes(PROMPTS, duration=0.2, top_k=1)
     assert codes.shape == (2, 4, 10) and not calls
-    twin.lm.bfloat16()
+    twin.lm.to(dtype)
     twin.generate_codes(PROMPTS, duration=0.2, top_k=1)
     assert calls   # back in its dtype, the steps use it again
 

@@ -1,5 +1,6 @@
 // All decoder layers of one decoding step (one new position per row) in a single call, for quantised models
-// on x86 CPUs (AVX2 + FMA + F16C), and bfloat16 models on AVX-512 CPUs (dense weights through dense_gemv_raw).
+// on x86 CPUs (AVX2 + FMA + F16C), and bfloat16 or float16 models on AVX-512 CPUs (dense weights through
+// dense_gemv_raw).
 //
 // With 4-bit weights a step of musicgen-small reads about 200 MB, which the kernels of gemv.cpp stream in about
 // 11 ms on two cores; driven from Python the whole step took about 24 ms (at position 300), the rest being
@@ -12,13 +13,14 @@
 //   x += cross_out(attend(cross_q(norm_cross(x)), text_k, text_v, text_bias))      (text models only)
 //   x += fc2(act(fc1(norm2(x))))
 //
-// Attention keeps float32 arithmetic (scores, softmax and the weighted sum) whatever the cache dtype (float32
-// or bfloat16), so it is at least as precise as PyTorch's SDPA on the same cache. exp and erf are vectorised
+// Attention keeps float32 arithmetic (scores, softmax and the weighted sum) whatever the cache dtype (float32,
+// bfloat16 or float16), so it is at least as precise as PyTorch's SDPA on the same cache. exp and erf are vectorised
 // polynomial approximations (relative error about 1e-7, float32 rounding).
 #include "gemv.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <immintrin.h>
 
 #include <algorithm>
@@ -72,6 +74,9 @@ inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const c10::BFloat16* p) {   // bfloat16 is the top half of a float32
   const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+inline __m256 load8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
 // Software prefetch of the cache stream (the idea of gemv.cpp's prefetch_weights): the row 16 rows ahead into
@@ -141,22 +146,23 @@ struct KV {
   const void* k;
   const void* v;
   int64_t k_row, k_head, k_pos, v_row, v_head, v_pos;
-  bool bf16;
+  musicgen::Dense type;
   int64_t length;
 };
 
 KV view_kv(const torch::Tensor& k, const torch::Tensor& v) {
   TORCH_CHECK(k.dim() == 4 && v.dim() == 4 && k.stride(3) == 1 && v.stride(3) == 1 && k.sizes() == v.sizes() &&
               k.scalar_type() == v.scalar_type(), "fused decoder: keys/values (rows, heads, length, hd) expected");
-  TORCH_CHECK(k.scalar_type() == torch::kFloat32 || k.scalar_type() == torch::kBFloat16,
-              "fused decoder: keys/values must be float32 or bfloat16");
+  const auto type = musicgen::dense_type(k.scalar_type());
+  TORCH_CHECK(type.has_value(), "fused decoder: keys/values must be float32, bfloat16 or float16");
   return KV{k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
-            v.stride(2), k.scalar_type() == torch::kBFloat16, k.size(2)};
+            v.stride(2), *type, k.size(2)};
 }
 
 struct Linear {
   enum Kind { INT4, INT8, DENSE } kind = INT4;
-  // int4: packed uint8 + float16 group scales; int8: int8 + float32 scales; dense: float32 or bfloat16, no scales.
+  // int4: packed uint8 + float16 group scales; int8: int8 + float32 scales; dense: float32, bfloat16 or float16,
+  // no scales.
   // Bias: float32 or {}.
   torch::Tensor w, s, b;
   int64_t N = 0, K = 0;
@@ -169,7 +175,7 @@ struct Linear {
     else if (kind == INT8)
       musicgen::int8_gemv_raw(x, M, K, w.data_ptr<int8_t>(), s.data_ptr<float>(), bias, N, y);
     else
-      musicgen::dense_gemv_raw(x, M, K, w.data_ptr(), w.scalar_type() == torch::kBFloat16, bias, N, y);
+      musicgen::dense_gemv_raw(x, M, K, w.data_ptr(), *musicgen::dense_type(w.scalar_type()), bias, N, y);
   }
 };
 
@@ -200,8 +206,8 @@ Linear make_linear(const std::string& kind, torch::Tensor w, c10::optional<torch
                 "fused decoder: int8 scales (N,) float32");
   } else {
     TORCH_CHECK(avx512_available(), "fused decoder: dense weights need AVX-512");
-    TORCH_CHECK((w.scalar_type() == torch::kFloat32 || w.scalar_type() == torch::kBFloat16) && w.is_contiguous() &&
-                w.size(1) == in_features, "fused decoder: dense weights (N, K) float32 or bfloat16, contiguous");
+    TORCH_CHECK(musicgen::dense_type(w.scalar_type()).has_value() && w.is_contiguous() && w.size(1) == in_features,
+                "fused decoder: dense weights (N, K) float32, bfloat16 or float16, contiguous");
   }
   if (s.has_value()) l.s = *s;
   l.w = w;
@@ -372,16 +378,23 @@ class FusedDecoder {
         const float* v = k + D_;
         const int64_t ko = r * c.k_row + h * c.k_head + pos[r] * c.k_pos;
         const int64_t vo = r * c.v_row + h * c.v_head + pos[r] * c.v_pos;
-        if (c.bf16) {
-          auto* kd = static_cast<c10::BFloat16*>(const_cast<void*>(c.k)) + ko;
-          auto* vd = static_cast<c10::BFloat16*>(const_cast<void*>(c.v)) + vo;
-          for (int64_t d = 0; d < hd_; ++d) kd[d] = c10::BFloat16(k[d]), vd[d] = c10::BFloat16(v[d]);
+        if (c.type == musicgen::Dense::BF16) {
+          store(k, static_cast<c10::BFloat16*>(const_cast<void*>(c.k)) + ko);
+          store(v, static_cast<c10::BFloat16*>(const_cast<void*>(c.v)) + vo);
+        } else if (c.type == musicgen::Dense::F16) {
+          store(k, static_cast<c10::Half*>(const_cast<void*>(c.k)) + ko);
+          store(v, static_cast<c10::Half*>(const_cast<void*>(c.v)) + vo);
         } else {
           std::copy(k, k + hd_, static_cast<float*>(const_cast<void*>(c.k)) + ko);
           std::copy(v, v + hd_, static_cast<float*>(const_cast<void*>(c.v)) + vo);
         }
       }
     }
+  }
+
+  template <typename T>
+  void store(const float* from, T* to) const {   // rounded to nearest even, as PyTorch's .to(dtype)
+    for (int64_t d = 0; d < hd_; ++d) to[d] = T(from[d]);
   }
 
   // every (row, head) query (q at big_ + r * ldq + h * hd) against the first n[r] keys of c -> att_ (R, D);
@@ -397,8 +410,12 @@ class FusedDecoder {
         const float* bp = bias ? bias + r * n : nullptr;
         float* out = att_.data() + r * D_ + h * hd_;
         const int64_t ko = r * c.k_row + h * c.k_head, vo = r * c.v_row + h * c.v_head;
-        if (c.bf16) {
+        if (c.type == musicgen::Dense::BF16) {
           using B = c10::BFloat16;
+          attend(qp, hd_, static_cast<const B*>(c.k) + ko, c.k_pos, static_cast<const B*>(c.v) + vo, c.v_pos, n, bp,
+                 scale, scores.data(), out);
+        } else if (c.type == musicgen::Dense::F16) {
+          using B = c10::Half;
           attend(qp, hd_, static_cast<const B*>(c.k) + ko, c.k_pos, static_cast<const B*>(c.v) + vo, c.v_pos, n, bp,
                  scale, scores.data(), out);
         } else {
@@ -450,7 +467,7 @@ std::vector<torch::Tensor> lstm_layer(torch::Tensor xw, torch::Tensor w_hh, torc
   const float* wp = w_hh.data_ptr<float>();
   float *hp = h.data_ptr<float>(), *cp = c.data_ptr<float>(), *yp = y.data_ptr<float>();
   for (int64_t t = 0; t < T; ++t) {
-    musicgen::dense_gemv_raw(hp, B, H, wp, false, nullptr, 4 * H, g.data());
+    musicgen::dense_gemv_raw(hp, B, H, wp, musicgen::Dense::F32, nullptr, 4 * H, g.data());
     for (int64_t b = 0; b < B; ++b) {
       const float* gb = g.data() + b * 4 * H;
       const float* xb = xp + (t * B + b) * 4 * H;
@@ -472,7 +489,7 @@ std::vector<torch::Tensor> lstm_layer(torch::Tensor xw, torch::Tensor w_hh, torc
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_gemv", &int8_gemv, "weight-only int8 matrix-vector product (AVX2 + FMA)");
-  m.def("dense_gemv", &dense_gemv, "float32 / bfloat16 weights times few float32 rows (AVX-512)");
+  m.def("dense_gemv", &dense_gemv, "float32 / bfloat16 / float16 weights times few float32 rows (AVX-512)");
   m.def("avx512_available", &avx512_available, "whether dense_gemv and lstm_layer may be called on this CPU");
   m.def("lstm_layer", &lstm_layer, "one float32 LSTM layer over precomputed input projections (AVX-512)",
         pybind11::call_guard<pybind11::gil_scoped_release>());

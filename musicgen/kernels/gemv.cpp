@@ -4,8 +4,8 @@
 // int4_gemv: 4-bit weights in groups of 32 with a float16 scale each, activations quantised on the fly to int8
 //            in groups of 32 (as llama.cpp's Q4_0 x Q8_0): the group dot products run in integers (AVX2,
 //            AVX-512 VNNI, or from 4 rows on AMX tiles).
-// dense_gemv: float32 or bfloat16 weights, float32 activations, AVX-512 (unquantised layers, few rows; bfloat16
-//            from 6 rows on AMX tiles).
+// dense_gemv: float32, bfloat16 or float16 weights, float32 activations, AVX-512 (unquantised layers, few rows;
+//            bfloat16 from 6 rows on AMX tiles).
 //
 //   y[m, n] = scale[n] * sum_k x[m, k] * q[n, k] + bias[n]      x float32 (M, K), q int8 (N, K)
 //
@@ -106,8 +106,8 @@ inline void dot_rows(const float* x, int64_t K, const int8_t* w, float scale, fl
 // row's result here does not depend on how many rows share the call (the service batches requests and promises
 // each its solo codes; where a row count switches to AMX tiles the sums still agree to float32 rounding); 1- and
 // 2-row calls lost nothing to the shorter chunk (bfloat16 layer set of musicgen-small).
-// The weights are int8 (times a per-row scale after the sum) or, for dense_gemv, float32 or bfloat16
-// (uint16_t bits): widened exactly to float32 in every case.
+// The weights are int8 (times a per-row scale after the sum) or, for dense_gemv, float32, bfloat16 (uint16_t
+// bits) or float16 (half_bits): widened exactly to float32 in every case.
 template <typename W>
 __attribute__((target("avx512f,avx512bw,avx512vl,fma"))) inline __m512 widen16(const W* w);
 
@@ -127,8 +127,18 @@ __attribute__((target("avx512f,avx512bw,avx512vl,fma"))) inline __m512 widen16(c
   return _mm512_loadu_ps(w);
 }
 
+struct half_bits {   // float16 weights: a type of their own, so that they do not widen as bfloat16 bits
+  uint16_t bits;
+};
+
+template <>
+__attribute__((target("avx512f,avx512bw,avx512vl,fma"))) inline __m512 widen16(const half_bits* w) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)));
+}
+
 inline float widen1(int8_t w) { return static_cast<float>(w); }
 inline float widen1(float w) { return w; }
+inline float widen1(half_bits w) { return _cvtsh_ss(w.bits); }
 inline float widen1(uint16_t w) {
   const uint32_t u = static_cast<uint32_t>(w) << 16;
   float f;
@@ -463,33 +473,43 @@ torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c
   return y;
 }
 
-// dense_gemv: float32 or bfloat16 weights, float32 activations, for few-row products of unquantised layers
+// dense_gemv: float32, bfloat16 or float16 weights, float32 activations, for few-row products of unquantised layers
 // (BLAS reads a bfloat16 weight at about 13 GB/s for two rows here, float32 at about 22, and a float32 one
 // at 11 for eight rows). AVX-512 only: avx512_available() says whether it may be called.
 torch::Tensor dense_gemv(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
   TORCH_CHECK(has_avx512(), "dense_gemv: needs AVX-512 (see avx512_available)");
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "dense_gemv: x (M, K) and w (N, K) expected");
   TORCH_CHECK(x.scalar_type() == torch::kFloat32, "dense_gemv: x must be float32");
-  TORCH_CHECK((w.scalar_type() == torch::kFloat32 || w.scalar_type() == torch::kBFloat16) && w.is_contiguous(),
-              "dense_gemv: w must be contiguous float32 or bfloat16");
+  TORCH_CHECK(musicgen::dense_type(w.scalar_type()).has_value() && w.is_contiguous(),
+              "dense_gemv: w must be contiguous float32, bfloat16 or float16");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   x = x.contiguous();
   auto y = torch::empty({M, N}, x.options());
   torch::Tensor b;
   const float* bp = float_bias(bias, N, b, "dense_gemv");
-  musicgen::dense_gemv_raw(x.data_ptr<float>(), M, K, w.data_ptr(), w.scalar_type() == torch::kBFloat16, bp, N,
+  musicgen::dense_gemv_raw(x.data_ptr<float>(), M, K, w.data_ptr(), *musicgen::dense_type(w.scalar_type()), bp, N,
                            y.data_ptr<float>());
   return y;
 }
 
 bool avx512_available() { return has_avx512(); }
 
-void musicgen::dense_gemv_raw(const float* x, int64_t M, int64_t K, const void* w, bool bf16, const float* bias,
+std::optional<musicgen::Dense> musicgen::dense_type(c10::ScalarType t) {
+  if (t == torch::kFloat32) return Dense::F32;
+  if (t == torch::kBFloat16) return Dense::BF16;
+  if (t == torch::kFloat16) return Dense::F16;
+  return std::nullopt;
+}
+
+// float16 weights stay on the row kernel at every row count: they do not widen exactly to the tiles' bfloat16.
+void musicgen::dense_gemv_raw(const float* x, int64_t M, int64_t K, const void* w, Dense t, const float* bias,
                               int64_t N, float* y) {
-  if (bf16 && M >= AMX_DENSE_MIN_ROWS && N % 16 == 0 && K % 32 == 0 && amx_usable(AMX_BF16))
+  if (t == Dense::BF16 && M >= AMX_DENSE_MIN_ROWS && N % 16 == 0 && K % 32 == 0 && amx_usable(AMX_BF16))
     gemv_amx_bf16(x, M, K, static_cast<const uint16_t*>(w), nullptr, bias, N, y);
-  else if (bf16)
+  else if (t == Dense::BF16)
     rows_avx512(x, M, K, static_cast<const uint16_t*>(w), nullptr, bias, N, y);
+  else if (t == Dense::F16)
+    rows_avx512(x, M, K, static_cast<const half_bits*>(w), nullptr, bias, N, y);
   else
     rows_avx512(x, M, K, static_cast<const float*>(w), nullptr, bias, N, y);
 }

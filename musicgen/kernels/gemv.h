@@ -6,6 +6,7 @@
 #include <torch/extension.h>
 
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 namespace musicgen {
@@ -35,10 +36,16 @@ struct Int4Scratch {
 void int4_gemv_raw(const float* x, int64_t M, int64_t K, const uint8_t* w, const uint16_t* scales,
                    const float* bias, int64_t N, float* y, Int4Scratch& scratch);
 
-// y (M, N) = x (M, K) . w (N, K)^T + bias[n], w float32 or (bf16) bfloat16 bits, widened exactly; bias may be
-// nullptr. AVX-512 only (avx512_available).
-void dense_gemv_raw(const float* x, int64_t M, int64_t K, const void* w, bool bf16, const float* bias, int64_t N,
+// The element type of a dense weight: float32, or bfloat16 / float16 bits (both widen exactly to float32).
+enum class Dense { F32, BF16, F16 };
+
+// y (M, N) = x (M, K) . w (N, K)^T + bias[n], w of element type t, widened exactly; bias may be nullptr.
+// AVX-512 only (avx512_available).
+void dense_gemv_raw(const float* x, int64_t M, int64_t K, const void* w, Dense t, const float* bias, int64_t N,
                     float* y);
+
+// The Dense type of a weight dtype; none for other dtypes.
+std::optional<Dense> dense_type(c10::ScalarType t);
 
 }  // namespace musicgen
 
