@@ -447,12 +447,15 @@ def test_int4_logits_within_tolerance_and_generation_well_formed(int4_pair):
 @pytest.mark.parametrize("quantize", ["int8", "int4"])
 def test_compiled_quantised_step_equals_eager(tmp_path_factory, int4_pair, quantize, monkeypatch, capsys):
     """With the fused CPU decoder, compile() keeps it and says so; without it (MUSICGEN_FUSED=0), a compiled step
-    keeps the CPU kernels (registered as custom ops) and gives the eager codes."""
+    keeps the CPU kernels (registered as custom ops) and gives the eager codes. The compiled step's static cache
+    is in the model's dtype (the bfloat16 cache of quantised models is eager-only), so eager decodes over the
+    same float32 cache here."""
     kernel_or_skip("int8_gemv")
     folder = next(tmp_path_factory.getbasetemp().glob("tiny64*"))   # the checkpoint int4_pair wrote
     eager = musicgen.load(folder, quantize=quantize)
     assert eager.lm.fused is not None and eager.compile()._compiled_step is None
     assert "fused CPU decoder is faster" in capsys.readouterr().err
+    eager.cache_dtype = None
     monkeypatch.setenv("MUSICGEN_FUSED", "0")
     compiled = musicgen.load(folder, quantize=quantize).compile(backend="aot_eager")
     assert compiled._compiled_step is not None
@@ -600,6 +603,19 @@ def test_fused_decoder_equals_the_layer_loop(int8_models, family, cache_dtype):
     err = ((fused - loop).abs().max() / loop.std()).item()
     print(f"{family}, cache {cache_dtype}: fused vs layer loop max |error| / std = {err:.2e}")
     assert err < (1e-5 if cache_dtype is None else 2e-3)   # measured 9e-7 and 3e-4
+
+
+def test_int8_decodes_over_a_bfloat16_cache_within_tolerance(model, int8_models):
+    """load(quantize="int8") on CPU keeps its KV cache and text keys/values in bfloat16, as int4 does: that
+    halves attention's memory traffic, and moves the step logits by far less than the int8 weights do."""
+    m = int8_models["text"]
+    assert m.cache_dtype == torch.bfloat16 and model.cache_dtype is None   # float32 keeps its cache
+    exact = _step_logits(model, False, None)
+    errs = {str(c): ((_step_logits(m, True, c) - exact).abs().max() / exact.std()).item()
+            for c in (None, m.cache_dtype)}
+    print(f"int8 steps vs float32, max |error| / std, by cache dtype: {errs}")
+    assert max(errs.values()) < TOLERANCE["int8"]
+    assert abs(errs["torch.bfloat16"] - errs["None"]) < 0.005      # the cache's share is small
 
 
 def test_fused_decoder_int4(int4_pair):
