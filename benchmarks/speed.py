@@ -234,7 +234,7 @@ def main() -> None:
     p.add_argument("--sizes", default="small,medium")
     p.add_argument("--batches", default="1,4")
     p.add_argument("--modes", default=None, help="ours: float32, bfloat16, float16, int8, int4, any +compile or "
-                   "+autotune (default CPU: float32,bfloat16,int8,int4; CUDA: float32,bfloat16,bfloat16+compile,"
+                   "+autotune (default CPU: float32,bfloat16,float16,int8,int4; CUDA: float32,bfloat16,bfloat16+compile,"
                    "int8+compile)")
     p.add_argument("--hf-modes", default=None, help="transformers rows (default: float32; CUDA: float32,bfloat16; "
                    "'none': no transformers rows)")
@@ -269,7 +269,7 @@ def main() -> None:
         return
     cuda = args.device.startswith("cuda")
     modes = (args.modes or ("float32,bfloat16,bfloat16+compile,int8+compile" if cuda else
-                            "float32,bfloat16,int8,int4")).split(",")
+                            "float32,bfloat16,float16,int8,int4")).split(",")
     hf_modes = (args.hf_modes or ("float32,bfloat16" if cuda else "float32")).split(",")
     hf_modes = [] if hf_modes == ["none"] else hf_modes
     rows = []
