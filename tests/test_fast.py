@@ -618,6 +618,22 @@ def test_int8_decodes_over_a_bfloat16_cache_within_tolerance(model, int8_models)
     assert abs(errs["torch.bfloat16"] - errs["None"]) < 0.005      # the cache's share is small
 
 
+def test_float16_int8_model_decodes_in_the_fused_decoder(model, ckpt_dir):
+    """dtype="float16" with quantize="int8": int8 weights, float16 activations between steps and a float16
+    cache, through the fused decoder (float32 inside it), within int8's tolerance of float32."""
+    kernel_or_skip("fused_decoder")
+    m = musicgen.load(ckpt_dir, dtype="float16", quantize="int8")
+    assert m.lm.fused is not None and m.cache_dtype is None                 # the cache is the model's float16
+    fused, loop = _step_logits(m, True, None).float(), _step_logits(m, False, None).float()
+    exact = _step_logits(model, False, None)
+    gap = ((fused - loop).abs().max() / loop.std()).item()
+    err = ((fused - exact).abs().max() / exact.std()).item()
+    print(f"float16 int8: fused vs layer loop {gap:.2e}, fused vs float32 {err:.4f}")
+    assert gap < 1e-2 and err < TOLERANCE["int8"]
+    codes = m.generate_codes(PROMPTS, duration=0.4, seed=0)
+    assert codes.shape == (2, 4, 20) and codes.min() >= 0 and codes.max() < 64
+
+
 def test_fused_decoder_int4(int4_pair):
     """int4 quantises activations per group, a step function of its input: float-rounding differences flip
     some codes, so the fused path is held to the int4 tolerance against float32 and to greedy agreement."""
