@@ -23,7 +23,7 @@ import os
 import torch
 
 from . import kernels
-from .quant import _HALF, Int4Linear, Int8Linear, SkinnyLinear, dense_policy
+from .quant import Int4Linear, Int8Linear, SkinnyLinear, dense_picked
 
 
 class FusedLayers:
@@ -51,10 +51,11 @@ class FusedLayers:
 
 
 def _linear(module) -> tuple[str, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(kind, weight, scales, bias) of a layer, as the native decoder takes it; kind None where it cannot."""
+    """(kind, weight, scales, bias) of a layer, as the native decoder takes it; kind None where it cannot (a
+    16-bit linear is "dense" where dense_policy picks our kernel; a float32 one never asks for the kernels)."""
     if isinstance(module, (Int4Linear, Int8Linear)):
         return ("int4" if isinstance(module, Int4Linear) else "int8", module.weight, *module._kernel_args())
-    if type(module) in (torch.nn.Linear, SkinnyLinear) and module.weight.dtype in _HALF:
+    if type(module) in (torch.nn.Linear, SkinnyLinear) and dense_picked(module.weight.dtype):
         return "dense", module.weight.contiguous(), None, module.bias
     return None, module.weight, None, None
 
@@ -68,11 +69,7 @@ def build(lm) -> FusedLayers | None:
     if cfg.head_dim > 256 or cfg.dim % 8 or cfg.ffn_dim % 8:
         return None
     linears = [[_linear(m) for m in _layer_linears(layer)] for layer in lm.layers]
-    kinds = {kind for layer in linears for kind, *_ in layer}
-    if None in kinds:   # checked before asking for the kernels, which would build them
-        return None
-    dense = {w.dtype for layer in linears for kind, w, _, _ in layer if kind == "dense"}
-    if dense and (kernels.dense_gemv() is None or not all(dense_policy()[_HALF[t]] for t in dense)):
+    if any(kind is None for layer in linears for kind, *_ in layer):   # before the decoder, which builds the kernels
         return None
     native_cls = kernels.fused_decoder()
     if native_cls is None:

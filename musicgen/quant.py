@@ -321,8 +321,7 @@ class SkinnyLinear(nn.Linear):
                 x2 = x.reshape(rows, x.shape[-1]).t()                              # (K, M)
                 y = torch.addmm(self.bias[:, None], self.weight, x2) if self.bias is not None else self.weight @ x2
                 return y.t().reshape(*x.shape[:-1], self.out_features)
-        elif (x.dtype in _HALF and rows <= 8 and dense_policy()[_HALF[x.dtype]]
-              and (native := kernels.dense_gemv()) is not None):
+        elif rows <= 8 and dense_picked(x.dtype) and (native := kernels.dense_gemv()) is not None:
             return self._native(native, x.float(), rows).to(x.dtype)
         return F.linear(x, self.weight, self.bias)
 
@@ -386,6 +385,12 @@ def _time_dense(native) -> tuple[bool, bool, bool]:
             ours = _best_time(lambda: [native(x, w, None) for w in weights])
             wins.append(ours < 0.9 * linear)
     return wins[0], wins[1], wins[2]
+
+
+def dense_picked(dtype: torch.dtype) -> bool:
+    """Whether few-row products with 16-bit weights of `dtype` go to kernels.dense_gemv (dense_policy); False
+    for other dtypes."""
+    return dtype in _HALF and dense_policy()[_HALF[dtype]]
 
 
 def use_skinny_linear(module: nn.Module) -> int:

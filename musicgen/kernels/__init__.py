@@ -72,7 +72,7 @@ def int8_quantize():
 
 
 def dense_gemv():
-    """dense_gemv(x float32 (M, K), w float32 or bfloat16 (N, K), bias or None) -> float32 (M, N), for products
+    """dense_gemv(x float32 (M, K), w float32, bfloat16 or float16 (N, K), bias or None) -> float32 (M, N), for products
     of unquantised layers with few rows (bfloat16 weights: many too, on AMX tiles); AVX-512 only (None
     elsewhere, or with MUSICGEN_NO_AVX512=1)."""
     module = _module()

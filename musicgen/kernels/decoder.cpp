@@ -26,6 +26,7 @@
 #include <algorithm>
 #include <cmath>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -149,6 +150,17 @@ struct KV {
   musicgen::Dense type;
   int64_t length;
 };
+
+// f(static_cast<T*>(nullptr)) with T the cache's element type: float, c10::BFloat16 or c10::Half
+template <typename F>
+void with_element(musicgen::Dense type, F&& f) {
+  if (type == musicgen::Dense::BF16)
+    f(static_cast<c10::BFloat16*>(nullptr));
+  else if (type == musicgen::Dense::F16)
+    f(static_cast<c10::Half*>(nullptr));
+  else
+    f(static_cast<float*>(nullptr));
+}
 
 KV view_kv(const torch::Tensor& k, const torch::Tensor& v) {
   TORCH_CHECK(k.dim() == 4 && v.dim() == 4 && k.stride(3) == 1 && v.stride(3) == 1 && k.sizes() == v.sizes() &&
@@ -378,23 +390,14 @@ class FusedDecoder {
         const float* v = k + D_;
         const int64_t ko = r * c.k_row + h * c.k_head + pos[r] * c.k_pos;
         const int64_t vo = r * c.v_row + h * c.v_head + pos[r] * c.v_pos;
-        if (c.type == musicgen::Dense::BF16) {
-          store(k, static_cast<c10::BFloat16*>(const_cast<void*>(c.k)) + ko);
-          store(v, static_cast<c10::BFloat16*>(const_cast<void*>(c.v)) + vo);
-        } else if (c.type == musicgen::Dense::F16) {
-          store(k, static_cast<c10::Half*>(const_cast<void*>(c.k)) + ko);
-          store(v, static_cast<c10::Half*>(const_cast<void*>(c.v)) + vo);
-        } else {
-          std::copy(k, k + hd_, static_cast<float*>(const_cast<void*>(c.k)) + ko);
-          std::copy(v, v + hd_, static_cast<float*>(const_cast<void*>(c.v)) + vo);
-        }
+        with_element(c.type, [&](auto* none) {   // rounded to nearest even, as PyTorch's .to(dtype)
+          using T = std::remove_pointer_t<decltype(none)>;
+          T* kd = static_cast<T*>(const_cast<void*>(c.k)) + ko;
+          T* vd = static_cast<T*>(const_cast<void*>(c.v)) + vo;
+          for (int64_t d = 0; d < hd_; ++d) kd[d] = T(k[d]), vd[d] = T(v[d]);
+        });
       }
     }
-  }
-
-  template <typename T>
-  void store(const float* from, T* to) const {   // rounded to nearest even, as PyTorch's .to(dtype)
-    for (int64_t d = 0; d < hd_; ++d) to[d] = T(from[d]);
   }
 
   // every (row, head) query (q at big_ + r * ldq + h * hd) against the first n[r] keys of c -> att_ (R, D);
@@ -410,18 +413,11 @@ class FusedDecoder {
         const float* bp = bias ? bias + r * n : nullptr;
         float* out = att_.data() + r * D_ + h * hd_;
         const int64_t ko = r * c.k_row + h * c.k_head, vo = r * c.v_row + h * c.v_head;
-        if (c.type == musicgen::Dense::BF16) {
-          using B = c10::BFloat16;
-          attend(qp, hd_, static_cast<const B*>(c.k) + ko, c.k_pos, static_cast<const B*>(c.v) + vo, c.v_pos, n, bp,
+        with_element(c.type, [&](auto* none) {
+          using T = std::remove_pointer_t<decltype(none)>;
+          attend(qp, hd_, static_cast<const T*>(c.k) + ko, c.k_pos, static_cast<const T*>(c.v) + vo, c.v_pos, n, bp,
                  scale, scores.data(), out);
-        } else if (c.type == musicgen::Dense::F16) {
-          using B = c10::Half;
-          attend(qp, hd_, static_cast<const B*>(c.k) + ko, c.k_pos, static_cast<const B*>(c.v) + vo, c.v_pos, n, bp,
-                 scale, scores.data(), out);
-        } else {
-          attend(qp, hd_, static_cast<const float*>(c.k) + ko, c.k_pos, static_cast<const float*>(c.v) + vo, c.v_pos, n,
-                 bp, scale, scores.data(), out);
-        }
+        });
       }
     });
   }

@@ -480,15 +480,14 @@ torch::Tensor dense_gemv(torch::Tensor x, torch::Tensor w, c10::optional<torch::
   TORCH_CHECK(has_avx512(), "dense_gemv: needs AVX-512 (see avx512_available)");
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "dense_gemv: x (M, K) and w (N, K) expected");
   TORCH_CHECK(x.scalar_type() == torch::kFloat32, "dense_gemv: x must be float32");
-  TORCH_CHECK(musicgen::dense_type(w.scalar_type()).has_value() && w.is_contiguous(),
-              "dense_gemv: w must be contiguous float32, bfloat16 or float16");
+  const auto type = musicgen::dense_type(w.scalar_type());
+  TORCH_CHECK(type.has_value() && w.is_contiguous(), "dense_gemv: w must be contiguous float32, bfloat16 or float16");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   x = x.contiguous();
   auto y = torch::empty({M, N}, x.options());
   torch::Tensor b;
   const float* bp = float_bias(bias, N, b, "dense_gemv");
-  musicgen::dense_gemv_raw(x.data_ptr<float>(), M, K, w.data_ptr(), *musicgen::dense_type(w.scalar_type()), bp, N,
-                           y.data_ptr<float>());
+  musicgen::dense_gemv_raw(x.data_ptr<float>(), M, K, w.data_ptr(), *type, bp, N, y.data_ptr<float>());
   return y;
 }
 
