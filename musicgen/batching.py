@@ -99,13 +99,14 @@ class Scheduler:
         self.steps = 0                           # batched forward passes
         self.request_steps = 0                   # sum over requests of the steps they took part in
         self.busy_seconds = 0.0
-        self.k: list[torch.Tensor] = []          # per layer (2 * max_batch, H, L, hd)
+        self.k: list[torch.Tensor] = []          # per layer (2 * max_batch, H, L, hd (+ 4: int8 rows))
         self.v: list[torch.Tensor] = []
         self.ck: list[torch.Tensor] = []         # per layer (2 * max_batch, H, S, hd) cross-attention keys
         self.cv: list[torch.Tensor] = []
         self.bias = None                         # (2 * max_batch, 1, 1, S) additive text mask
         # caches in the dtype generate() decodes with (bfloat16 for int4 on CPU), so codes match a solo request's
         self.cache_dtype = model.cache_dtype or model.lm.norm.weight.dtype
+        self.kv_dtype = model.kv_dtype or self.cache_dtype   # the self-attention slots (int8 rows: lm.KVCache)
         self.length = self.text_length = 0
         self._stop = threading.Event()
         self._paused = False
@@ -240,7 +241,7 @@ class Scheduler:
                 raise ValueError(f"the text and melody take {req.offset} positions; with {req.frames} frames that "
                                  f"exceeds the model's {self.lm.positions.shape[0]}; shorten the prompt or duration")
             self._grow(req.offset + req.seq.shape[-1], 0)
-            caches = self.lm.new_caches(2, req.offset, dtype=self.cache_dtype)
+            caches = self.lm.new_caches(2, req.offset, dtype=self.kv_dtype)
             with lm_mod.attention_backends(model.device):
                 self.lm(torch.zeros(2, self.K, 0, dtype=torch.long, device=model.device), None, None, 0, caches,
                         prefix=prefix)
@@ -281,16 +282,17 @@ class Scheduler:
         S = max(self.text_length, text_length)
         R = 2 * self.max_batch
 
-        def grown(old, shape, fill=0.0):
-            new = torch.full(shape, fill, dtype=self.cache_dtype, device=p.device)
+        def grown(old, shape, fill=0.0, dtype=self.cache_dtype):
+            new = torch.full(shape, fill, dtype=dtype, device=p.device)
             if old is not None:
                 new[tuple(slice(0, n) for n in old.shape)] = old
             return new
 
         n = len(self.lm.layers)
         olds = lambda xs: xs if xs else [None] * n  # noqa: E731
-        self.k = [grown(o, (R, cfg.num_heads, L, cfg.head_dim)) for o in olds(self.k)]
-        self.v = [grown(o, (R, cfg.num_heads, L, cfg.head_dim)) for o in olds(self.v)]
+        row = cfg.head_dim + (lm_mod.KV_SCALE_BYTES if self.kv_dtype == torch.int8 else 0)
+        self.k = [grown(o, (R, cfg.num_heads, L, row), dtype=self.kv_dtype) for o in olds(self.k)]
+        self.v = [grown(o, (R, cfg.num_heads, L, row), dtype=self.kv_dtype) for o in olds(self.v)]
         self.ck = [grown(o, (R, cfg.num_heads, S, cfg.head_dim)) for o in olds(self.ck)]
         self.cv = [grown(o, (R, cfg.num_heads, S, cfg.head_dim)) for o in olds(self.cv)]
         self.bias = grown(self.bias, (R, 1, 1, S), torch.finfo(self.cache_dtype).min)
@@ -327,10 +329,15 @@ class Scheduler:
             att = layer.self_attn
             H, hd = att.heads, att.head_dim
             q, k, v = att.qkv(layer.norm1(x)).view(R, 1, 3, H, hd).permute(2, 0, 3, 1, 4)  # 3 x (R, H, 1, hd)
-            self.k[i][rows, :, pos] = k[:, :, 0].to(self.cache_dtype)
-            self.v[i][rows, :, pos] = v[:, :, 0].to(self.cache_dtype)
-            y = F.scaled_dot_product_attention(q.to(self.cache_dtype), self.k[i][:R, :, :span],
-                                               self.v[i][:R, :, :span], attn_mask=visible)   # (R, H, 1, hd)
+            if self.kv_dtype == torch.int8:   # int8 rows with scales (lm.KVCache), attended in float32
+                self.k[i][rows, :, pos] = lm_mod.kv_quantize(k[:, :, 0])
+                self.v[i][rows, :, pos] = lm_mod.kv_quantize(v[:, :, 0])
+                keys, values = (lm_mod.kv_dequantize(c[:R, :, :span]) for c in (self.k[i], self.v[i]))
+            else:
+                self.k[i][rows, :, pos] = k[:, :, 0].to(self.kv_dtype)
+                self.v[i][rows, :, pos] = v[:, :, 0].to(self.kv_dtype)
+                keys, values = self.k[i][:R, :, :span], self.v[i][:R, :, :span]
+            y = F.scaled_dot_product_attention(q.to(keys.dtype), keys, values, attn_mask=visible)   # (R, H, 1, hd)
             x = x + att.out(y.transpose(1, 2).reshape(R, 1, H * hd).to(x.dtype))
             if layer.cross_attn is not None:
                 x = x + layer.cross_attn(layer.norm_cross(x), (self.ck[i][:R], self.cv[i][:R]), self.bias[:R])

@@ -37,17 +37,44 @@ def sinusoids(length: int, dim: int) -> torch.Tensor:
     return table
 
 
+KV_SCALE_BYTES = 4   # an int8 cache row: head_dim int8 codes, then its float32 scale (see kv_quantize)
+
+
+def kv_quantize(x: torch.Tensor) -> torch.Tensor:
+    """(..., hd) float keys or values -> (..., hd + 4) int8 rows: round(x / s) (nearest even) and the float32 scale
+    s = max|x| / 127 in the last 4 bytes; an all-zero vector gets codes and scale 0. The native decoder
+    (kernels/decoder.cpp, write_kv) writes the same bytes."""
+    x = x.float()
+    scale = x.abs().amax(dim=-1, keepdim=True) / 127
+    codes = torch.where(scale > 0, torch.round(x / scale), torch.zeros_like(x)).to(torch.int8)
+    return torch.cat([codes, scale.view(torch.int8)], dim=-1)
+
+
+def kv_dequantize(rows: torch.Tensor) -> torch.Tensor:
+    """(..., hd + 4) int8 rows (kv_quantize) -> (..., hd) float32 codes * scale."""
+    hd = rows.shape[-1] - KV_SCALE_BYTES
+    return rows[..., :hd].float() * rows[..., hd:].contiguous().view(torch.float32)
+
+
 class KVCache(nn.Module):
-    """Static self-attention cache of one layer: (B, H, max_len, hd) keys and values."""
+    """Static self-attention cache of one layer: (B, H, max_len, hd) keys and values.
+
+    dtype torch.int8 keeps each key and value vector as int8 codes with a float32 scale of its own, packed in
+    one (B, H, max_len, hd + 4) int8 row (kv_quantize): half a bfloat16 cache's bytes, which attention reads in
+    full every step. `update` then returns the dequantized float32 keys and values."""
 
     def __init__(self, batch: int, heads: int, max_len: int, head_dim: int, dtype, device):
         super().__init__()
-        shape = (batch, heads, max_len, head_dim)
+        shape = (batch, heads, max_len, head_dim + (KV_SCALE_BYTES if dtype == torch.int8 else 0))
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = pos + k.shape[2]
+        if self.k.dtype == torch.int8:
+            self.k[:, :, pos:end] = kv_quantize(k)
+            self.v[:, :, pos:end] = kv_quantize(v)
+            return kv_dequantize(self.k[:, :, :end]), kv_dequantize(self.v[:, :, :end])
         self.k[:, :, pos:end] = k
         self.v[:, :, pos:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
@@ -75,9 +102,9 @@ class SelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=window_bias)
             return self.out(y.transpose(1, 2).reshape(B, T, D))
         if cache is not None:
-            if cache.k.dtype != q.dtype:   # a lower-precision cache (int4 on CPU): attention runs in its dtype
-                q = q.to(cache.k.dtype)
             k, v = cache.update(pos, k, v)                                   # (B, H, pos+T, hd)
+            if k.dtype != q.dtype:   # a lower-precision cache (quantised on CPU): attention runs in its dtype
+                q = q.to(k.dtype)
         if T == 1:
             y = F.scaled_dot_product_attention(q, k, v)                      # one query sees every cached key
         elif k.shape[2] == T:

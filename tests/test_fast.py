@@ -428,6 +428,7 @@ def test_int4_layers(int4_pair):
     assert not [n for n, mod in m.named_modules() if type(mod) in (torch.nn.Linear,) and n.startswith("lm.")]
     assert any(isinstance(mod, Int8Linear) for mod in m.text_encoder.modules())
     assert m.cache_dtype == torch.bfloat16 and int4_pair[0].cache_dtype is None   # float32 keeps its cache
+    assert m.kv_dtype == torch.int8 and int4_pair[0].kv_dtype is None
 
 
 def test_int4_logits_within_tolerance_and_generation_well_formed(int4_pair):
@@ -448,14 +449,14 @@ def test_int4_logits_within_tolerance_and_generation_well_formed(int4_pair):
 def test_compiled_quantised_step_equals_eager(tmp_path_factory, int4_pair, quantize, monkeypatch, capsys):
     """With the fused CPU decoder, compile() keeps it and says so; without it (MUSICGEN_FUSED=0), a compiled step
     keeps the CPU kernels (registered as custom ops) and gives the eager codes. The compiled step's static cache
-    is in the model's dtype (the bfloat16 cache of quantised models is eager-only), so eager decodes over the
-    same float32 cache here."""
+    is in the model's dtype (the bfloat16 text keys and int8 cache of quantised models are eager-only), so eager
+    decodes over the same float32 caches here."""
     kernel_or_skip("int8_gemv")
     folder = next(tmp_path_factory.getbasetemp().glob("tiny64*"))   # the checkpoint int4_pair wrote
     eager = musicgen.load(folder, quantize=quantize)
     assert eager.lm.fused is not None and eager.compile()._compiled_step is None
     assert "fused CPU decoder is faster" in capsys.readouterr().err
-    eager.cache_dtype = None
+    eager.cache_dtype = eager.kv_dtype = None
     monkeypatch.setenv("MUSICGEN_FUSED", "0")
     compiled = musicgen.load(folder, quantize=quantize).compile(backend="aot_eager")
     assert compiled._compiled_step is not None
@@ -557,9 +558,10 @@ def test_skinny_linear_native_path_equals_linear(monkeypatch, dtype, rows):
 
 
 # -- fused decoder (musicgen/fused.py) ------------------------------------------------------------------
-def _step_logits(m, fused: bool, cache_dtype, steps: int = 12) -> torch.Tensor:
+def _step_logits(m, fused: bool, cache_dtype, steps: int = 12, kv_dtype=None) -> torch.Tensor:
     """Logits of `steps` one-position decoding steps after a 6-position prefill, with the fused decoder on
-    or off, from the same codes and conditions: (steps, rows, K, 1, V)."""
+    or off, from the same codes and conditions: (steps, rows, K, 1, V). cache_dtype: the text keys/values'
+    and the self-attention cache's; kv_dtype (torch.int8) the self-attention cache's instead."""
     from musicgen import conditions
 
     lm = m.lm
@@ -578,7 +580,7 @@ def _step_logits(m, fused: bool, cache_dtype, steps: int = 12) -> torch.Tensor:
     saved, lm.fused = lm.fused, (lm.fused if fused else None)
     try:
         with torch.inference_mode():
-            caches = lm.new_caches(4, P + 6 + steps, dtype=cache_dtype)
+            caches = lm.new_caches(4, P + 6 + steps, dtype=kv_dtype or cache_dtype)
             lm(codes[:, :, :6], kv, bias, 0, caches, prefix=prefix)
             return torch.stack([lm(codes[:, :, p:p + 1], kv, bias, P + p, caches) for p in range(6, 6 + steps)])
     finally:
@@ -592,30 +594,108 @@ def int8_models(ckpt_dir, melody_ckpt_dir):
 
 
 @pytest.mark.parametrize("family", ["text", "melody"])
-@pytest.mark.parametrize("cache_dtype", [None, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cache_dtype", [None, torch.bfloat16, torch.float16, torch.int8])
 def test_fused_decoder_equals_the_layer_loop(int8_models, family, cache_dtype):
     """One native call per step computes what the Python layer loop computes, text and melody models, with the
-    model's float32 cache (to float rounding) and a 16-bit cache (float32 arithmetic over 16-bit keys, where
-    SDPA also rounds the query and the output to the cache's dtype)."""
+    model's float32 cache (to float rounding), a 16-bit cache (float32 arithmetic over 16-bit keys, where
+    SDPA also rounds the query and the output to the cache's dtype) and an int8 cache (bfloat16 text keys)."""
     m = int8_models[family]
     assert m.lm.fused is not None
-    fused, loop = _step_logits(m, True, cache_dtype), _step_logits(m, False, cache_dtype)
+    text, kv = (torch.bfloat16, torch.int8) if cache_dtype == torch.int8 else (cache_dtype, None)
+    fused, loop = _step_logits(m, True, text, kv_dtype=kv), _step_logits(m, False, text, kv_dtype=kv)
     err = ((fused - loop).abs().max() / loop.std()).item()
     print(f"{family}, cache {cache_dtype}: fused vs layer loop max |error| / std = {err:.2e}")
-    assert err < (1e-5 if cache_dtype is None else 2e-3)   # measured 9e-7 and 3e-4
+    assert err < (1e-5 if cache_dtype is None else 2e-3)   # measured 9e-7, 3e-4 (16-bit) and 4e-5 (int8)
 
 
-def test_int8_decodes_over_a_bfloat16_cache_within_tolerance(model, int8_models):
-    """load(quantize="int8") on CPU keeps its KV cache and text keys/values in bfloat16, as int4 does: that
-    halves attention's memory traffic, and moves the step logits by far less than the int8 weights do."""
+def test_kv_quantize_rows():
+    """An int8 cache row: round(x / s) with s = max|x| / 127 (nearest even), s's float32 bytes after the codes;
+    every element within s / 2 of its dequantized value, the largest at +-127, zero vectors all zero."""
+    x = torch.randn(3, 2, 5, 16, generator=torch.Generator().manual_seed(0))
+    x[0, 0, 0] = 0
+    x[1, 1, 1, 3] = 2.5 * x[1, 1, 1].abs().max()   # one outlier sets its vector's scale
+    rows = lm_mod.kv_quantize(x)
+    assert rows.shape == (3, 2, 5, 16 + lm_mod.KV_SCALE_BYTES) and rows.dtype == torch.int8
+    scale = x.abs().amax(-1, keepdim=True) / 127
+    assert torch.equal(rows[..., 16:].contiguous().view(torch.float32), scale)
+    assert torch.equal(rows[..., :16], torch.round(x / scale.clamp(min=1e-30)).to(torch.int8))
+    assert (lm_mod.kv_dequantize(rows) - x).abs().le(scale / 2 * (1 + 1e-6)).all()
+    assert rows[..., :16].abs().amax(-1)[scale[..., 0] > 0].eq(127).all()
+    assert torch.equal(rows[0, 0, 0], torch.zeros(16 + lm_mod.KV_SCALE_BYTES, dtype=torch.int8))
+    cache = lm_mod.KVCache(3, 2, 8, 16, torch.int8, "cpu")
+    k, v = cache.update(2, x, -x)                                    # writes positions 2..6, returns 0..6
+    assert k.shape == (3, 2, 7, 16) and k.dtype == torch.float32
+    assert torch.equal(cache.k[:, :, 2:7], rows) and torch.equal(k[:, :, 2:], lm_mod.kv_dequantize(rows))
+    assert torch.equal(v[:, :, 2:], -k[:, :, 2:]) and not k[:, :, :2].any()
+
+
+def test_fused_decoder_writes_int8_cache_rows_as_kv_quantize(int8_models):
+    """The native decoder quantises the keys and values it writes as lm.kv_quantize does: after the same steps
+    from the same prefill, the fused and layer-loop caches hold the same codes (but for rare ties, where the two
+    paths' float32 keys differ in the last bit) and scales equal to float rounding."""
+    from musicgen import conditions
+
     m = int8_models["text"]
-    assert m.cache_dtype == torch.bfloat16 and model.cache_dtype is None   # float32 keeps its cache
+    lm = m.lm
+    codes = torch.randint(0, 64, (4, lm.cfg.num_codebooks, 24), generator=torch.Generator().manual_seed(3))
+    states, mask = m.encode_text(PROMPTS)
+    cond = conditions.cross_attention(lm, states, mask, cfg_rows=True)
+    written = []
+    for fused in (True, False):
+        saved, lm.fused = lm.fused, (lm.fused if fused else None)
+        try:
+            with torch.inference_mode():
+                caches = lm.new_caches(4, 24, dtype=torch.int8)
+                lm(codes[:, :, :4], cond.cross_kv, cond.cross_bias, 0, caches)
+                for p in range(4, 24):
+                    lm(codes[:, :, p:p + 1], cond.cross_kv, cond.cross_bias, p, caches)
+        finally:
+            lm.fused = saved
+        written.append(torch.cat([torch.cat([c.k, c.v]) for c in caches]))
+    hd = lm.cfg.head_dim
+    a, b = written
+    same = (a[..., :hd] == b[..., :hd]).float().mean().item()
+    step = (a[..., :hd].int() - b[..., :hd].int()).abs().max().item()
+    sa, sb = (t[..., hd:].contiguous().view(torch.float32) for t in (a, b))
+    print(f"int8 cache rows: {same:.4%} codes equal, max code difference {step}")
+    assert same > 0.99 and step <= 1
+    torch.testing.assert_close(sa, sb, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("no_avx512", ["0", "1"])
+def test_int8_cache_attention_at_head_dim_64(tmp_path_factory, spm_model, monkeypatch, no_avx512):
+    """Head size 64 (every published MusicGen) takes the AVX-512 int8-cache attention (16 keys summed at a
+    time); MUSICGEN_NO_AVX512=1 the generic one: both equal the layer loop over the same int8 cache."""
+    from conftest import build_hf_model, save_checkpoint
+
+    kernel_or_skip("fused_decoder")
+    folder = save_checkpoint(build_hf_model(lm_dim=256), tmp_path_factory.mktemp("tiny256"), spm_model)
+    m = musicgen.load(folder, quantize="int8")
+    assert m.lm.cfg.head_dim == 64 and m.kv_dtype == torch.int8
+    monkeypatch.setenv("MUSICGEN_NO_AVX512", no_avx512)
+    fused = _step_logits(m, True, torch.bfloat16, steps=30, kv_dtype=torch.int8)   # 36 keys: 2 blocks of 16 + 4
+    loop = _step_logits(m, False, torch.bfloat16, steps=30, kv_dtype=torch.int8)
+    err = ((fused - loop).abs().max() / loop.std()).item()
+    print(f"head_dim 64, MUSICGEN_NO_AVX512={no_avx512}: fused vs layer loop {err:.2e}")
+    assert err < 2e-3
+
+
+def test_int8_decodes_over_compact_caches_within_tolerance(model, int8_models, monkeypatch, ckpt_dir):
+    """load(quantize="int8") on CPU keeps its text keys/values in bfloat16 and its self-attention cache in int8
+    rows (as int4 does): a quarter of float32's memory traffic in attention, and the step logits move by far
+    less than the int8 weights move them. MUSICGEN_KV_INT8=0 at load keeps a bfloat16 cache."""
+    m = int8_models["text"]
+    assert m.cache_dtype == torch.bfloat16 and model.cache_dtype is None   # float32 keeps its caches
+    assert m.kv_dtype == torch.int8 and model.kv_dtype is None
     exact = _step_logits(model, False, None)
-    errs = {str(c): ((_step_logits(m, True, c) - exact).abs().max() / exact.std()).item()
-            for c in (None, m.cache_dtype)}
-    print(f"int8 steps vs float32, max |error| / std, by cache dtype: {errs}")
+    errs = {name: ((_step_logits(m, True, text, kv_dtype=kv) - exact).abs().max() / exact.std()).item()
+            for name, text, kv in (("float32", None, None), ("bfloat16", torch.bfloat16, None),
+                                   ("int8", torch.bfloat16, torch.int8))}
+    print(f"int8 steps vs float32, max |error| / std, by cache: {errs}")
     assert max(errs.values()) < TOLERANCE["int8"]
-    assert abs(errs["torch.bfloat16"] - errs["None"]) < 0.005      # the cache's share is small
+    assert max(errs.values()) - min(errs.values()) < 0.005      # the caches' share is small
+    monkeypatch.setenv("MUSICGEN_KV_INT8", "0")
+    assert musicgen.load(ckpt_dir, quantize="int8").kv_dtype is None
 
 
 def test_float16_int8_model_decodes_in_the_fused_decoder(model, ckpt_dir):
