@@ -88,7 +88,8 @@ def test_ten_quantised_rows_keep_their_solo_codes(ckpt_64, quantize):
     """Five requests at once: 10 rows with guidance, where the quantised products switch to AMX tiles (on CPUs
     that have them) while a solo request's 2 rows do not. int8 keeps its float32 activations there (see
     gemv.cpp; with them rounded to bfloat16 this test failed). Each request still gets its solo codes, with the
-    solo path's bfloat16 KV cache for int4 (before, the service kept a float32 one and int4 codes differed).
+    solo path's caches (bfloat16 text keys, int8 self-attention rows; when the service kept a float32 cache,
+    int4 codes differed).
     Without the kernels (MUSICGEN_NO_KERNELS=1) the same holds through PyTorch's layers."""
     import musicgen
 
@@ -150,8 +151,16 @@ def test_too_long_requests_are_refused(model):
         Scheduler(model).submit(Request("x", frames=600))
 
 
-def test_melody_models_batch_with_their_solo_codes(melody_model):
-    """Prefix-conditioned checkpoints: each request's chroma and text tokens are prefilled into its own slot."""
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_melody_models_batch_with_their_solo_codes(melody_model, melody_ckpt_dir, quantize):
+    """Prefix-conditioned checkpoints: each request's chroma and text tokens are prefilled into its own slot
+    (quantised: into the int8 cache rows the fused decoder then reads)."""
+    if quantize is not None:
+        import musicgen
+
+        kernel_or_skip("fused_decoder")
+        melody_model = musicgen.load(melody_ckpt_dir, quantize=quantize)
+        assert melody_model.kv_dtype == torch.int8
     tune = torch.sin(torch.arange(32000) / 32000 * 2 * torch.pi * 220.0)
     sched = Scheduler(melody_model, max_batch=3)
     a = sched.submit(Request("folk song with a fiddle", 10, SamplingParams(top_k=1), melody=tune))
