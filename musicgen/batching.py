@@ -104,7 +104,8 @@ class Scheduler:
         self.ck: list[torch.Tensor] = []         # per layer (2 * max_batch, H, S, hd) cross-attention keys
         self.cv: list[torch.Tensor] = []
         self.bias = None                         # (2 * max_batch, 1, 1, S) additive text mask
-        # caches in the dtype generate() decodes with (bfloat16 for int4 on CPU), so codes match a solo request's
+        # caches in the dtypes generate() decodes with (quantised on CPU: bfloat16 text keys/values, int8
+        # self-attention rows), so codes match a solo request's
         self.cache_dtype = model.cache_dtype or model.lm.norm.weight.dtype
         self.kv_dtype = model.kv_dtype or self.cache_dtype   # the self-attention slots (int8 rows: lm.KVCache)
         self.length = self.text_length = 0

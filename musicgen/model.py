@@ -286,7 +286,8 @@ class MusicGen(nn.Module):
         P = cond.prefix_length                                                 # prepended condition tokens
         compiled = self._compiled_step is not None
         # static shapes under compile: caches over every position, reused across generations of one batch size
-        caches = self._static_caches(rows) if compiled else self.lm.new_caches(rows, P + L, dtype=self.kv_dtype or self.cache_dtype)
+        caches = (self._static_caches(rows) if compiled
+                  else self.lm.new_caches(rows, P + L, dtype=self.kv_dtype or self.cache_dtype))
         kv, bias = cond.cross_kv, cond.cross_bias
         if self.cache_dtype is not None and not compiled and kv is not None:   # text keys/values alike
             kv = [(k.to(self.cache_dtype), v.to(self.cache_dtype)) for k, v in kv]
@@ -325,14 +326,15 @@ class MusicGen(nn.Module):
 
     # -- compiled decoding ------------------------------------------------------------------------------
     _compiled_step = None
-    # dtype of the decoding KV cache and text keys/values when it differs from the LM's (None: the LM's).
+    # dtype of the text keys/values and the decoding KV cache when it differs from the LM's (None: the LM's).
     # load(quantize="int4" or "int8") on CPU sets bfloat16: attention reads the whole cache every step, and at
     # 30 s of float32 that is as much memory traffic as the 4-bit weights. Its rounding moves the logits by
     # about 3e-4 of their spread, against the 0.026 (int8) and 0.05 (int4) of the weights. Eager decoding only.
     cache_dtype = None
     # dtype of the self-attention cache when it differs from cache_dtype. load(quantize=...) on CPU, where the
     # fused decoder runs the steps, sets torch.int8: each key and value vector as int8 codes with a float32
-    # scale (lm.kv_quantize), half the bytes of a bfloat16 cache. MUSICGEN_KV_INT8=0 at load keeps bfloat16.
+    # scale (lm.kv_quantize), half the bytes of a bfloat16 cache; the logits move by about as little again.
+    # MUSICGEN_KV_INT8=0 at load keeps bfloat16.
     kv_dtype = None
 
     def compile(self, mode: str | None = None, backend: str = "inductor") -> "MusicGen":
