@@ -242,7 +242,7 @@ class Scheduler:
                 raise ValueError(f"the text and melody take {req.offset} positions; with {req.frames} frames that "
                                  f"exceeds the model's {self.lm.positions.shape[0]}; shorten the prompt or duration")
             self._grow(req.offset + req.seq.shape[-1], 0)
-            caches = self.lm.new_caches(2, req.offset, dtype=self.kv_dtype)
+            caches = self.lm.new_caches(2, req.offset, dtype=self.kv_dtype, attend_dtype=self.cache_dtype)
             with lm_mod.attention_backends(model.device):
                 self.lm(torch.zeros(2, self.K, 0, dtype=torch.long, device=model.device), None, None, 0, caches,
                         prefix=prefix)
@@ -330,10 +330,10 @@ class Scheduler:
             att = layer.self_attn
             H, hd = att.heads, att.head_dim
             q, k, v = att.qkv(layer.norm1(x)).view(R, 1, 3, H, hd).permute(2, 0, 3, 1, 4)  # 3 x (R, H, 1, hd)
-            if self.kv_dtype == torch.int8:   # int8 rows with scales (lm.KVCache), attended in float32
+            if self.kv_dtype == torch.int8:   # int8 rows with scales (lm.KVCache), attended as generate() does
                 self.k[i][rows, :, pos] = lm_mod.kv_quantize(k[:, :, 0])
                 self.v[i][rows, :, pos] = lm_mod.kv_quantize(v[:, :, 0])
-                keys, values = (lm_mod.kv_dequantize(c[:R, :, :span]) for c in (self.k[i], self.v[i]))
+                keys, values = (lm_mod.kv_dequantize(c[:R, :, :span], self.cache_dtype) for c in (self.k[i], self.v[i]))
             else:
                 self.k[i][rows, :, pos] = k[:, :, 0].to(self.kv_dtype)
                 self.v[i][rows, :, pos] = v[:, :, 0].to(self.kv_dtype)

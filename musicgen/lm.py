@@ -41,19 +41,21 @@ KV_SCALE_BYTES = 4   # an int8 cache row: head_dim int8 codes, then its float32 
 
 
 def kv_quantize(x: torch.Tensor) -> torch.Tensor:
-    """(..., hd) float keys or values -> (..., hd + 4) int8 rows: round(x / s) (nearest even) and the float32 scale
-    s = max|x| / 127 in the last 4 bytes; an all-zero vector gets codes and scale 0. The native decoder
-    (kernels/decoder.cpp, write_kv) writes the same bytes."""
-    x = x.float()
-    scale = x.abs().amax(dim=-1, keepdim=True) / 127
-    codes = torch.where(scale > 0, torch.round(x / scale), torch.zeros_like(x)).to(torch.int8)
-    return torch.cat([codes, scale.view(torch.int8)], dim=-1)
+    """(..., hd) float keys or values -> (..., hd + 4) int8 rows: the codes round(x / s) (nearest even) and the
+    float32 scale s = max(max|x|, 1e-12) / 127 in the last 4 bytes, as int8 weights are quantised per row
+    (quant.quantize_per_channel: natively on x86 CPUs). The native decoder (kernels/decoder.cpp, write_kv)
+    writes the same bytes."""
+    from .quant import quantize_per_channel
+
+    hd = x.shape[-1]
+    codes, scale = quantize_per_channel(x.reshape(-1, hd))
+    return torch.cat([codes, scale[:, None].view(torch.int8)], dim=1).view(*x.shape[:-1], hd + KV_SCALE_BYTES)
 
 
-def kv_dequantize(rows: torch.Tensor) -> torch.Tensor:
-    """(..., hd + 4) int8 rows (kv_quantize) -> (..., hd) float32 codes * scale."""
+def kv_dequantize(rows: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(..., hd + 4) int8 rows (kv_quantize) -> (..., hd) codes * scale, computed in float32, in `dtype`."""
     hd = rows.shape[-1] - KV_SCALE_BYTES
-    return rows[..., :hd].float() * rows[..., hd:].contiguous().view(torch.float32)
+    return (rows[..., :hd].float() * rows[..., hd:].contiguous().view(torch.float32)).to(dtype)
 
 
 class KVCache(nn.Module):
@@ -61,10 +63,12 @@ class KVCache(nn.Module):
 
     dtype torch.int8 keeps each key and value vector as int8 codes with a float32 scale of its own, packed in
     one (B, H, max_len, hd + 4) int8 row (kv_quantize): half a bfloat16 cache's bytes, which attention reads in
-    full every step. `update` then returns the dequantized float32 keys and values."""
+    full every step. `update` then returns the dequantized keys and values in `attend_dtype`."""
 
-    def __init__(self, batch: int, heads: int, max_len: int, head_dim: int, dtype, device):
+    def __init__(self, batch: int, heads: int, max_len: int, head_dim: int, dtype, device,
+                 attend_dtype: torch.dtype = torch.float32):
         super().__init__()
+        self.attend_dtype = attend_dtype
         shape = (batch, heads, max_len, head_dim + (KV_SCALE_BYTES if dtype == torch.int8 else 0))
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
@@ -74,7 +78,8 @@ class KVCache(nn.Module):
         if self.k.dtype == torch.int8:
             self.k[:, :, pos:end] = kv_quantize(k)
             self.v[:, :, pos:end] = kv_quantize(v)
-            return kv_dequantize(self.k[:, :, :end]), kv_dequantize(self.v[:, :, :end])
+            return kv_dequantize(self.k[:, :, :end], self.attend_dtype), kv_dequantize(self.v[:, :, :end],
+                                                                                     self.attend_dtype)
         self.k[:, :, pos:end] = k
         self.v[:, :, pos:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
@@ -199,10 +204,11 @@ class MusicLM(nn.Module):
             return None
         return ((1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min).to(dtype)
 
-    def new_caches(self, batch: int, max_len: int, dtype=None, device=None) -> list[KVCache]:
+    def new_caches(self, batch: int, max_len: int, dtype=None, device=None, attend_dtype=None) -> list[KVCache]:
+        """One KVCache per layer; attend_dtype: what an int8 cache dequantizes to (default float32)."""
         p = self.norm.weight
-        return [KVCache(batch, self.cfg.num_heads, max_len, self.cfg.head_dim, dtype or p.dtype, device or p.device)
-                for _ in self.layers]
+        return [KVCache(batch, self.cfg.num_heads, max_len, self.cfg.head_dim, dtype or p.dtype, device or p.device,
+                        attend_dtype or torch.float32) for _ in self.layers]
 
     # -- forward --------------------------------------------------------------------------------------
     def forward(self, codes: torch.Tensor, cross_kv, cross_bias=None, pos: int = 0,

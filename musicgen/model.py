@@ -287,7 +287,8 @@ class MusicGen(nn.Module):
         compiled = self._compiled_step is not None
         # static shapes under compile: caches over every position, reused across generations of one batch size
         caches = (self._static_caches(rows) if compiled
-                  else self.lm.new_caches(rows, P + L, dtype=self.kv_dtype or self.cache_dtype))
+                  else self.lm.new_caches(rows, P + L, dtype=self.kv_dtype or self.cache_dtype,
+                                          attend_dtype=self.cache_dtype or self.dtype))
         kv, bias = cond.cross_kv, cond.cross_bias
         if self.cache_dtype is not None and not compiled and kv is not None:   # text keys/values alike
             kv = [(k.to(self.cache_dtype), v.to(self.cache_dtype)) for k, v in kv]

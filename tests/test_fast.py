@@ -609,19 +609,24 @@ def test_fused_decoder_equals_the_layer_loop(int8_models, family, cache_dtype):
 
 
 def test_kv_quantize_rows():
-    """An int8 cache row: round(x / s) with s = max|x| / 127 (nearest even), s's float32 bytes after the codes;
-    every element within s / 2 of its dequantized value, the largest at +-127, zero vectors all zero."""
+    """An int8 cache row: the codes round(x / s) with s = max(max|x|, 1e-12) / 127 (nearest even), s's float32
+    bytes after them, as int8 weights are quantised per row (bitwise the reference quantiser); every element
+    within s / 2 of its dequantized value, the largest at +-127, zero vectors zero."""
+    from musicgen.quant import quantize_per_channel_reference
+
     x = torch.randn(3, 2, 5, 16, generator=torch.Generator().manual_seed(0))
     x[0, 0, 0] = 0
     x[1, 1, 1, 3] = 2.5 * x[1, 1, 1].abs().max()   # one outlier sets its vector's scale
     rows = lm_mod.kv_quantize(x)
     assert rows.shape == (3, 2, 5, 16 + lm_mod.KV_SCALE_BYTES) and rows.dtype == torch.int8
-    scale = x.abs().amax(-1, keepdim=True) / 127
-    assert torch.equal(rows[..., 16:].contiguous().view(torch.float32), scale)
-    assert torch.equal(rows[..., :16], torch.round(x / scale.clamp(min=1e-30)).to(torch.int8))
+    codes, scale = quantize_per_channel_reference(x.reshape(-1, 16))
+    assert torch.equal(rows[..., :16].reshape(-1, 16), codes)
+    assert torch.equal(rows[..., 16:].contiguous().view(torch.float32).reshape(-1), scale)
+    scale = scale.view(3, 2, 5, 1)
     assert (lm_mod.kv_dequantize(rows) - x).abs().le(scale / 2 * (1 + 1e-6)).all()
-    assert rows[..., :16].abs().amax(-1)[scale[..., 0] > 0].eq(127).all()
-    assert torch.equal(rows[0, 0, 0], torch.zeros(16 + lm_mod.KV_SCALE_BYTES, dtype=torch.int8))
+    assert rows[..., :16].abs().amax(-1)[1:].eq(127).all()
+    assert not rows[0, 0, 0, :16].any() and not lm_mod.kv_dequantize(rows)[0, 0, 0].any()
+    assert lm_mod.kv_dequantize(rows, torch.bfloat16).dtype == torch.bfloat16
     cache = lm_mod.KVCache(3, 2, 8, 16, torch.int8, "cpu")
     k, v = cache.update(2, x, -x)                                    # writes positions 2..6, returns 0..6
     assert k.shape == (3, 2, 7, 16) and k.dtype == torch.float32
