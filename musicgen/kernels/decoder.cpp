@@ -94,14 +94,10 @@ inline float row_scale(const int8_t* row, int64_t hd) {
   return s;
 }
 
-// x (hd floats) -> int8 codes round(x / s) (nearest even, within +-127) and s = max(max|x|, 1e-12) / 127 after
-// them, as kv_quantize (and int8_quantize) compute them
+// x (hd floats) -> an int8 cache row: the codes and, after them, the float32 scale of the int8 weights' per-row
+// quantiser (int8_quantize_row), which lm.kv_quantize also calls through int8_quantize
 inline void quantize_row(const float* x, int64_t hd, int8_t* out) {
-  float amax = 0.0f;
-  for (int64_t d = 0; d < hd; ++d) amax = std::max(amax, std::fabs(x[d]));
-  const float s = std::max(amax, 1e-12f) / 127.0f;
-  for (int64_t d = 0; d < hd; ++d)
-    out[d] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, std::nearbyint(x[d] / s))));
+  const float s = musicgen::int8_quantize_row(x, hd, out);
   std::memcpy(out + hd, &s, sizeof(float));
 }
 

@@ -948,29 +948,30 @@ std::vector<torch::Tensor> int4_quantize(torch::Tensor w) {
 std::vector<torch::Tensor> int8_quantize(torch::Tensor w) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kFloat32, "int8_quantize: float32 weights (N, K) expected");
   w = w.contiguous();
-  const int64_t N = w.size(0), K = w.size(1), K8 = K / 8 * 8;
+  const int64_t N = w.size(0), K = w.size(1);
   auto q = torch::empty({N, K}, w.options().dtype(torch::kInt8));
   auto scales = torch::empty({N}, w.options());
   const float* wp = w.data_ptr<float>();
   int8_t* qp = q.data_ptr<int8_t>();
   float* sp = scales.data_ptr<float>();
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      const float* v = wp + n * K;
-      float amax = hmax_abs(v, K8);
-      for (int64_t k = K8; k < K; ++k) amax = std::max(amax, std::fabs(v[k]));
-      const float scale = std::max(amax, 1e-12f) / 127.0f;
-      sp[n] = scale;
-      const __m256 s = _mm256_set1_ps(scale);
-      int64_t k = 0;
-      for (; k + 32 <= K; k += 32) {
-        __m256i c[4];
-        for (int u = 0; u < 4; ++u) c[u] = codes8(v + k + 8 * u, s, -127.f, 127.f);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(qp + n * K + k), pack32(c));
-      }
-      for (; k < K; ++k)
-        qp[n * K + k] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, std::nearbyint(v[k] / scale))));
-    }
+    for (int64_t n = n0; n < n1; ++n) sp[n] = musicgen::int8_quantize_row(wp + n * K, K, qp + n * K);
   });
   return {q, scales};
+}
+
+float musicgen::int8_quantize_row(const float* v, int64_t K, int8_t* q) {
+  const int64_t K8 = K / 8 * 8;
+  float amax = hmax_abs(v, K8);
+  for (int64_t k = K8; k < K; ++k) amax = std::max(amax, std::fabs(v[k]));
+  const float scale = std::max(amax, 1e-12f) / 127.0f;
+  const __m256 s = _mm256_set1_ps(scale);
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    __m256i c[4];
+    for (int u = 0; u < 4; ++u) c[u] = codes8(v + k + 8 * u, s, -127.f, 127.f);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + k), pack32(c));
+  }
+  for (; k < K; ++k) q[k] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, std::nearbyint(v[k] / scale))));
+  return scale;
 }

@@ -47,6 +47,10 @@ void dense_gemv_raw(const float* x, int64_t M, int64_t K, const void* w, Dense t
 // The Dense type of a weight dtype; none for other dtypes.
 std::optional<Dense> dense_type(c10::ScalarType t);
 
+// One row v (K floats) -> int8 codes round(v / s) (nearest even, within +-127) in q; returns the scale
+// s = max(max|v|, 1e-12) / 127. int8_quantize's rows (weights) and the fused decoder's int8 cache rows.
+float int8_quantize_row(const float* v, int64_t K, int8_t* q);
+
 }  // namespace musicgen
 
 torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c10::optional<torch::Tensor> bias);
