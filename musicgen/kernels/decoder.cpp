@@ -113,6 +113,14 @@ inline void prefetch_row(const T* row, int64_t stride, int64_t hd) {
   }
 }
 
+// scores[j] -> e^(scores[j] - best), the unnormalised softmax weights of attend() and attend_q8()
+inline void exp_scores(float* scores, int64_t n, float best) {
+  const __m256 m = _mm256_set1_ps(best);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) _mm256_storeu_ps(scores + j, exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + j), m)));
+  for (; j < n; ++j) scores[j] = scores[j] - best >= -87.0f ? std::exp(scores[j] - best) : 0.0f;
+}
+
 // One query against n keys/values of one head: out (hd) = softmax(scale q.k_j + bias_j) . v_j.
 // k, v: row j at k + j * ks (hd contiguous, hd <= 256); bias: n floats or nullptr; scores: n floats of room.
 template <typename TK, typename TV>
@@ -140,17 +148,14 @@ void attend(const float* q, int64_t hd, const TK* k, int64_t ks, const TV* v, in
     std::fill(out, out + hd, 0.0f);
     return;
   }
-  const __m256 m = _mm256_set1_ps(best);
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) _mm256_storeu_ps(scores + j, exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + j), m)));
-  for (; j < n; ++j) scores[j] = scores[j] - best >= -87.0f ? std::exp(scores[j] - best) : 0.0f;
+  exp_scores(scores, n, best);
   // the weights are summed in key order, so keys of weight 0 at the end (padding) leave the result bitwise equal
   float sum = 0.0f;
   __m256 acc[32];   // hd <= 256
   float rest[8] = {};
   const int64_t nv = hd8 / 8;
   for (int64_t u = 0; u < nv; ++u) acc[u] = _mm256_setzero_ps();
-  for (j = 0; j < n; ++j) {
+  for (int64_t j = 0; j < n; ++j) {
     const TV* vj = v + j * vs;
     const float w = scores[j] * row_scale(vj, hd);   // (exactly scores[j] for float rows)
     const __m256 p = _mm256_set1_ps(w);
@@ -239,9 +244,7 @@ MUSICGEN_AVX512_ATT void attend_q8(const float* q, int64_t hd, const int8_t* k, 
     std::fill(out, out + hd, 0.0f);
     return;
   }
-  const __m256 m = _mm256_set1_ps(best);
-  for (j = 0; j + 8 <= n; j += 8) _mm256_storeu_ps(scores + j, exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + j), m)));
-  for (; j < n; ++j) scores[j] = scores[j] - best >= -87.0f ? std::exp(scores[j] - best) : 0.0f;
+  exp_scores(scores, n, best);
   float sum = 0.0f;   // in key order, as attend()
   __m512 acc[16];
   for (int64_t c = 0; c < nc; ++c) acc[c] = _mm512_setzero_ps();
