@@ -478,7 +478,8 @@ def load(name_or_path: str | os.PathLike = "facebook/musicgen-small", device: st
     quantize="int4": the LM's transformer layers in 4 bits (groups of 32 with a float16 scale; on x86 CPUs the
     decoding products also quantise activations to int8 per group), its output heads and the text encoder in
     int8: the fastest CPU mode, with the largest departure from float32 (see the README's Performance section).
-    Both quantised modes keep a bfloat16 KV cache on CPU.
+    Both quantised modes on CPU keep the text keys/values in bfloat16 and, where the fused decoder runs the
+    steps, the self-attention cache in int8 rows (MusicGen.kv_dtype; MUSICGEN_KV_INT8=0 keeps bfloat16).
     compile=True: torch.compile the decoding step (CUDA graphs on GPU); the first generation pays for it.
     """
     torch_dtype = _dtype(dtype)
