@@ -1,20 +1,23 @@
-"""Decoding steps of a quantised, bfloat16 or float16 LM in one native call (musicgen/kernels/decoder.cpp).
+"""Decoding steps of a CPU LM in one native call (musicgen/kernels/decoder.cpp).
 
 With 4-bit weights the products of a musicgen-small step take about 11 ms on two cores; the whole step driven
 layer by layer from Python took about 24 ms at position 300: attention over the cache, and the dispatch of
-some 30 small operations per layer. bfloat16 weights paid the same: 28 ms of products in a 51 ms step.
-`FusedLayers` hands the decoder layers' norms and weights to the native decoder once, and `MusicLM.forward`
-routes one-position eager steps on CPU through it; the embeddings, the final norm and the heads stay in Python.
-It computes what the layer loop computes (tests/test_fast.py holds the two together), writing keys and values
-into the same `KVCache` buffers, so prefill in Python and steps here interleave. Its activations are float32
-throughout the layers, so for a bfloat16 (or float16) model it is closer to float32 than the layer loop (which
-rounds every activation to the model's dtype); only the step's output, the keys and the values are rounded.
+some 30 small operations per layer. bfloat16 weights paid the same: 28 ms of products in a 51 ms step, and
+float32 ones about 16 ms of a 71 ms step. `FusedLayers` hands the decoder layers' norms and weights to the
+native decoder once, and `MusicLM.forward` routes one-position eager steps on CPU through it; the
+embeddings, the final norm and the heads stay in Python. It computes what the layer loop computes
+(tests/test_fast.py holds the two together), writing keys and values into the same `KVCache` buffers, so
+prefill in Python and steps here interleave. Its activations are float32 throughout the layers, so for a
+bfloat16 (or float16) model it is closer to float32 than the layer loop (which rounds every activation to the
+model's dtype); only the step's output, the keys and the values are rounded. For a float32 model the two
+differ only in the order of float32 sums (about 1e-6 of the logits' spread), as two BLAS libraries do: it is
+the exact path's decoding step, held to transformers by the conformance tests as the layer loop is.
 
 `attach(lm)` installs it where it applies: CPU, no autograd, the kernels built, and every decoder linear an
-Int4Linear or Int8Linear (float32 or bfloat16 model), or a bfloat16 or float16 linear on a CPU with AVX-512
-where our dense kernel beats PyTorch's (quant.dense_policy; float16 products in PyTorch read the weights at
-7 GB/s here, a third of our kernel's rate). A float32 model without quantisation keeps the layer loop:
-it is the exact path. MUSICGEN_FUSED=0 turns it off (to compare the two paths).
+Int4Linear or Int8Linear (float32 or bfloat16 model), or a float32, bfloat16 or float16 linear on a CPU with
+AVX-512 where our dense kernel reads the weights about as fast as PyTorch's products or faster
+(quant.dense_policy; float16 products in PyTorch read the weights at 7 GB/s here, a third of our kernel's
+rate). MUSICGEN_FUSED=0 turns it off: every step then runs the PyTorch layer loop (to compare the two paths).
 """
 from __future__ import annotations
 
@@ -52,7 +55,7 @@ class FusedLayers:
 
 def _linear(module) -> tuple[str, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(kind, weight, scales, bias) of a layer, as the native decoder takes it; kind None where it cannot (a
-    16-bit linear is "dense" where dense_policy picks our kernel; a float32 one never asks for the kernels)."""
+    float32 or 16-bit linear is "dense" where dense_policy picks our kernel for decoding steps)."""
     if isinstance(module, (Int4Linear, Int8Linear)):
         return ("int4" if isinstance(module, Int4Linear) else "int8", module.weight, *module._kernel_args())
     if type(module) in (torch.nn.Linear, SkinnyLinear) and dense_picked(module.weight.dtype):

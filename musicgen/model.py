@@ -342,9 +342,11 @@ class MusicGen(nn.Module):
         """Compile the one-token decoding step (static shapes; CUDA graphs with mode "reduce-overhead" on GPU).
         The first generation pays the compile time; later ones with the same batch size reuse it.
 
-        A quantised or 16-bit model on CPU keeps its fused native decoder instead (musicgen/fused.py: every
-        layer in one call), which a compiled graph of the same layers does not beat: small int4 53.5 against 32.1
-        steps/s, int8 30.2 against 22.4. It says so once; MUSICGEN_FUSED=0 at load compiles the layer loop."""
+        A model on CPU with a fused native decoder (musicgen/fused.py: every layer in one call; quantised and
+        16-bit models, and float32 ones where our kernel reads float32 weights as fast as PyTorch) keeps it
+        instead: a compiled graph of the same layers does not beat it (small int4 32.1 against 53.5 steps/s,
+        int8 22.4 against 30.2, float32 15.0 against 15.6). It says so once; MUSICGEN_FUSED=0 at load compiles
+        the layer loop."""
         if self.lm.fused is not None:
             print("musicgen: compile skipped: this model's fused CPU decoder is faster than a compiled "
                   "step (MUSICGEN_FUSED=0 at load to compile anyway)", file=sys.stderr)
@@ -521,7 +523,7 @@ def load(name_or_path: str | os.PathLike = "facebook/musicgen-small", device: st
                 use_skinny_linear(part)
     if quantize is not None and device.type == "cpu" and torch_dtype == torch.float32:
         model.cache_dtype = torch.bfloat16
-    if device.type == "cpu":   # attach decides where the fused step applies (quantised or 16-bit, kernels built)
+    if device.type == "cpu":   # attach decides where the fused step applies (kernels built, dense_policy)
         fused.attach(model.lm)
         if quantize is not None and model.lm.fused is not None and os.environ.get("MUSICGEN_KV_INT8", "") != "0":
             model.kv_dtype = torch.int8

@@ -107,7 +107,7 @@ def test_ten_bfloat16_rows_keep_their_solo_codes(ckpt_64, monkeypatch):
     kernel_or_skip("fused_decoder")
     if kernels.dense_gemv() is None:
         pytest.skip("no AVX-512 here: bfloat16 models keep the layer loop")
-    monkeypatch.setattr(quant, "_DENSE", (True, True, True))
+    monkeypatch.setattr(quant, "_DENSE", (True, True, True, True))
     model = musicgen.load(ckpt_64, dtype="bfloat16")
     assert model.lm.fused is not None
     _ten_rows_keep_their_solo_codes(model)

@@ -149,9 +149,17 @@ def test_int8_linear_without_the_kernel_agrees(monkeypatch, amx):
     torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)
 
 
-def test_compiled_step_equals_eager(ckpt_dir, model):
-    m = musicgen.load(ckpt_dir)
-    m.compile(backend="aot_eager")        # graph capture with static shapes, without a C++ toolchain run
+def _compiled(folder, monkeypatch, backend="aot_eager", **kw):
+    """A model whose decoding step is torch.compile'd: loaded with the layer loop (MUSICGEN_FUSED=0), since
+    compile() keeps a fused CPU decoder where one is attached (float32 too, on CPUs where it applies)."""
+    monkeypatch.setenv("MUSICGEN_FUSED", "0")
+    m = musicgen.load(folder, **kw).compile(backend=backend)
+    assert m.lm.fused is None and m._compiled_step is not None
+    return m
+
+
+def test_compiled_step_equals_eager(ckpt_dir, model, monkeypatch):
+    m = _compiled(ckpt_dir, monkeypatch)   # aot_eager: graph capture with static shapes, no C++ toolchain run
     for prompts in (PROMPTS, ["a much longer prompt about jazz, brushed drums and an upright bass", "x"]):
         assert torch.equal(m.generate_codes(prompts, duration=0.3, top_k=1),
                            model.generate_codes(prompts, duration=0.3, top_k=1))
@@ -165,7 +173,7 @@ def test_compiled_step_reads_a_growing_window_with_one_graph(ckpt_dir, model, mo
 
     monkeypatch.setattr(lm_mod, "WINDOW_BUCKET", 8)
     torch._dynamo.reset()   # compiled code is cached per function: count this test's graphs from none
-    m = musicgen.load(ckpt_dir).compile(backend=backend)
+    m = _compiled(ckpt_dir, monkeypatch, backend)
     graphs = counters["stats"]["unique_graphs"]
     assert torch.equal(m.generate_codes(PROMPTS, duration=0.6, top_k=1),
                        model.generate_codes(PROMPTS, duration=0.6, top_k=1))
@@ -173,10 +181,9 @@ def test_compiled_step_reads_a_growing_window_with_one_graph(ckpt_dir, model, mo
     assert lm_mod.window(30, 2048) == 32 and lm_mod.window(32, 2048) == 32 and lm_mod.window(2047, 2048) == 2048
 
 
-def test_compiled_step_equals_eager_for_melody_models(melody_ckpt_dir, melody_model):
+def test_compiled_step_equals_eager_for_melody_models(melody_ckpt_dir, melody_model, monkeypatch):
     """Prefix-conditioned checkpoints: the compiled step sees positions shifted by the condition tokens."""
-    m = musicgen.load(melody_ckpt_dir)
-    m.compile(backend="aot_eager")
+    m = _compiled(melody_ckpt_dir, monkeypatch)
     tune = torch.sin(torch.arange(32000) / 32000 * 2 * torch.pi * 440.0)
     for kw in ({}, {"melody": tune, "melody_sample_rate": 32000, "demucs": False}):
         assert torch.equal(m.generate_codes(PROMPTS, duration=0.3, top_k=1, **kw),
@@ -211,7 +218,7 @@ def test_attention_backends_keep_eager_cuda_attention_off_cudnn(monkeypatch):
     assert _cudnn_flags("cuda") == before
 
 
-def test_decoding_and_serving_attention_runs_inside_the_backend_context(ckpt_dir, model, monkeypatch):
+def test_decoding_and_serving_attention_runs_inside_the_backend_context(ckpt_dir, monkeypatch):
     """Every attention call of an eager generation (text encoder, prefill, steps) and of the service's
     batched step runs with cuDNN attention off when the context is the CUDA one. On CPU the device is
     faked: the context under test is given 'cuda' whatever the model's device."""
@@ -229,6 +236,8 @@ def test_decoding_and_serving_attention_runs_inside_the_backend_context(ckpt_dir
         return sdpa(*args, **kwargs)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    monkeypatch.setenv("MUSICGEN_FUSED", "0")   # the PyTorch layer loop, as on CUDA (the fused decoder is CPU's)
+    model = musicgen.load(ckpt_dir)
     layers = len(model.lm.layers)
     model.generate_codes(PROMPTS, duration=0.2, top_k=1)               # 10 frames: 13 decoding positions
     assert len(seen) >= 2 * layers * 13 and not any(seen)
@@ -539,7 +548,7 @@ def test_skinny_linear_native_path_equals_linear(monkeypatch, dtype, rows):
     native = _dense_or_skip()
     calls = []
     monkeypatch.setattr(kernels, "dense_gemv", lambda: (lambda *a: calls.append(1) or native(*a)))
-    monkeypatch.setattr(quant, "_DENSE", (True, True, True))
+    monkeypatch.setattr(quant, "_DENSE", (True, True, True, True))
     torch.manual_seed(0)
     for bias in (True, False):
         lin = torch.nn.Linear(96, 40, bias=bias).to(dtype)
@@ -552,7 +561,7 @@ def test_skinny_linear_native_path_equals_linear(monkeypatch, dtype, rows):
                torch.float16: dict(atol=2e-3, rtol=2e-3)}[dtype]
         torch.testing.assert_close(out, ref, **tol)
     assert len(calls) == 2
-    monkeypatch.setattr(quant, "_DENSE", (False, False, False))    # and not where it is not picked
+    monkeypatch.setattr(quant, "_DENSE", (False, False, False, False))    # and not where it is not picked
     with torch.inference_mode():
         lin(x)
     assert len(calls) == 2
@@ -728,7 +737,7 @@ def test_fused_decoder_int4(int4_pair):
     some codes, so the fused path is held to the int4 tolerance against float32 and to greedy agreement."""
     kernel_or_skip("fused_decoder")
     ref, m = int4_pair
-    assert m.lm.fused is not None and ref.lm.fused is None     # float32 keeps the exact layer loop
+    assert m.lm.fused is not None
     fused, loop = _step_logits(m, True, m.cache_dtype), _step_logits(m, False, m.cache_dtype)
     exact = _step_logits(ref, False, None)
     for name, logits in (("fused", fused), ("layer loop", loop)):
@@ -748,7 +757,7 @@ def half_models(request, ckpt_dir, melody_ckpt_dir):
     kernel_or_skip("fused_decoder")
     if kernels.dense_gemv() is None:
         pytest.skip("no AVX-512 here: 16-bit models keep the layer loop")
-    saved, quant._DENSE = quant._DENSE, (True, True, True)
+    saved, quant._DENSE = quant._DENSE, (True, True, True, True)
     try:
         models = {"text": musicgen.load(ckpt_dir, dtype=request.param),
                   "melody": musicgen.load(melody_ckpt_dir, dtype=request.param)}
@@ -815,7 +824,7 @@ def test_16bit_model_converted_to_float32_leaves_the_fused_decoder(half_models, 
 
     import musicgen.quant as quant
 
-    monkeypatch.setattr(quant, "_DENSE", (True, True, True))   # the copy builds its own fused decoder
+    monkeypatch.setattr(quant, "_DENSE", (True, True, True, True))   # the copy builds its own fused decoder
     twin = copy.deepcopy(half_models["text"])
     dtype = twin.dtype
     twin.lm.float()
@@ -827,6 +836,57 @@ def test_16bit_model_converted_to_float32_leaves_the_fused_decoder(half_models, 
     twin.lm.to(dtype)
     twin.generate_codes(PROMPTS, duration=0.2, top_k=1)
     assert calls   # back in its dtype, the steps use it again
+
+
+@pytest.fixture(scope="module")
+def float32_models(ckpt_dir, melody_ckpt_dir):
+    """float32 test models with their fused decoders: our dense kernel picked for float32 steps (dense_policy
+    picks it where it reads float32 weights about as fast as PyTorch's products, as on the README's Xeon)."""
+    import musicgen.quant as quant
+    from musicgen import kernels
+
+    kernel_or_skip("fused_decoder")
+    if kernels.dense_gemv() is None:
+        pytest.skip("no AVX-512 here: float32 models keep the layer loop")
+    saved, quant._DENSE = quant._DENSE, (True, True, True, True)
+    try:
+        return {"text": musicgen.load(ckpt_dir), "melody": musicgen.load(melody_ckpt_dir)}
+    finally:
+        quant._DENSE = saved
+
+
+@pytest.mark.parametrize("family", ["text", "melody"])
+def test_float32_fused_decoder_equals_the_layer_loop(float32_models, family, monkeypatch):
+    """A float32 model's fused steps compute the layer loop's logits to float32 rounding (only the order of the
+    sums differs), and greedy generation gives the layer loop's codes: with text, and with a melody."""
+    m = float32_models[family]
+    assert m.lm.fused is not None and m.kv_dtype is None and m.cache_dtype is None   # float32 caches
+    fused, loop = _step_logits(m, True, None), _step_logits(m, False, None)
+    err = ((fused - loop).abs().max() / loop.std()).item()
+    print(f"float32 {family}: fused vs layer loop max |error| / std = {err:.2e}")
+    assert err < 1e-5
+    calls = []
+    native = m.lm.fused.native
+    spy = type("Spy", (), {"step": lambda self, *a: calls.append(1) or native.step(*a)})()
+    monkeypatch.setattr(m.lm.fused, "native", spy)
+    kw = {"melody": torch.sin(torch.arange(32000) / 32000 * 2 * torch.pi * 440.0), "melody_sample_rate": 32000,
+          "demucs": False} if family == "melody" else {}
+    codes = m.generate_codes(PROMPTS, duration=0.4, top_k=1, **kw)
+    assert calls                                   # the steps went through the native decoder
+    monkeypatch.setattr(m.lm, "fused", None)
+    assert torch.equal(codes, m.generate_codes(PROMPTS, duration=0.4, top_k=1, **kw))
+
+
+def test_float32_decodes_fused_where_the_policy_picks_it(model, ckpt_dir, monkeypatch):
+    """The default float32 model takes the fused decoder exactly where dense_policy picks our kernel for float32
+    steps (so the conformance tests against transformers run the path users get); MUSICGEN_DENSE=0 keeps the
+    layer loop."""
+    import musicgen.quant as quant
+
+    assert (model.lm.fused is not None) == quant.dense_picked(torch.float32)
+    monkeypatch.setattr(quant, "_DENSE", None)
+    monkeypatch.setenv("MUSICGEN_DENSE", "0")
+    assert musicgen.load(ckpt_dir).lm.fused is None
 
 
 def test_fused_decoder_can_be_turned_off(monkeypatch, ckpt_dir):
