@@ -1,6 +1,6 @@
 // All decoder layers of one decoding step (one new position per row) in a single call, for quantised models
-// on x86 CPUs (AVX2 + FMA + F16C), and bfloat16 or float16 models on AVX-512 CPUs (dense weights through
-// dense_gemv_raw).
+// on x86 CPUs (AVX2 + FMA + F16C), and float32, bfloat16 or float16 models on AVX-512 CPUs (dense weights
+// through dense_gemv_raw).
 //
 // With 4-bit weights a step of musicgen-small reads about 200 MB, which the kernels of gemv.cpp stream in about
 // 11 ms on two cores; driven from Python the whole step took about 24 ms (at position 300), the rest being
