@@ -226,6 +226,8 @@ def run_row(impl: str, size: str, mode: str, batch: int, args) -> dict | None:
     row = json.loads(proc.stdout.strip().splitlines()[-1])
     row.update(impl=impl, size=size, mode=mode, batch=batch)
     print(f"  {impl:12s} {size:6s} {mode:18s} b{batch}: {row['steps_per_s']:.1f} steps/s", file=sys.stderr, flush=True)
+    for line in dict.fromkeys(ln for ln in proc.stderr.splitlines() if ln.startswith("musicgen:")):
+        print(f"    {line}", file=sys.stderr, flush=True)   # what the package said once: compile time, CUDA graphs
     return row
 
 

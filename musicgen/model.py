@@ -327,6 +327,7 @@ class MusicGen(nn.Module):
 
     # -- compiled decoding ------------------------------------------------------------------------------
     _compiled_step = None
+    _compile_mode = None
     # dtype of the text keys/values and the decoding KV cache when it differs from the LM's (None: the LM's).
     # load(quantize="int4" or "int8") on CPU sets bfloat16: attention reads the whole cache every step, and at
     # 30 s of float32 that is as much memory traffic as the 4-bit weights. Its rounding moves the logits by
@@ -354,6 +355,7 @@ class MusicGen(nn.Module):
         if mode is None:
             mode = "reduce-overhead" if self.device.type == "cuda" else "default"
         self._compiled_step = torch.compile(self.lm.step, mode=mode, backend=backend, fullgraph=True, dynamic=False)
+        self._compile_mode = mode
         self._caches = {}
         return self
 
@@ -371,11 +373,18 @@ class MusicGen(nn.Module):
         warmed = self.__dict__.setdefault("_warmed", set())
         if key in warmed:
             return self._compiled_step(step, pos_t, cross_kv, cross_bias, caches, window).clone()
+        from torch._dynamo.utils import counters
+
+        skips = counters["inductor"]["cudagraph_skips"]
         start = time.perf_counter()
         out = self._compiled_step(step, pos_t, cross_kv, cross_bias, caches, window).clone()
         warmed.add(key)
         print(f"musicgen: compiled the decoding step for {key[0]} rows in {time.perf_counter() - start:.1f} s "
               "(once per batch size)", file=sys.stderr)
+        if self._compile_mode in _CUDA_GRAPH_MODES and counters["inductor"]["cudagraph_skips"] > skips:
+            # inductor logs why only under TORCH_LOGS=cudagraphs; without graphs a GPU step is bound by launches
+            print("musicgen: CUDA graphs are not used for the decoding step; it runs without them, more slowly "
+                  "(TORCH_LOGS=cudagraphs says why)", file=sys.stderr)
         return out
 
     def _static_caches(self, rows: int):
@@ -385,6 +394,9 @@ class MusicGen(nn.Module):
             caches[rows] = self.lm.new_caches(rows, self.lm.positions.shape[0])
         self._caches = caches
         return caches[rows]
+
+
+_CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")   # torch.compile modes that record CUDA graphs
 
 
 def _pad_text(states: torch.Tensor, mask: torch.Tensor, bucket: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -149,11 +149,11 @@ def test_int8_linear_without_the_kernel_agrees(monkeypatch, amx):
     torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)
 
 
-def _compiled(folder, monkeypatch, backend="aot_eager", **kw):
+def _compiled(folder, monkeypatch, backend="aot_eager", mode=None, **kw):
     """A model whose decoding step is torch.compile'd: loaded with the layer loop (MUSICGEN_FUSED=0), since
     compile() keeps a fused CPU decoder where one is attached (float32 too, on CPUs where it applies)."""
     monkeypatch.setenv("MUSICGEN_FUSED", "0")
-    m = musicgen.load(folder, **kw).compile(backend=backend)
+    m = musicgen.load(folder, **kw).compile(mode=mode, backend=backend)
     assert m.lm.fused is None and m._compiled_step is not None
     return m
 
@@ -166,7 +166,7 @@ def test_compiled_step_equals_eager(ckpt_dir, model, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_compiled_step_reads_a_growing_window_with_one_graph(ckpt_dir, model, monkeypatch, backend):
+def test_compiled_step_reads_a_growing_window_with_one_graph(ckpt_dir, model, monkeypatch, backend, capsys):
     """The compiled step attends over a bucketed window of the cache: with buckets of 8 positions a 0.6 s
     generation crosses four windows, through one graph per batch size (the window length is dynamic)."""
     from torch._dynamo.utils import counters
@@ -178,7 +178,21 @@ def test_compiled_step_reads_a_growing_window_with_one_graph(ckpt_dir, model, mo
     assert torch.equal(m.generate_codes(PROMPTS, duration=0.6, top_k=1),
                        model.generate_codes(PROMPTS, duration=0.6, top_k=1))
     assert counters["stats"]["unique_graphs"] - graphs == 1
+    assert "CUDA graphs are not used" not in capsys.readouterr().err   # the default mode asks for none
     assert lm_mod.window(30, 2048) == 32 and lm_mod.window(32, 2048) == 32 and lm_mod.window(2047, 2048) == 2048
+
+
+def test_compile_says_when_cuda_graphs_are_not_used(ckpt_dir, model, monkeypatch, capsys):
+    """Inductor tells why it skips CUDA graphs only under TORCH_LOGS=cudagraphs, and without them a GPU step is
+    bound by kernel launches: the first compiled step says so in one line. On CPU a mode that records CUDA
+    graphs cannot record any, so the line must appear there (the inductor test above checks that the default
+    mode, which asks for none, stays quiet); the codes are eager's either way."""
+    torch._dynamo.reset()
+    m = _compiled(ckpt_dir, monkeypatch, backend="inductor", mode="reduce-overhead")
+    codes = m.generate_codes(PROMPTS, duration=0.3, top_k=1)
+    err = capsys.readouterr().err
+    assert "compiled the decoding step" in err and "CUDA graphs are not used for the decoding step" in err
+    assert torch.equal(codes, model.generate_codes(PROMPTS, duration=0.3, top_k=1))
 
 
 def test_compiled_step_equals_eager_for_melody_models(melody_ckpt_dir, melody_model, monkeypatch):
