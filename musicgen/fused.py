@@ -22,6 +22,7 @@ rate). MUSICGEN_FUSED=0 turns it off: every step then runs the PyTorch layer loo
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -30,13 +31,26 @@ from .quant import Int4Linear, Int8Linear, SkinnyLinear, dense_picked
 
 
 class FusedLayers:
-    def __init__(self, native, dtype: torch.dtype):
+    def __init__(self, native, dtype: torch.dtype, bindings: list | None = None):
         self.native = native
         self.dtype = dtype   # the model's, when built: a model converted since (model.float()) keeps its layer loop
+        # (dict, key, object) for every layer, sub-layer, linear, norm and their tensors as they were at build:
+        # the native decoder holds those tensors, so a module or parameter put in their place later (adapters,
+        # another quantisation, `module.weight = Parameter(...)`) would be ignored by it
+        self.bindings = bindings or []
+        self.stale = False
 
     def takes(self, x: torch.Tensor) -> bool:
-        """Whether the one-position rows x go through it: on CPU, in the dtype it was built for, no autograd."""
-        return x.device.type == "cpu" and x.dtype == self.dtype and not torch.is_grad_enabled()
+        """Whether the one-position rows x go through it: on CPU, in the dtype it was built for, no autograd, and
+        the LM's layers still the ones it was built from (else the layer loop runs them, and it says so once)."""
+        if x.device.type != "cpu" or x.dtype != self.dtype or torch.is_grad_enabled() or self.stale:
+            return False
+        if not all(d.get(k) is v for d, k, v in self.bindings):
+            self.stale = True
+            print("musicgen: the LM's layers changed after load; its decoding steps now run the PyTorch layer "
+                  "loop (musicgen.fused.attach(model.lm) builds the fused decoder for them again)", file=sys.stderr)
+            return False
+        return True
 
     def __call__(self, x: torch.Tensor, pos: int, caches, cross_kv, cross_bias) -> torch.Tensor:
         """x (R, 1, D) at position pos -> (R, 1, D) after every decoder layer (MusicLM.forward's step)."""
@@ -60,7 +74,7 @@ def _linear(module) -> tuple[str, torch.Tensor, torch.Tensor | None, torch.Tenso
         return ("int4" if isinstance(module, Int4Linear) else "int8", module.weight, *module._kernel_args())
     if type(module) in (torch.nn.Linear, SkinnyLinear) and dense_picked(module.weight.dtype):
         return "dense", module.weight.contiguous(), None, module.bias
-    return None, module.weight, None, None
+    return None, None, None, None   # anything else (an adapter, another quantisation): the layer loop
 
 
 def build(lm) -> FusedLayers | None:
@@ -85,7 +99,28 @@ def build(lm) -> FusedLayers | None:
         kinds, weights, scales, biases = zip(*layer_linears)
         native.add_layer([t.float() for n in norms for t in (n.weight, n.bias)], list(kinds), list(weights),
                          list(scales), [None if b is None else b.float() for b in biases])
-    return FusedLayers(native, dtype)
+    return FusedLayers(native, dtype, _bindings(lm))
+
+
+def _bindings(lm) -> list:
+    """(dict, key, object) of what the native decoder was built from (see FusedLayers.bindings)."""
+    out = []
+
+    def bind(owner, name):
+        child = owner._modules[name]
+        out.append((owner._modules, name, child))
+        return child
+
+    for i in range(len(lm.layers)):
+        layer = bind(lm.layers, str(i))
+        parts = [bind(layer, n) for n in ("norm1", "norm2", "fc1", "fc2")]
+        parts += [bind(bind(layer, "self_attn"), n) for n in ("qkv", "out")]
+        if layer.cross_attn is not None:
+            cross = bind(layer, "cross_attn")
+            parts += [bind(layer, "norm_cross")] + [bind(cross, n) for n in ("q", "out")]
+        for m in parts:
+            out += [(d, k, v) for d in (m._parameters, m._buffers) for k, v in d.items()]
+    return out
 
 
 def _layer_linears(layer) -> list:

@@ -891,6 +891,55 @@ def test_float32_fused_decoder_equals_the_layer_loop(float32_models, family, mon
     assert torch.equal(codes, m.generate_codes(PROMPTS, duration=0.4, top_k=1, **kw))
 
 
+class _Adapter(torch.nn.Module):
+    """A low-rank update around a linear layer, as adapter libraries put in its place."""
+
+    def __init__(self, base, rank=2):
+        super().__init__()
+        self.base = base
+        g = torch.Generator().manual_seed(rank)
+        self.a = torch.nn.Parameter(torch.randn(base.in_features, rank, generator=g) * 0.3)
+        self.b = torch.nn.Parameter(torch.randn(rank, base.out_features, generator=g) * 0.3)
+
+    def forward(self, x):
+        return self.base(x) + (x @ self.a.to(x.dtype)) @ self.b.to(x.dtype)
+
+
+@pytest.mark.parametrize("change", ["adapter", "weight"])
+def test_layers_changed_after_load_leave_the_fused_decoder(ckpt_dir, monkeypatch, capsys, change):
+    """The native decoder holds the tensors it was built from. A module or parameter put in their place after
+    load (an adapter around fc1, a new qkv weight) must not be ignored: the steps go back to the layer loop,
+    which computes the changed model, and it is said once."""
+    import copy
+
+    import musicgen.quant as quant
+
+    monkeypatch.setattr(quant, "_DENSE", (True, True, True, True))
+    kernel_or_skip("fused_decoder")
+    m = musicgen.load(ckpt_dir)
+    if m.lm.fused is None:
+        pytest.skip("no fused decoder on this CPU")
+    layer = m.lm.layers[0]
+    if change == "adapter":
+        layer.fc1 = _Adapter(layer.fc1)
+    else:
+        qkv = layer.self_attn.qkv
+        qkv.weight = torch.nn.Parameter(qkv.weight.detach() * 1.5, requires_grad=False)
+    reference = copy.deepcopy(m)
+    reference.lm.fused = None                                   # the PyTorch layer loop over the changed layers
+    capsys.readouterr()
+    codes = m.generate_codes(PROMPTS, duration=0.4, top_k=1)
+    assert torch.equal(codes, reference.generate_codes(PROMPTS, duration=0.4, top_k=1))
+    assert m.lm.fused.stale
+    m.generate_codes(PROMPTS, duration=0.2, top_k=1)
+    assert capsys.readouterr().err.count("the LM's layers changed after load") == 1
+    from musicgen import fused
+    assert fused.attach(m.lm) == (change == "weight")           # a plain new weight: built again over it
+    if change == "weight":
+        assert torch.equal(m.generate_codes(PROMPTS, duration=0.4, top_k=1), codes)
+        assert not m.lm.fused.stale
+
+
 def test_float32_decodes_fused_where_the_policy_picks_it(model, ckpt_dir, monkeypatch):
     """The default float32 model takes the fused decoder exactly where dense_policy picks our kernel for float32
     steps (so the conformance tests against transformers run the path users get); MUSICGEN_DENSE=0 keeps the
