@@ -727,6 +727,32 @@ def test_int8_decodes_over_compact_caches_within_tolerance(model, int8_models, m
     assert musicgen.load(ckpt_dir, quantize="int8").kv_dtype is None
 
 
+@pytest.mark.parametrize("family", ["text", "melody"])
+def test_16bit_models_decode_over_an_int8_cache_within_tolerance(half_models, model, melody_model, ckpt_dir,
+                                                                 monkeypatch, family):
+    """bfloat16 and float16 models with a fused decoder keep their self-attention cache in int8 rows, as the
+    quantised ones do: 40 steps over it move the logits by far less than the 16-bit weights do (mean and max
+    error against float32 within a tenth of the 16-bit cache's own, and within the mode's tolerance), and the
+    greedy choices stay. MUSICGEN_KV_INT8=0 at load keeps the 16-bit cache; float32 keeps float32."""
+    import musicgen.quant as quant
+
+    m = half_models[family]
+    name = "bfloat16" if m.dtype == torch.bfloat16 else "float16"
+    assert m.kv_dtype == torch.int8 and m.cache_dtype is None and model.kv_dtype is None
+    exact = _step_logits(model if family == "text" else melody_model, False, None, steps=40)
+    errs = {}
+    for cache, kv in (("16-bit", None), ("int8", torch.int8)):
+        d = _step_logits(m, True, m.dtype, steps=40, kv_dtype=kv).float() - exact
+        errs[cache] = (d.abs().mean().item() / exact.std().item(), d.abs().max().item() / exact.std().item())
+    print(f"{name} {family} steps vs float32 (mean, max |error| / std), by cache: {errs}")
+    assert errs["int8"][1] < TOLERANCE[name]
+    for i in (0, 1):
+        assert abs(errs["int8"][i] - errs["16-bit"][i]) < 0.1 * errs["16-bit"][i]
+    monkeypatch.setattr(quant, "_DENSE", (True, True, True, True))
+    monkeypatch.setenv("MUSICGEN_KV_INT8", "0")
+    assert musicgen.load(ckpt_dir, dtype=name).kv_dtype is None
+
+
 def test_float16_int8_model_decodes_in_the_fused_decoder(model, ckpt_dir):
     """dtype="float16" with quantize="int8": int8 weights, float16 activations between steps and a float16
     cache, through the fused decoder (float32 inside it), within int8's tolerance of float32. (generate()
