@@ -10,8 +10,9 @@ they sit in the self-attention cache and code positions count on after them.
 
 Decoding follows gpt-fast: the KV cache is preallocated once per generation (`KVCache`), cross-attention
 keys/values are computed once (`cross_kv`), and a step writes into the cache at `pos` without allocating.
-Quantised, bfloat16 and float16 models on x86 CPUs run those one-position steps through `fused`
-(musicgen/fused.py): the same layers in one native call, writing the same caches.
+On x86 CPUs quantised models, and float32, bfloat16 and float16 ones where the AVX-512 kernel applies, run
+those one-position steps through `fused` (musicgen/fused.py): the same layers in one native call, writing the
+same caches.
 """
 from __future__ import annotations
 
@@ -163,7 +164,7 @@ class DecoderLayer(nn.Module):
 
 
 class MusicLM(nn.Module):
-    fused = None   # quantised or 16-bit models on CPU: musicgen.fused.FusedLayers runs the one-position steps
+    fused = None   # on CPU where it applies (fused.attach): musicgen.fused.FusedLayers runs the one-position steps
 
     def __init__(self, cfg: LMConfig, context_dim: int | None = None):
         super().__init__()
