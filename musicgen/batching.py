@@ -330,14 +330,10 @@ class Scheduler:
             att = layer.self_attn
             H, hd = att.heads, att.head_dim
             q, k, v = att.qkv(layer.norm1(x)).view(R, 1, 3, H, hd).permute(2, 0, 3, 1, 4)  # 3 x (R, H, 1, hd)
-            if self.kv_dtype == torch.int8:   # int8 rows with scales (lm.KVCache), attended as generate() does
-                self.k[i][rows, :, pos] = lm_mod.kv_quantize(k[:, :, 0])
-                self.v[i][rows, :, pos] = lm_mod.kv_quantize(v[:, :, 0])
-                keys, values = (lm_mod.kv_dequantize(c[:R, :, :span], self.cache_dtype) for c in (self.k[i], self.v[i]))
-            else:
-                self.k[i][rows, :, pos] = k[:, :, 0].to(self.kv_dtype)
-                self.v[i][rows, :, pos] = v[:, :, 0].to(self.kv_dtype)
-                keys, values = self.k[i][:R, :, :span], self.v[i][:R, :, :span]
+            # stored and read as lm.KVCache does (int8 rows with scales where kv_dtype is int8), as generate() does
+            self.k[i][rows, :, pos] = lm_mod.kv_encode(k[:, :, 0], self.kv_dtype)
+            self.v[i][rows, :, pos] = lm_mod.kv_encode(v[:, :, 0], self.kv_dtype)
+            keys, values = (lm_mod.kv_read(c[:R, :, :span], self.cache_dtype) for c in (self.k[i], self.v[i]))
             y = F.scaled_dot_product_attention(q.to(keys.dtype), keys, values, attn_mask=visible)   # (R, H, 1, hd)
             x = x + att.out(y.transpose(1, 2).reshape(R, 1, H * hd).to(x.dtype))
             if layer.cross_attn is not None:

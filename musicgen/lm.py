@@ -59,6 +59,17 @@ def kv_dequantize(rows: torch.Tensor, dtype: torch.dtype = torch.float32) -> tor
     return (rows[..., :hd].float() * rows[..., hd:].contiguous().view(torch.float32)).to(dtype)
 
 
+def kv_encode(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Keys or values as a cache of `dtype` stores them: int8 rows (kv_quantize) or x in that dtype."""
+    return kv_quantize(x) if dtype == torch.int8 else x.to(dtype)
+
+
+def kv_read(stored: torch.Tensor, attend_dtype: torch.dtype) -> torch.Tensor:
+    """A span of cache positions as attention reads it: int8 rows dequantized to `attend_dtype`; float caches
+    as they are."""
+    return kv_dequantize(stored, attend_dtype) if stored.dtype == torch.int8 else stored
+
+
 class KVCache(nn.Module):
     """Static self-attention cache of one layer: (B, H, max_len, hd) keys and values.
 
@@ -76,14 +87,9 @@ class KVCache(nn.Module):
 
     def update(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = pos + k.shape[2]
-        if self.k.dtype == torch.int8:
-            self.k[:, :, pos:end] = kv_quantize(k)
-            self.v[:, :, pos:end] = kv_quantize(v)
-            return kv_dequantize(self.k[:, :, :end], self.attend_dtype), kv_dequantize(self.v[:, :, :end],
-                                                                                     self.attend_dtype)
-        self.k[:, :, pos:end] = k
-        self.v[:, :, pos:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+        self.k[:, :, pos:end] = kv_encode(k, self.k.dtype)
+        self.v[:, :, pos:end] = kv_encode(v, self.v.dtype)
+        return kv_read(self.k[:, :, :end], self.attend_dtype), kv_read(self.v[:, :, :end], self.attend_dtype)
 
     def write(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int
               ) -> tuple[torch.Tensor, torch.Tensor]:
