@@ -176,10 +176,6 @@ void attend(const float* q, int64_t hd, const TK* k, int64_t ks, const TV* v, in
 #define MUSICGEN_AVX512_ATT __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
 constexpr int64_t PF_NEAR = 32, PF_FAR = 256;   // rows ahead (tried 16/128, 64/512, 32/1024: no better)
 
-MUSICGEN_AVX512_ATT inline __m512 widen16_q8(const int8_t* p) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-}
-
 // lane i of the result: the sum of the 16 lanes of v[i]
 MUSICGEN_AVX512_ATT inline __m512 hsum16(const __m512* v) {
   __m512 a[8], b[4], c[2];
@@ -204,8 +200,8 @@ MUSICGEN_AVX512_ATT inline void prefetch_q8(const int8_t* row, int64_t stride) {
 
 // 16-lane partial sums of q . k_j over hd = 16 nc codes
 MUSICGEN_AVX512_ATT inline __m512 dot_q8(const __m512* qv, int64_t nc, const int8_t* kj) {
-  __m512 a = _mm512_mul_ps(qv[0], widen16_q8(kj));
-  for (int64_t c = 1; c < nc; ++c) a = _mm512_fmadd_ps(qv[c], widen16_q8(kj + 16 * c), a);
+  __m512 a = _mm512_mul_ps(qv[0], musicgen::widen16_i8(kj));
+  for (int64_t c = 1; c < nc; ++c) a = _mm512_fmadd_ps(qv[c], musicgen::widen16_i8(kj + 16 * c), a);
   return a;
 }
 
@@ -253,7 +249,7 @@ MUSICGEN_AVX512_ATT void attend_q8(const float* q, int64_t hd, const int8_t* k, 
     prefetch_q8(vj, vs);
     sum += scores[j];
     const __m512 p = _mm512_set1_ps(scores[j] * row_scale(vj, hd));
-    for (int64_t c = 0; c < nc; ++c) acc[c] = _mm512_fmadd_ps(p, widen16_q8(vj + 16 * c), acc[c]);
+    for (int64_t c = 0; c < nc; ++c) acc[c] = _mm512_fmadd_ps(p, musicgen::widen16_i8(vj + 16 * c), acc[c]);
   }
   const __m512 inv = _mm512_set1_ps(1.0f / sum);
   for (int64_t c = 0; c < nc; ++c) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(acc[c], inv));

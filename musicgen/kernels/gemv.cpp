@@ -113,7 +113,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,fma"))) inline __m512 widen16(c
 
 template <>
 __attribute__((target("avx512f,avx512bw,avx512vl,fma"))) inline __m512 widen16(const int8_t* w) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))));
+  return musicgen::widen16_i8(w);
 }
 
 template <>

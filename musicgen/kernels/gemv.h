@@ -22,6 +22,11 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// 16 int8 values widened exactly to float32 (AVX-512): int8 weights (gemv.cpp) and int8 cache rows (decoder.cpp)
+__attribute__((target("avx512f,avx512bw,avx512vl,fma"))) inline __m512 widen16_i8(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
 // y (M, N) = x (M, K) . q (N, K)^T * scale[n] + bias[n]; bias may be nullptr
 void int8_gemv_raw(const float* x, int64_t M, int64_t K, const int8_t* q, const float* scale, const float* bias,
                    int64_t N, float* y);
