@@ -261,7 +261,7 @@ class MusicGen(nn.Module):
     def _conditions(self, states, mask, melodies, cfg_rows: bool) -> conditions.Conditions:
         B = states.shape[0]
         if not self.cfg.lm.prefix_conditioning:
-            if self._compiled_step is not None:   # static shapes: pad the text to a bucket (padding is masked: exact)
+            if self._static_steps:   # static shapes: pad the text to a bucket (padding is masked: exact)
                 states, mask = _pad_text(states, mask, bucket=32)
             return conditions.cross_attention(self.lm, states, mask, cfg_rows)
         chroma = self.melody_chroma(melodies, B)
@@ -284,13 +284,15 @@ class MusicGen(nn.Module):
         B, K, L = seq.shape
         rows = 2 * B if params.uses_cfg else B
         P = cond.prefix_length                                                 # prepended condition tokens
-        compiled = self._compiled_step is not None
-        # static shapes under compile: caches over every position, reused across generations of one batch size
-        caches = (self._static_caches(rows) if compiled
+        compiled, graphs = self._compiled_step is not None, self._graphs
+        static = self._static_steps
+        # static shapes (compile, CUDA graphs): caches over every position, reused across generations of one
+        # batch size
+        caches = (self._static_caches(rows) if static
                   else self.lm.new_caches(rows, P + L, dtype=self.kv_dtype or self.cache_dtype,
                                           attend_dtype=self.cache_dtype or self.dtype))
         kv, bias = cond.cross_kv, cond.cross_bias
-        if self.cache_dtype is not None and not compiled and kv is not None:   # text keys/values alike
+        if self.cache_dtype is not None and not static and kv is not None:   # text keys/values alike
             kv = [(k.to(self.cache_dtype), v.to(self.cache_dtype)) for k, v in kv]
             # saturate: float32's lowest rounds to -inf in bfloat16, and a row masked everywhere must stay finite
             bias = None if bias is None else bias.clamp(min=torch.finfo(self.cache_dtype).min).to(self.cache_dtype)
@@ -301,9 +303,11 @@ class MusicGen(nn.Module):
         attention = functools.partial(lm_mod.attention_backends, self.device)   # CUDA: shapes change per step
         with attention():   # prefill
             logits = self.lm(step_inputs(seq[:, :, :start]), kv, bias, 0, caches, prefix=cond.prefix)[:, :, -1]
-        if compiled:   # the compiled step's position (a tensor) and its self-attention mask, updated in place
+        if static:   # the static step's position (a tensor) and its self-attention mask, updated in place
             pos_t = torch.tensor([P + start], device=self.device)
             window_mask = self._window_mask(caches, P + start)
+            if graphs is not None:
+                graphs.start(caches, kv, bias)
         for pos in range(start, L):
             if params.uses_cfg:
                 logits = apply_cfg(logits.float(), params.guidance_scale)      # (B, K, V)
@@ -313,12 +317,16 @@ class MusicGen(nn.Module):
             yield pos
             if pos + 1 < L:
                 step = step_inputs(seq[:, :, pos:pos + 1])                     # (rows, K, 1)
-                if compiled:
+                if static:
                     pos_t.fill_(P + pos)
                     window_mask[..., P + pos] = 0                             # this step's key is visible
                     window = window_mask[..., :lm_mod.window(P + pos + 1, window_mask.shape[-1])]
-                    with attention(compiled=True):
-                        logits = self._run_compiled(step, pos_t, kv, bias, caches, window)
+                    if compiled:
+                        with attention(compiled=True):
+                            logits = self._run_compiled(step, pos_t, kv, bias, caches, window)
+                    else:   # graphs record eager kernels: eager attention's backends
+                        with attention():
+                            logits = graphs(step, pos_t, window)
                 else:
                     with attention():
                         logits = self.lm(step, kv, bias, P + pos, caches)[:, :, -1]
@@ -328,6 +336,7 @@ class MusicGen(nn.Module):
     # -- compiled decoding ------------------------------------------------------------------------------
     _compiled_step = None
     _compile_mode = None
+    _graphs = None   # graphs.StepGraphs: CUDA graphs of the eager step (cuda_graphs)
     # dtype of the text keys/values and the decoding KV cache when it differs from the LM's (None: the LM's).
     # load(quantize="int4" or "int8") on CPU sets bfloat16: attention reads the whole cache every step, and at
     # 30 s of float32 that is as much memory traffic as the 4-bit weights. Its rounding moves the logits by
@@ -359,6 +368,31 @@ class MusicGen(nn.Module):
         self._compile_mode = mode
         self._caches = {}
         return self
+
+    def cuda_graphs(self, enabled: bool = True, capture: bool = True) -> "MusicGen":
+        """Decode with CUDA graphs of the eager step, recorded per window bucket in about a step's time, without
+        torch.compile's first-generation compile (musicgen/graphs.py). Ignored after `compile()`, whose
+        "reduce-overhead" mode records graphs of its own fused kernels. `capture=False` runs the same
+        static-shape step without recording (any device: to compare, and for tests). MUSICGEN_CUDA_GRAPHS=1 at
+        load turns it on for CUDA models."""
+        if not enabled:
+            self._graphs = None
+            return self
+        if capture and self.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a model on a CUDA device, not {self.device.type}")
+        if self.lm.fused is not None:
+            raise ValueError("this model decodes in its fused CPU decoder (MUSICGEN_FUSED=0 at load to use the "
+                             "static step)")
+        from .graphs import StepGraphs
+
+        self._graphs = StepGraphs(self.lm, capture=capture)
+        self._caches = {}
+        return self
+
+    @property
+    def _static_steps(self) -> bool:
+        """Whether decoding steps run with static shapes (compiled, or through CUDA graphs)."""
+        return self._compiled_step is not None or self._graphs is not None
 
     def _window_mask(self, caches, filled: int) -> torch.Tensor:
         """(1, 1, 1, max_len) additive self-attention mask of the compiled step: 0 over the `filled` positions
@@ -392,6 +426,8 @@ class MusicGen(nn.Module):
         caches = getattr(self, "_caches", {})
         if rows not in caches:
             caches.clear()   # one batch size at a time: caches are the biggest allocation of a generation
+            if self._graphs is not None:
+                self._graphs.reset()   # its graphs hold the old caches
             caches[rows] = self.lm.new_caches(rows, self.lm.positions.shape[0])
         self._caches = caches
         return caches[rows]
@@ -497,6 +533,7 @@ def load(name_or_path: str | os.PathLike = "facebook/musicgen-small", device: st
     steps, the self-attention cache in int8 rows (MusicGen.kv_dtype; MUSICGEN_KV_INT8=0 keeps bfloat16);
     bfloat16 and float16 models keep that int8 cache too where the fused decoder runs their steps.
     compile=True: torch.compile the decoding step (CUDA graphs on GPU); the first generation pays for it.
+    MUSICGEN_CUDA_GRAPHS=1 (CUDA, without compile): CUDA graphs of the eager step, no compile (`cuda_graphs`).
     """
     torch_dtype = _dtype(dtype)
     if quantize not in QUANTIZE:
@@ -544,6 +581,8 @@ def load(name_or_path: str | os.PathLike = "facebook/musicgen-small", device: st
             model.kv_dtype = torch.int8
     if compile:
         model.compile()
+    elif device.type == "cuda" and os.environ.get("MUSICGEN_CUDA_GRAPHS", "") == "1":
+        model.cuda_graphs()
     return model
 
 

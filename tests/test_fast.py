@@ -204,6 +204,114 @@ def test_compiled_step_equals_eager_for_melody_models(melody_ckpt_dir, melody_mo
                            melody_model.generate_codes(PROMPTS, duration=0.3, top_k=1, **kw))
 
 
+# -- CUDA graphs of the eager step (musicgen/graphs.py); without CUDA, the same static step run directly -------
+def _graphed(folder, monkeypatch, **kw):
+    monkeypatch.setenv("MUSICGEN_FUSED", "0")   # float32 models on CPU otherwise decode in the fused decoder
+    return musicgen.load(folder, **kw).cuda_graphs(capture=False)
+
+
+def test_graphed_step_equals_eager(ckpt_dir, model, monkeypatch):
+    """Static buffers, window buckets (8 positions here: a 0.6 s generation crosses five), text buckets and batch
+    sizes: the step the graphs record gives eager decoding's codes, greedy and sampled."""
+    monkeypatch.setattr(lm_mod, "WINDOW_BUCKET", 8)
+    m = _graphed(ckpt_dir, monkeypatch)
+    long = ["a much longer prompt about jazz, brushed drums and an upright bass", "x"]
+    for prompts, kw in ((PROMPTS, dict(top_k=1)), (["techno", "epic orchestra"], dict(top_k=1)),
+                        (long, dict(top_k=1)), (PROMPTS, dict(seed=3)),
+                        (PROMPTS, dict(seed=4, top_p=0.9)), (["solo"], dict(top_k=1))):
+        assert torch.equal(m.generate_codes(prompts, duration=0.6, **kw),
+                           model.generate_codes(prompts, duration=0.6, **kw))
+    # rows 2 (one prompt with guidance) at the end: its caches replaced the 4-row ones and their recordings
+    assert sorted(m._graphs.graphs) == [(2, 32, w) for w in (8, 16, 24, 32, 40)]
+    recorded = m._graphs.recorded
+    m.generate_codes(["again"], duration=0.6, top_k=1)
+    assert m._graphs.recorded == recorded                                 # the same shapes: replayed
+
+
+@torch.inference_mode()
+def test_step_graphs_take_each_generations_inputs(ckpt_dir, monkeypatch):
+    """Text keys, values and mask are copied into the recorded step's buffers at each generation's start; codes,
+    position and window at each step. Here each changes between calls, strongly (keys scaled by 30)."""
+    m = _graphed(ckpt_dir, monkeypatch)
+    caches = m._static_caches(4)
+    cond = m._conditions(*m.encode_text(PROMPTS), None, True)
+    window = m._window_mask(caches, 3)[..., :lm_mod.window(3, caches[0].k.shape[2])]
+    g = torch.Generator().manual_seed(0)
+    for scale, masked in ((1.0, 0), (30.0, 0), (30.0, 3)):
+        kv = [(k * scale, v * scale) for k, v in cond.cross_kv]
+        bias = cond.cross_bias.clone()
+        bias[..., :masked] = torch.finfo(bias.dtype).min
+        m._graphs.start(caches, kv, bias)
+        for p in (0, 1, 2):
+            codes, pos = torch.randint(0, 64, (4, 4, 1), generator=g), torch.tensor([p])
+            out = m._graphs(codes, pos, window)     # both write the same key and value at pos
+            assert torch.equal(out, m.lm.step(codes, pos, kv, bias, caches, window))
+    assert m._graphs.recorded == 1
+
+
+def test_graphed_step_streams_and_continues(ckpt_dir, model, monkeypatch):
+    m = _graphed(ckpt_dir, monkeypatch)
+    audio = model.generate(PROMPTS, duration=0.3, top_k=1)
+    kw = dict(duration=0.6, top_k=1, prompt_audio=audio, prompt_sample_rate=model.sample_rate)
+    assert torch.equal(m.generate_codes(PROMPTS, **kw), model.generate_codes(PROMPTS, **kw))
+    chunks = list(m.stream(PROMPTS, duration=0.5, chunk_seconds=0.2, top_k=1))
+    torch.testing.assert_close(torch.cat(chunks, dim=-1), model.generate(PROMPTS, duration=0.5, top_k=1),
+                               rtol=0, atol=1e-4)
+
+
+def test_graphed_step_equals_eager_for_melody_models(melody_ckpt_dir, melody_model, monkeypatch):
+    m = _graphed(melody_ckpt_dir, monkeypatch)
+    tune = torch.sin(torch.arange(32000) / 32000 * 2 * torch.pi * 440.0)
+    for kw in ({}, {"melody": tune, "melody_sample_rate": 32000, "demucs": False}):
+        assert torch.equal(m.generate_codes(PROMPTS, duration=0.3, top_k=1, **kw),
+                           melody_model.generate_codes(PROMPTS, duration=0.3, top_k=1, **kw))
+
+
+def test_graphs_record_again_when_weights_move(ckpt_dir, monkeypatch):
+    """A graph reads weights at the addresses it was recorded with: a replaced parameter records again (at the
+    next generation); an in-place copy keeps the recordings."""
+    m = _graphed(ckpt_dir, monkeypatch)
+    m.generate_codes(PROMPTS, duration=0.3, top_k=1)
+    recorded = m._graphs.recorded
+    fc1 = m.lm.layers[0].fc1
+    with torch.no_grad():
+        fc1.weight.copy_(fc1.weight * 0.5)
+    m.generate_codes(PROMPTS, duration=0.3, top_k=1)
+    assert m._graphs.recorded == recorded
+    fc1.weight = torch.nn.Parameter(fc1.weight * 2.0, requires_grad=False)
+    codes = m.generate_codes(PROMPTS, duration=0.3, top_k=1)
+    assert m._graphs.recorded > recorded
+    assert torch.equal(codes, m.cuda_graphs(False).generate_codes(PROMPTS, duration=0.3, top_k=1))
+
+
+def test_graph_recording_failure_leaves_the_direct_step(ckpt_dir, model, monkeypatch, capsys):
+    from musicgen.graphs import StepGraphs
+
+    m = _graphed(ckpt_dir, monkeypatch)
+    m._graphs = StepGraphs(m.lm, capture=True)           # what cuda_graphs() makes on a GPU
+
+    def fail(self, step):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore")
+
+    monkeypatch.setattr(StepGraphs, "_capture", fail)
+    for _ in range(2):
+        assert torch.equal(m.generate_codes(PROMPTS, duration=0.3, top_k=1),
+                           model.generate_codes(PROMPTS, duration=0.3, top_k=1))
+    err = capsys.readouterr().err
+    assert err.count("musicgen: recording a CUDA graph failed (RuntimeError: operation not permitted when "
+                     "stream is capturing); decoding steps run without graphs") == 1
+
+
+def test_cuda_graphs_need_a_cuda_model_without_the_fused_decoder(ckpt_dir, model, monkeypatch):
+    with pytest.raises(ValueError, match="CUDA graphs need a model on a CUDA device, not cpu"):
+        musicgen.load(ckpt_dir).cuda_graphs()
+    if model.lm.fused is not None:
+        with pytest.raises(ValueError, match="fused CPU decoder"):
+            model.cuda_graphs(capture=False)
+    monkeypatch.setenv("MUSICGEN_CUDA_GRAPHS", "1")   # only CUDA models take it at load
+    assert musicgen.load(ckpt_dir)._graphs is None
+
+
 def test_bad_precision_options(ckpt_dir):
     with pytest.raises(ValueError, match="quantize"):
         musicgen.load(ckpt_dir, quantize="int3")
@@ -278,6 +386,26 @@ def test_cuda_decoding_attention_is_not_cudnn():
         choice = torch._fused_sdp_choice(q, k, k)
     assert choice in (int(torch.nn.attention.SDPBackend.FLASH_ATTENTION),
                       int(torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_graphs_record_and_equal_eager(ckpt_dir, model, dtype, monkeypatch, capsys):
+    monkeypatch.setattr(lm_mod, "WINDOW_BUCKET", 8)   # several windows, so several graphs
+    eager = musicgen.load(ckpt_dir, device="cuda", dtype=dtype)
+    m = musicgen.load(ckpt_dir, device="cuda", dtype=dtype).cuda_graphs()
+    for kw in (dict(top_k=1), dict(seed=0)):
+        codes, ref = m.generate_codes(PROMPTS, duration=0.6, **kw), eager.generate_codes(PROMPTS, duration=0.6, **kw)
+        if dtype == "float32":   # the graphs' masked window and eager attention differ by rounding only
+            assert torch.equal(codes, ref)
+        else:                    # bfloat16 rounding may flip a near tie; stale inputs would change most codes
+            assert codes.shape == ref.shape and (codes == ref).float().mean() > 0.9
+    if dtype == "float32":
+        assert torch.equal(m.generate_codes(PROMPTS, duration=0.6, top_k=1).cpu(),
+                           model.generate_codes(PROMPTS, duration=0.6, top_k=1))
+    assert m._graphs.capture and m._graphs.recorded == len(m._graphs.graphs) >= 4
+    assert "recording a CUDA graph failed" not in capsys.readouterr().err
 
 
 @pytest.mark.cuda
