@@ -4,8 +4,8 @@
     python benchmarks/profile_step.py --device cuda --size medium --mode bfloat16+compile --seconds 5
 
 The checkpoint is speed.py's random-weight one at the published shapes (built once into --cache). The model is
-loaded in --mode (as in speed.py: float32, bfloat16, float16, int8, int4, any +compile), warmed up with a
-request of the same length (which compiles, and records the CUDA graphs it uses), timed once without the
+loaded in --mode (as in speed.py: float32, bfloat16, float16, int8, int4, any +compile or +graphs), warmed up
+with a request of the same length (which compiles, and records the CUDA graphs it uses), timed once without the
 profiler, then profiled over a second identical request. Time is grouped by what the operator or kernel does
 and divided by the number of decoding steps, so the text encoder and the prefill are spread over the steps
 (a few per cent of a 5 s request).
@@ -49,7 +49,7 @@ def kind_of(name: str) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size", default="small", help="small, medium or large (speed.py's random checkpoints)")
-    p.add_argument("--mode", default="float32", help="float32, bfloat16, float16, int8, int4, any +compile")
+    p.add_argument("--mode", default="float32", help="float32, bfloat16, float16, int8, int4, any +compile or +graphs")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seconds", type=float, default=5.0, help="audio per request")
     p.add_argument("--device", default="cpu")

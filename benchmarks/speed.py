@@ -94,14 +94,17 @@ def sync(device: str) -> None:
 
 
 def load_mode(folder: Path, mode: str, device: str):
-    """musicgen.load in one of our modes: float32, bfloat16, float16, int8, int4, any +compile, or +autotune
+    """musicgen.load in one of our modes: float32, bfloat16, float16, int8, int4, any +compile, +autotune
     (compiled with torch.compile's mode "max-autotune": inductor times its own matmul kernels against cuBLAS
-    per shape, with CUDA graphs on GPU; a longer first compile)."""
+    per shape, with CUDA graphs on GPU; a longer first compile) or +graphs (CUDA graphs of the eager step,
+    MusicGen.cuda_graphs: no compile)."""
     import musicgen
 
     dtype = "bfloat16" if "bfloat16" in mode else "float16" if "float16" in mode else "float32"
     quantize = "int8" if "int8" in mode else "int4" if "int4" in mode else None
     model = musicgen.load(folder, device=device, dtype=dtype, quantize=quantize, compile="compile" in mode)
+    if "graphs" in mode:
+        return model.cuda_graphs()
     return model.compile(mode="max-autotune") if "autotune" in mode else model
 
 
@@ -111,8 +114,10 @@ def measure_ours(folder: Path, mode: str, batch: int, seconds: float, device: st
     model = load_mode(folder, mode, device)
     prompts = (PROMPTS * batch)[:batch]
     kw = dict(top_k=250, guidance_scale=3.0, seed=0)
-    # warm-up: compiles, and under compile=True on CUDA records a graph per attention window the request uses
-    model.generate(prompts, duration=seconds if "compile" in mode or "autotune" in mode else 0.2, **kw)
+    # warm-up: compiles, and with CUDA graphs (compiled or not) records a graph per attention window the
+    # request uses
+    static = any(word in mode for word in ("compile", "autotune", "graphs"))
+    model.generate(prompts, duration=seconds if static else 0.2, **kw)
     sync(device)
     t0 = time.perf_counter()
     model.encode_text(prompts)
@@ -235,9 +240,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", default="small,medium")
     p.add_argument("--batches", default="1,4")
-    p.add_argument("--modes", default=None, help="ours: float32, bfloat16, float16, int8, int4, any +compile or "
-                   "+autotune (default CPU: float32,bfloat16,float16,int8,int4; CUDA: float32,bfloat16,bfloat16+compile,"
-                   "int8+compile)")
+    p.add_argument("--modes", default=None, help="ours: float32, bfloat16, float16, int8, int4, any +compile, "
+                   "+autotune or +graphs (CUDA) (default CPU: float32,bfloat16,float16,int8,int4; CUDA: float32,"
+                   "bfloat16,bfloat16+compile,int8+compile)")
     p.add_argument("--hf-modes", default=None, help="transformers rows (default: float32; CUDA: float32,bfloat16; "
                    "'none': no transformers rows)")
     p.add_argument("--seconds", type=float, default=10.0, help="audio per request")
