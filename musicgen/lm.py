@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .checkpoint import embedding
 from .config import LMConfig
 
 
@@ -177,11 +178,15 @@ class MusicLM(nn.Module):
         self.cfg = cfg
         context_dim = context_dim or cfg.dim
         K, V, D = cfg.num_codebooks, cfg.vocab_size, cfg.dim
-        self.embed = nn.ModuleList([nn.Embedding(V + 1, D) for _ in range(K)])   # +1: the special token
+        self.embed = nn.ModuleList([embedding(V + 1, D) for _ in range(K)])      # +1: the special token
         self.layers = nn.ModuleList([DecoderLayer(cfg, context_dim) for _ in range(cfg.num_layers)])
         self.norm = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
         self.heads = nn.ModuleList([nn.Linear(D, V, bias=False) for _ in range(K)])
-        self.register_buffer("positions", sinusoids(cfg.max_position_embeddings, D), persistent=False)
+        # on the meta device (load) the table stays empty until load computes it: computing it there would
+        # import torch._dynamo (see checkpoint.embedding)
+        positions = torch.empty(cfg.max_position_embeddings, D) if self.norm.weight.is_meta else \
+            sinusoids(cfg.max_position_embeddings, D)
+        self.register_buffer("positions", positions, persistent=False)
         self.embed_scale = math.sqrt(D) if cfg.scale_embedding else 1.0
 
     def __getstate__(self):

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .checkpoint import embedding
 from .config import T5Config
 
 
@@ -55,7 +56,7 @@ class Attention(nn.Module):
         self.num_buckets = cfg.relative_attention_num_buckets
         self.max_distance = cfg.relative_attention_max_distance
         if relative_bias:
-            self.relative_attention_bias = nn.Embedding(self.num_buckets, cfg.num_heads)
+            self.relative_attention_bias = embedding(self.num_buckets, cfg.num_heads)
 
     def position_bias(self, length: int, device) -> torch.Tensor:
         pos = torch.arange(length, device=device)
@@ -136,7 +137,7 @@ class T5Encoder(nn.Module):
     def __init__(self, cfg: T5Config):
         super().__init__()
         self.cfg = cfg
-        self.shared = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.shared = embedding(cfg.vocab_size, cfg.d_model)
         self.encoder = Stack(cfg)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
 
 import pytest
@@ -218,3 +219,26 @@ def test_a_file_range_whose_tensors_are_gone_is_forgotten(tmp_path):
     del state
     gc.collect()
     assert not checkpoint._in_file_mapping(start // 4096 * 4096 + 4096, start // 4096 * 4096 + 8192)
+
+
+@pytest.mark.parametrize("kw", [{}, {"quantize": "int4"}, {"dtype": "bfloat16"}])
+def test_load_and_generate_import_no_compiler(ckpt_dir, melody_ckpt_dir, kw):
+    """A model built on the meta device skips work that imports torch._dynamo (random init, the position
+    table): that import alone was 0.8 s of every load, and generating needs none of it."""
+    code = (f"import sys, musicgen\n"
+            f"for folder in ({str(ckpt_dir)!r}, {str(melody_ckpt_dir)!r}):\n"
+            f"    m = musicgen.load(folder, **{kw!r})\n"
+            f"    m.generate('lofi', duration=0.2, seed=0)\n"
+            f"assert 'torch._dynamo' not in sys.modules, 'torch._dynamo was imported'\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_modules_built_off_the_meta_device_keep_their_init():
+    from musicgen.config import preset
+    from musicgen.lm import MusicLM, sinusoids
+
+    torch.manual_seed(0)
+    lm = MusicLM(preset("debug").lm)
+    assert torch.equal(lm.positions, sinusoids(*lm.positions.shape))
+    assert 0.5 < lm.embed[0].weight.std().item() < 1.5   # nn.Embedding's N(0, 1) init, not empty memory
