@@ -1,4 +1,5 @@
-"""Writing strategies (loudness measured with pyloudnorm), formats, reading and resampling."""
+"""Writing strategies (loudness measured with pyloudnorm, the oracle of our own meter), formats, reading and
+resampling."""
 from __future__ import annotations
 
 import math
@@ -32,6 +33,29 @@ def test_loudness_strategy_gives_minus_14_lufs(tmp_path, level, channels):
     assert sr == SR
     assert abs(pyloudnorm.Meter(sr).integrated_loudness(data) + 14.0) < 0.5
     assert np.abs(data).max() < 1.0
+
+
+@pytest.mark.parametrize("rate", [16000, 32000, 44100, 48000])
+@pytest.mark.parametrize("channels, seconds", [(1, 10.0), (2, 3.3), (1, 0.45), (5, 2.0)])
+def test_loudness_equals_pyloudnorm(rate, channels, seconds):
+    """Our BS.1770 meter (FFT-applied K-weighting, gating) against pyloudnorm's, on noise with a stretch 60 dB
+    quieter (under the absolute gate) and one 30 dB quieter (under the relative gate), and on tones across the
+    filters' corners."""
+    x = np.random.default_rng(channels).standard_normal((channels, int(rate * seconds))) * 0.1
+    third = x.shape[1] // 3
+    x[:, :third] *= 0.001
+    x[:, third:2 * third] *= 0.03
+    assert loudness(x, rate) == pytest.approx(pyloudnorm.Meter(rate).integrated_loudness(x.T), abs=1e-6)
+    t = np.arange(rate) / rate
+    for f in (20.0, 38.0, 440.0, 1500.0, 6000.0):
+        tone = 0.5 * np.sin(2 * np.pi * f * t)[None]
+        assert loudness(tone, rate) == pytest.approx(pyloudnorm.Meter(rate).integrated_loudness(tone.T), abs=1e-6)
+
+
+def test_loudness_of_silence_and_gated_out_audio():
+    assert loudness(np.zeros((1, SR)), SR) == -math.inf
+    quiet = np.random.default_rng(0).standard_normal((1, SR)) * 1e-5
+    assert loudness(quiet, SR) == -math.inf                             # every block under the -70 LUFS gate
 
 
 def test_loud_peaky_audio_is_limited_not_clipped(tmp_path):
