@@ -85,6 +85,13 @@ class StepGraphs:
         self.graphs.clear()
         self.inputs.clear()
 
+    def __getstate__(self):
+        """Copies and pickles (copy.deepcopy of a model) keep the settings, not the recordings: those hold the
+        original's buffers and caches. A copy records its own."""
+        state = self.__dict__.copy()
+        state.update(graphs={}, inputs={}, _pool=None, _caches=None, _weights=None, _key=None)
+        return state
+
     def _record(self, codes, pos, kv, bias, caches, window):
         def step():
             return self.lm.step(codes, pos, kv, bias, caches, window)
@@ -95,8 +102,9 @@ class StepGraphs:
                 return self._capture(step)
             except Exception as e:   # noqa: BLE001 - any failure to record leaves the direct step, which is correct
                 self.capture = False
-                print(f"musicgen: recording a CUDA graph failed ({type(e).__name__}: {(str(e).splitlines() or [''])[0]}); "
-                      "decoding steps run without graphs", file=sys.stderr)
+                first = (str(e).splitlines() or [""])[0]
+                print(f"musicgen: recording a CUDA graph failed ({type(e).__name__}: {first}); decoding steps run "
+                      "without graphs", file=sys.stderr)
         return step, None
 
     def _capture(self, step):

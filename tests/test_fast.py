@@ -284,6 +284,18 @@ def test_graphs_record_again_when_weights_move(ckpt_dir, monkeypatch):
     assert torch.equal(codes, m.cuda_graphs(False).generate_codes(PROMPTS, duration=0.3, top_k=1))
 
 
+def test_copied_graphed_model_records_its_own(ckpt_dir, model, monkeypatch):
+    import copy
+
+    m = _graphed(ckpt_dir, monkeypatch)
+    m.generate_codes(PROMPTS, duration=0.3, top_k=1)
+    twin = copy.deepcopy(m)
+    assert twin._graphs.lm is twin.lm and not twin._graphs.graphs
+    assert torch.equal(twin.generate_codes(PROMPTS, duration=0.3, top_k=1),
+                       model.generate_codes(PROMPTS, duration=0.3, top_k=1))
+    assert twin._graphs._caches is not m._graphs._caches
+
+
 def test_graph_recording_failure_leaves_the_direct_step(ckpt_dir, model, monkeypatch, capsys):
     from musicgen.graphs import StepGraphs
 
