@@ -147,3 +147,20 @@ def test_cli_mode_errors(ckpt_dir, melody_ckpt_dir, tmp_path, make_args, message
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
     assert message in lines[0]
+
+
+def test_help_and_input_errors_answer_without_importing_torch(tmp_path):
+    """`import musicgen` imports its modules on first use, so the parser answers before torch loads (~1 s)."""
+    code = ("import sys\n"
+            "from musicgen.cli import main\n"
+            "try:\n"
+            "    main(['--help'])\n"
+            "except SystemExit:\n"
+            "    pass\n"
+            f"assert main(['generate', '', '-o', {str(tmp_path / 'x.wav')!r}]) == 2\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n"
+            "import musicgen\n"
+            "assert callable(musicgen.load) and 'torch' in sys.modules\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "prompt 1 is empty" in out.stderr
