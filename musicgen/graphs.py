@@ -12,7 +12,8 @@ A graph replays fixed addresses and shapes, so the step runs the way the compile
 static self-attention cache over every position, the position as a tensor, self-attention over the first W
 cache positions under an additive mask, W the filled length rounded up to `lm.WINDOW_BUCKET`, and the text
 padded to a multiple of 32 tokens (masked, so exact). One graph is recorded per (rows, text length, W) on first
-use and replayed after; a 30 s generation of one batch size records at most 12 windows. Inputs are copied into
+use and replayed after: 12 for a 30 s text-to-music generation of one batch size, at most 16 for a model's
+2048 positions. Inputs are copied into
 buffers the graphs own: the step's codes, the position and the mask window every step, the text keys and
 values once per generation.
 
