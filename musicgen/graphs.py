@@ -5,8 +5,8 @@ each a few microseconds of Python and driver work, and medium's 48 layers make a
 (on an H200, eager float32 medium decoded 78 steps/s while its weights alone would allow several hundred). A CUDA
 graph records those launches once and replays them with one call, so the step costs what its kernels cost on
 the card. torch.compile's "reduce-overhead" mode does that too, after fusing the kernels, but its first
-generation waits for the compiler (52 s for medium on the H200); a graph of the eager kernels is recorded in
-about the time of one step.
+generation waits for the compiler (52 s for medium on the H200); a graph of the eager kernels is recorded by
+running the step twice (a warm-up, then the capture).
 
 A graph replays fixed addresses and shapes, so the step runs the way the compiled one does (`MusicLM.step`): a
 static self-attention cache over every position, the position as a tensor, self-attention over the first W

@@ -370,8 +370,8 @@ class MusicGen(nn.Module):
         return self
 
     def cuda_graphs(self, enabled: bool = True, capture: bool = True) -> "MusicGen":
-        """Decode with CUDA graphs of the eager step, recorded per window bucket in about a step's time, without
-        torch.compile's first-generation compile (musicgen/graphs.py). Ignored after `compile()`, whose
+        """Decode with CUDA graphs of the eager step, recorded per window bucket by running the step twice,
+        without torch.compile's first-generation compile (musicgen/graphs.py). Ignored after `compile()`, whose
         "reduce-overhead" mode records graphs of its own fused kernels. `capture=False` runs the same
         static-shape step without recording (any device: to compare, and for tests). MUSICGEN_CUDA_GRAPHS=1 at
         load turns it on for CUDA models."""
