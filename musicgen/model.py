@@ -284,7 +284,8 @@ class MusicGen(nn.Module):
         B, K, L = seq.shape
         rows = 2 * B if params.uses_cfg else B
         P = cond.prefix_length                                                 # prepended condition tokens
-        compiled, graphs = self._compiled_step is not None, self._graphs
+        compiled = self._compiled_step is not None
+        graphs = None if compiled else self._graphs   # compile() takes precedence
         static = self._static_steps
         # static shapes (compile, CUDA graphs): caches over every position, reused across generations of one
         # batch size

@@ -278,6 +278,13 @@ def test_graphs_record_again_when_weights_move(ckpt_dir, monkeypatch):
     assert torch.equal(codes, m.cuda_graphs(False).generate_codes(PROMPTS, duration=0.3, top_k=1))
 
 
+def test_compile_takes_precedence_over_graphs(ckpt_dir, model, monkeypatch):
+    m = _graphed(ckpt_dir, monkeypatch).compile(backend="aot_eager")
+    assert torch.equal(m.generate_codes(PROMPTS, duration=0.3, top_k=1),
+                       model.generate_codes(PROMPTS, duration=0.3, top_k=1))
+    assert m._graphs.recorded == 0 and m.__dict__.get("_warmed")   # the compiled step ran, the graphs did not
+
+
 def test_copied_graphed_model_records_its_own(ckpt_dir, model, monkeypatch):
     import copy
 
