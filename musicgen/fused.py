@@ -85,7 +85,7 @@ def build(lm) -> FusedLayers | None:
         return None
     if cfg.head_dim > 256 or cfg.dim % 8 or cfg.ffn_dim % 8:
         return None
-    linears = [[_linear(m) for m in _layer_linears(layer)] for layer in lm.layers]
+    linears = [[_linear(layer.get_submodule(p)) for p in _layer_parts(layer)[1]] for layer in lm.layers]
     if any(kind is None for layer in linears for kind, *_ in layer):   # before the decoder, which builds the kernels
         return None
     native_cls = kernels.fused_decoder()
@@ -93,7 +93,7 @@ def build(lm) -> FusedLayers | None:
         return None
     native = native_cls(cfg.dim, cfg.num_heads, cfg.ffn_dim, cfg.layer_norm_eps, cfg.activation)
     for layer, layer_linears in zip(lm.layers, linears):
-        norms = [layer.norm1, layer.norm2] + ([layer.norm_cross] if layer.cross_attn is not None else [])
+        norms = [layer.get_submodule(p) for p in _layer_parts(layer)[0]]
         if any(n.weight is None or n.bias is None for n in norms):
             return None
         kinds, weights, scales, biases = zip(*layer_linears)
@@ -104,31 +104,31 @@ def build(lm) -> FusedLayers | None:
 
 def _bindings(lm) -> list:
     """(dict, key, object) of what the native decoder was built from (see FusedLayers.bindings)."""
-    out = []
+    out = {}   # (id of the dict, key) -> (dict, key, object): a module on several paths is checked once
 
-    def bind(owner, name):
-        child = owner._modules[name]
-        out.append((owner._modules, name, child))
-        return child
+    def bind(d, key):
+        out[id(d), key] = (d, key, d[key])
+        return d[key]
 
     for i in range(len(lm.layers)):
-        layer = bind(lm.layers, str(i))
-        parts = [bind(layer, n) for n in ("norm1", "norm2", "fc1", "fc2")]
-        parts += [bind(bind(layer, "self_attn"), n) for n in ("qkv", "out")]
-        if layer.cross_attn is not None:
-            cross = bind(layer, "cross_attn")
-            parts += [bind(layer, "norm_cross")] + [bind(cross, n) for n in ("q", "out")]
-        for m in parts:
-            out += [(d, k, v) for d in (m._parameters, m._buffers) for k, v in d.items()]
-    return out
+        layer = bind(lm.layers._modules, str(i))
+        for path in [p for parts in _layer_parts(layer) for p in parts]:
+            m = layer
+            for name in path.split("."):   # every module on the way: self_attn, then self_attn.qkv
+                m = bind(m._modules, name)
+            for d in (m._parameters, m._buffers):
+                for k in d:
+                    bind(d, k)
+    return list(out.values())
 
 
-def _layer_linears(layer) -> list:
-    """qkv, out, fc1, fc2 (, cross q, cross out): the order the native decoder takes them in."""
-    linears = [layer.self_attn.qkv, layer.self_attn.out, layer.fc1, layer.fc2]
+def _layer_parts(layer) -> tuple[list[str], list[str]]:
+    """Paths of a layer's norms and linears, in the order the native decoder takes them: norm1, norm2
+    (, norm_cross); qkv, out, fc1, fc2 (, cross q, cross out)."""
+    norms, linears = ["norm1", "norm2"], ["self_attn.qkv", "self_attn.out", "fc1", "fc2"]
     if layer.cross_attn is not None:
-        linears += [layer.cross_attn.q, layer.cross_attn.out]
-    return linears
+        norms, linears = norms + ["norm_cross"], linears + ["cross_attn.q", "cross_attn.out"]
+    return norms, linears
 
 
 def attach(lm) -> bool:
