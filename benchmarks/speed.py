@@ -96,16 +96,21 @@ def sync(device: str) -> None:
 def load_mode(folder: Path, mode: str, device: str):
     """musicgen.load in one of our modes: float32, bfloat16, float16, int8, int4, any +compile, +autotune
     (compiled with torch.compile's mode "max-autotune": inductor times its own matmul kernels against cuBLAS
-    per shape, with CUDA graphs on GPU; a longer first compile) or +graphs (CUDA graphs of the eager step,
-    MusicGen.cuda_graphs: no compile)."""
+    per shape, with CUDA graphs on GPU; a longer first compile), +gemv (with +compile or +autotune: the step's
+    few-row products compiled as tuned reductions, MusicGen.compile(gemv=True)) or +graphs (CUDA graphs of the
+    eager step, MusicGen.cuda_graphs: no compile)."""
     import musicgen
 
     dtype = "bfloat16" if "bfloat16" in mode else "float16" if "float16" in mode else "float32"
     quantize = "int8" if "int8" in mode else "int4" if "int4" in mode else None
-    model = musicgen.load(folder, device=device, dtype=dtype, quantize=quantize, compile="compile" in mode)
+    gemv = "gemv" in mode
+    model = musicgen.load(folder, device=device, dtype=dtype, quantize=quantize,
+                          compile="compile" in mode and not gemv)
     if "graphs" in mode:
         return model.cuda_graphs()
-    return model.compile(mode="max-autotune") if "autotune" in mode else model
+    if "autotune" in mode:
+        return model.compile(mode="max-autotune", gemv=gemv)
+    return model.compile(gemv=True) if gemv else model
 
 
 def measure_ours(folder: Path, mode: str, batch: int, seconds: float, device: str) -> dict:
@@ -241,7 +246,7 @@ def main() -> None:
     p.add_argument("--sizes", default="small,medium")
     p.add_argument("--batches", default="1,4")
     p.add_argument("--modes", default=None, help="ours: float32, bfloat16, float16, int8, int4, any +compile, "
-                   "+autotune or +graphs (CUDA) (default CPU: float32,bfloat16,float16,int8,int4; CUDA: float32,"
+                   "+autotune, +compile+gemv or +graphs (CUDA) (default CPU: float32,bfloat16,float16,int8,int4; CUDA: float32,"
                    "bfloat16,bfloat16+compile,int8+compile)")
     p.add_argument("--hf-modes", default=None, help="transformers rows (default: float32; CUDA: float32,bfloat16; "
                    "'none': no transformers rows)")

@@ -23,6 +23,7 @@ import os
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from .checkpoint import embedding
 from .config import LMConfig
@@ -69,6 +70,68 @@ def kv_read(stored: torch.Tensor, attend_dtype: torch.dtype) -> torch.Tensor:
     """A span of cache positions as attention reads it: int8 rows dequantized to `attend_dtype`; float caches
     as they are."""
     return kv_dequantize(stored, attend_dtype) if stored.dtype == torch.int8 else stored
+
+
+ROW_PRODUCT_ROWS = 8   # F.linear of at most this many rows becomes a multiply-and-sum under RowProducts
+
+
+def row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) for a few rows written as a multiply-and-sum over the inner dimension, in
+    float32, rounded to x's dtype at the end: inside a compiled graph inductor turns it into one reduction
+    kernel of its own (Triton on a GPU) in place of a cuBLAS call, with the weight's widening (bfloat16, or
+    an int8 layer's codes) done as it loads. Eagerly it would build the whole (out, rows, in) product:
+    compiled steps only.
+
+    The rows of x are stored before the reduction reads them (`_stored`): left to itself, inductor computes
+    a cheap producer of x (a LayerNorm's scale and shift, the GELU before fc2) inside the consumer, once
+    for every weight it multiplies, which for fc2 is 1536 erf evaluations per activation (medium)."""
+    rows = x.numel() // x.shape[-1]
+    x2 = _stored(x.reshape(rows, x.shape[-1]).float())
+    y = (weight.float()[:, None, :] * x2[None]).sum(-1).t()                    # (rows, out); rows innermost
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _stored(x: torch.Tensor) -> torch.Tensor:
+    """x, which a compiled graph computes into a buffer of its own instead of recomputing it where it is read
+    (inductor's stride-order primitive: a no-op eagerly, a stored copy in inductor; the identity where this
+    torch has no such primitive), once `prepare_row_products` has looked the primitive up."""
+    return x if _FORCE_STRIDE_ORDER is None else _FORCE_STRIDE_ORDER(x, x.stride())
+
+
+_FORCE_STRIDE_ORDER = None
+
+
+def prepare_row_products() -> None:
+    """Look up what `_stored` uses (outside a trace: it imports). MusicGen.compile(gemv=True) calls it."""
+    global _FORCE_STRIDE_ORDER
+    if _FORCE_STRIDE_ORDER is None:
+        try:
+            import torch._inductor.inductor_prims  # noqa: F401  (registers prims.inductor_force_stride_order)
+
+            _FORCE_STRIDE_ORDER = torch.ops.prims.inductor_force_stride_order
+        except (ImportError, AttributeError, RuntimeError):
+            pass
+
+
+class RowProducts(TorchFunctionMode):
+    """While active, F.linear of at most ROW_PRODUCT_ROWS rows runs as `row_linear`; every other call as it
+    is. `MusicLM.step` traces under it when compiled with `MusicGen.compile(gemv=True)`."""
+
+    def __init__(self):
+        super().__init__()
+        if not torch.compiler.is_compiling():
+            prepare_row_products()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            x, weight = args[0], args[1]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            if weight.dim() == 2 and x.dim() >= 1 and 0 < x.numel() // max(x.shape[-1], 1) <= ROW_PRODUCT_ROWS:
+                return row_linear(x, weight, bias)
+        return func(*args, **kwargs)
 
 
 class KVCache(nn.Module):
@@ -172,6 +235,7 @@ class DecoderLayer(nn.Module):
 
 class MusicLM(nn.Module):
     fused = None   # on CPU where it applies (fused.attach): musicgen.fused.FusedLayers runs the one-position steps
+    row_products = False   # compiled steps trace their few-row products as row_linear (MusicGen.compile(gemv=True))
 
     def __init__(self, cfg: LMConfig, context_dim: int | None = None):
         super().__init__()
@@ -258,6 +322,9 @@ class MusicLM(nn.Module):
         self-attention reads the first W cache positions under `window_bias` (1, 1, 1, W): 0 up to pos, -inf
         after. W (see `window`) is the one size that changes between steps, so that attention reads about as
         much of the cache as eager decoding does instead of all of it."""
+        if self.row_products and torch.compiler.is_compiling():
+            with RowProducts():
+                return self.forward(codes, cross_kv, cross_bias, pos, caches, window_bias=window_bias)[:, :, -1]
         return self.forward(codes, cross_kv, cross_bias, pos, caches, window_bias=window_bias)[:, :, -1]
 
 

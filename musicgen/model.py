@@ -350,9 +350,17 @@ class MusicGen(nn.Module):
     # MUSICGEN_KV_INT8=0 at load keeps the 16-bit cache. float32 keeps its exact float32 cache.
     kv_dtype = None
 
-    def compile(self, mode: str | None = None, backend: str = "inductor") -> "MusicGen":
+    def compile(self, mode: str | None = None, backend: str = "inductor", gemv: bool | None = None) -> "MusicGen":
         """Compile the one-token decoding step (static shapes; CUDA graphs with mode "reduce-overhead" on GPU).
         The first generation pays the compile time; later ones with the same batch size reuse it.
+
+        gemv=True (default: MUSICGEN_COMPILE_GEMV=1): the step's products of a few rows (every linear layer
+        and output head; with guidance, 2 rows a batch item) are traced as multiply-and-sum reductions
+        (`lm.row_linear`) instead of matrix products, so that inductor writes them as kernels of its own,
+        tuned by coordinate descent (inductor's `coordinate_descent_tuning`, on with it), with the ops around
+        them fused in. This is how inductor itself compiles one-row products when tuning is on; it reads
+        the weights closer to the memory bandwidth than cuBLAS's small products. Opt-in until a GPU has
+        measured it on MusicGen's shapes.
 
         A model on CPU with a fused native decoder (musicgen/fused.py: every layer in one call; quantised and
         16-bit models, and float32 ones where our kernel reads float32 weights as fast as PyTorch) keeps it
@@ -365,7 +373,17 @@ class MusicGen(nn.Module):
             return self
         if mode is None:
             mode = "reduce-overhead" if self.device.type == "cuda" else "default"
-        self._compiled_step = torch.compile(self.lm.step, mode=mode, backend=backend, fullgraph=True, dynamic=False)
+        if gemv is None:
+            gemv = os.environ.get("MUSICGEN_COMPILE_GEMV", "") == "1"
+        self.lm.row_products = gemv
+        if gemv:
+            lm_mod.prepare_row_products()
+        how = dict(mode=mode)
+        if gemv and backend == "inductor":   # the mode's own options, and tuning (torch.compile takes one or the other)
+            from torch._inductor import list_mode_options
+
+            how = dict(options={**list_mode_options(mode), "coordinate_descent_tuning": True})
+        self._compiled_step = torch.compile(self.lm.step, backend=backend, fullgraph=True, dynamic=False, **how)
         self._compile_mode = mode
         self._caches = {}
         return self

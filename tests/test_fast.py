@@ -149,11 +149,11 @@ def test_int8_linear_without_the_kernel_agrees(monkeypatch, amx):
     torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)
 
 
-def _compiled(folder, monkeypatch, backend="aot_eager", mode=None, **kw):
+def _compiled(folder, monkeypatch, backend="aot_eager", mode=None, gemv=None, **kw):
     """A model whose decoding step is torch.compile'd: loaded with the layer loop (MUSICGEN_FUSED=0), since
     compile() keeps a fused CPU decoder where one is attached (float32 too, on CPUs where it applies)."""
     monkeypatch.setenv("MUSICGEN_FUSED", "0")
-    m = musicgen.load(folder, **kw).compile(mode=mode, backend=backend)
+    m = musicgen.load(folder, **kw).compile(mode=mode, backend=backend, gemv=gemv)
     assert m.lm.fused is None and m._compiled_step is not None
     return m
 
@@ -193,6 +193,95 @@ def test_compile_says_when_cuda_graphs_are_not_used(ckpt_dir, model, monkeypatch
     err = capsys.readouterr().err
     assert "compiled the decoding step" in err and "CUDA graphs are not used for the decoding step" in err
     assert torch.equal(codes, model.generate_codes(PROMPTS, duration=0.3, top_k=1))
+
+
+# -- compiled steps with their few-row products as reductions (compile(gemv=True), lm.row_linear) ----------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_products_replace_few_row_linears(dtype, monkeypatch):
+    """Under RowProducts, F.linear of 1..ROW_PRODUCT_ROWS rows runs as row_linear (float32 sums, rounded once
+    to the input's dtype) and agrees with F.linear; more rows, and every other function, pass through."""
+    g = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(96, 160, generator=g).to(dtype), torch.randn(96, generator=g).to(dtype)
+    calls = []
+    real = lm_mod.row_linear
+    monkeypatch.setattr(lm_mod, "row_linear", lambda *a: calls.append(a[0].shape) or real(*a))
+    for shape in ((1, 160), (2, 1, 160), (4, 2, 160), (9, 160), (3, 5, 160)):
+        x = torch.randn(*shape, generator=g).to(dtype)
+        for b in (None, bias):
+            with lm_mod.RowProducts():
+                y = torch.nn.functional.linear(x, weight, b)
+                z = torch.relu(x)                                            # not a linear: untouched
+            ref = (x.double() @ weight.double().t() + (0 if b is None else b.double()))
+            assert y.shape == ref.shape and y.dtype == dtype and torch.equal(z, torch.relu(x))
+            tol = 1e-5 if dtype == torch.float32 else 8e-3                   # bfloat16: one rounding of the output
+            assert ((y.double() - ref).abs() / ref.abs().clamp(min=1)).max() < tol
+    rows = [s.numel() // 160 for s in calls]
+    assert rows == [1, 1, 2, 2, 8, 8]                                         # 9 and 15 rows took F.linear
+
+
+def _graph_targets(monkeypatch):
+    """A torch.compile backend that runs the captured graph as it is and records what it calls."""
+    seen = []
+
+    def spy(gm, example_inputs):
+        seen.extend(node.target for node in gm.graph.nodes if node.op in ("call_function", "call_method"))
+        return gm.forward
+    return spy, seen
+
+
+@pytest.mark.parametrize("gemv", [False, True])
+def test_compiled_gemv_step_traces_products_as_reductions(ckpt_dir, model, monkeypatch, gemv):
+    """compile(gemv=True): the captured step holds no linear call (every product of the step is a
+    multiply-and-sum for inductor to write); without it the same step holds one per layer linear and head.
+    Either way the step gives eager decoding's codes."""
+    torch._dynamo.reset()
+    spy, seen = _graph_targets(monkeypatch)
+    m = _compiled(ckpt_dir, monkeypatch, backend=spy, gemv=gemv)
+    assert m.lm.row_products is gemv
+    assert torch.equal(m.generate_codes(PROMPTS, duration=0.3, top_k=1),
+                       model.generate_codes(PROMPTS, duration=0.3, top_k=1))
+    linears = sum(t is torch.nn.functional.linear or t is torch._C._nn.linear for t in seen)
+    per_layer = 6 if m.lm.layers[0].cross_attn is not None else 4   # q/k/v, out, (cross q, cross out,) fc1, fc2
+    expected = len(m.lm.layers) * per_layer + len(m.lm.heads)
+    assert linears == (0 if gemv else expected)
+    assert seen.count("sum") == (expected if gemv else 0)                   # row_linear's .sum(-1)
+    stored = sum("inductor_force_stride_order" in str(t) for t in seen)     # each product's rows stored first
+    assert stored == (expected if gemv else 0)
+
+
+def test_compile_gemv_from_the_environment(ckpt_dir, monkeypatch):
+    monkeypatch.setenv("MUSICGEN_COMPILE_GEMV", "1")
+    assert _compiled(ckpt_dir, monkeypatch).lm.row_products
+    monkeypatch.setenv("MUSICGEN_COMPILE_GEMV", "0")
+    assert not _compiled(ckpt_dir, monkeypatch).lm.row_products
+
+
+def test_compiled_gemv_step_with_inductor_equals_eager(ckpt_dir, model, monkeypatch):
+    """Inductor compiles the reductions (C++ on CPU, where coordinate-descent tuning has nothing to tune), and
+    the codes are eager's, greedy and sampled."""
+    torch._dynamo.reset()
+    m = _compiled(ckpt_dir, monkeypatch, backend="inductor", gemv=True)
+    for kw in (dict(top_k=1), dict(seed=2)):
+        assert torch.equal(m.generate_codes(PROMPTS, duration=0.3, **kw),
+                           model.generate_codes(PROMPTS, duration=0.3, **kw))
+
+
+def test_compiled_gemv_int8_step_widens_inside_the_reduction(ckpt_dir, monkeypatch):
+    """Where no CPU kernel takes an int8 product (as on a GPU), the layer widens its weight and calls F.linear;
+    under gemv that widening feeds the reduction, and the codes are those of the same model decoding eagerly."""
+    from musicgen import kernels
+
+    monkeypatch.setattr(kernels, "OPS", {})                                  # compiled steps: no custom ops
+    monkeypatch.setattr(musicgen.quant, "int8_gemv", lambda: None)          # eager steps: no kernel
+    monkeypatch.setenv("MUSICGEN_FUSED", "0")
+    eager = musicgen.load(ckpt_dir, quantize="int8")
+    eager.cache_dtype = eager.kv_dtype = None   # the compiled step's cache is in the model's dtype
+    torch._dynamo.reset()
+    spy, seen = _graph_targets(monkeypatch)
+    m = musicgen.load(ckpt_dir, quantize="int8").compile(backend=spy, gemv=True)
+    assert torch.equal(m.generate_codes(PROMPTS, duration=0.3, top_k=1),
+                       eager.generate_codes(PROMPTS, duration=0.3, top_k=1))
+    assert not any(t is torch.nn.functional.linear or t is torch._C._nn.linear for t in seen)
 
 
 @pytest.mark.parametrize("static", ["compiled", "graphed"])
@@ -419,6 +508,21 @@ def test_cuda_graphs_record_and_equal_eager(ckpt_dir, model, dtype, monkeypatch,
                            model.generate_codes(PROMPTS, duration=0.6, top_k=1))
     assert m._graphs.capture and m._graphs.recorded == len(m._graphs.graphs) >= 4
     assert "recording a CUDA graph failed" not in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kw", [dict(dtype="float32"), dict(dtype="bfloat16"), dict(dtype="bfloat16", quantize="int8")])
+def test_cuda_compiled_gemv_step_equals_eager(ckpt_dir, kw, capsys):
+    """compile(gemv=True) on a GPU: Triton reductions tuned by coordinate descent, inside CUDA graphs."""
+    eager = musicgen.load(ckpt_dir, device="cuda", **kw)
+    m = musicgen.load(ckpt_dir, device="cuda", **kw).compile(gemv=True)
+    codes, ref = m.generate_codes(PROMPTS, duration=0.4, top_k=1), eager.generate_codes(PROMPTS, duration=0.4, top_k=1)
+    if kw["dtype"] == "float32":
+        assert torch.equal(codes, ref)
+    else:   # 16-bit rounding may flip a near tie
+        assert codes.shape == ref.shape and (codes == ref).float().mean() > 0.9
+    assert "CUDA graphs are not used" not in capsys.readouterr().err
 
 
 @pytest.mark.cuda
