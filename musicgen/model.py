@@ -356,11 +356,12 @@ class MusicGen(nn.Module):
 
         gemv=True (default: MUSICGEN_COMPILE_GEMV=1): the step's products of a few rows (every linear layer
         and output head; with guidance, 2 rows a batch item) are traced as multiply-and-sum reductions
-        (`lm.row_linear`) instead of matrix products, so that inductor writes them as kernels of its own,
-        tuned by coordinate descent (inductor's `coordinate_descent_tuning`, on with it), with the ops around
-        them fused in. This is how inductor itself compiles one-row products when tuning is on; it reads
-        the weights closer to the memory bandwidth than cuBLAS's small products. Opt-in until a GPU has
-        measured it on MusicGen's shapes.
+        (`lm.row_linear`) instead of matrix products, so that inductor writes them as kernels of its own
+        (Triton on a GPU), tuned by coordinate descent (inductor's `coordinate_descent_tuning`, turned on
+        with it). Inductor compiles one-row products this way itself when that tuning is on (its source
+        says its matrix-vector products reach peak bandwidth only with it); MusicGen's guided steps have
+        two rows, which it leaves to cuBLAS. Opt-in until a GPU has measured it on MusicGen's shapes; on
+        CPU it is slower than the default compiled step (small float32: 6.0 against 14.1 steps/s).
 
         A model on CPU with a fused native decoder (musicgen/fused.py: every layer in one call; quantised and
         16-bit models, and float32 ones where our kernel reads float32 weights as fast as PyTorch) keeps it
@@ -552,6 +553,7 @@ def load(name_or_path: str | os.PathLike = "facebook/musicgen-small", device: st
     steps, the self-attention cache in int8 rows (MusicGen.kv_dtype; MUSICGEN_KV_INT8=0 keeps bfloat16);
     bfloat16 and float16 models keep that int8 cache too where the fused decoder runs their steps.
     compile=True: torch.compile the decoding step (CUDA graphs on GPU); the first generation pays for it.
+    MUSICGEN_COMPILE_GEMV=1 with it: its few-row products as tuned reductions (`MusicGen.compile`, gemv).
     MUSICGEN_CUDA_GRAPHS=1 (CUDA, without compile): CUDA graphs of the eager step, no compile (`cuda_graphs`).
     """
     torch_dtype = _dtype(dtype)
