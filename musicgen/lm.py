@@ -127,8 +127,8 @@ class RowProducts(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.linear:
-            x, weight = args[0], args[1]
-            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            named = dict(zip(("input", "weight", "bias"), args), **kwargs)
+            x, weight, bias = named["input"], named["weight"], named.get("bias")
             if weight.dim() == 2 and x.dim() >= 1 and 0 < x.numel() // max(x.shape[-1], 1) <= ROW_PRODUCT_ROWS:
                 return row_linear(x, weight, bias)
         return func(*args, **kwargs)

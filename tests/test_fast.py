@@ -211,12 +211,13 @@ def test_row_products_replace_few_row_linears(dtype, monkeypatch):
             with lm_mod.RowProducts():
                 y = torch.nn.functional.linear(x, weight, b)
                 z = torch.relu(x)                                            # not a linear: untouched
+                assert torch.equal(torch.nn.functional.linear(input=x, weight=weight, bias=b), y)
             ref = (x.double() @ weight.double().t() + (0 if b is None else b.double()))
             assert y.shape == ref.shape and y.dtype == dtype and torch.equal(z, torch.relu(x))
             tol = 1e-5 if dtype == torch.float32 else 8e-3                   # bfloat16: one rounding of the output
             assert ((y.double() - ref).abs() / ref.abs().clamp(min=1)).max() < tol
     rows = [s.numel() // 160 for s in calls]
-    assert rows == [1, 1, 2, 2, 8, 8]                                         # 9 and 15 rows took F.linear
+    assert rows == [1, 1, 1, 1, 2, 2, 2, 2, 8, 8, 8, 8]                      # 9 and 15 rows took F.linear
 
 
 def _graph_targets(monkeypatch):
