@@ -182,13 +182,14 @@ def test_compiled_step_reads_a_growing_window_with_one_graph(ckpt_dir, model, mo
     assert lm_mod.window(30, 2048) == 32 and lm_mod.window(32, 2048) == 32 and lm_mod.window(2047, 2048) == 2048
 
 
-def test_compile_says_when_cuda_graphs_are_not_used(ckpt_dir, model, monkeypatch, capsys):
+@pytest.mark.parametrize("gemv", [False, True])   # gemv passes the mode as options of its own
+def test_compile_says_when_cuda_graphs_are_not_used(ckpt_dir, model, monkeypatch, capsys, gemv):
     """Inductor tells why it skips CUDA graphs only under TORCH_LOGS=cudagraphs, and without them a GPU step is
     bound by kernel launches: the first compiled step says so in one line. On CPU a mode that records CUDA
     graphs cannot record any, so the line must appear there (the inductor test above checks that the default
     mode, which asks for none, stays quiet); the codes are eager's either way."""
     torch._dynamo.reset()
-    m = _compiled(ckpt_dir, monkeypatch, backend="inductor", mode="reduce-overhead")
+    m = _compiled(ckpt_dir, monkeypatch, backend="inductor", mode="reduce-overhead", gemv=gemv)
     codes = m.generate_codes(PROMPTS, duration=0.3, top_k=1)
     err = capsys.readouterr().err
     assert "compiled the decoding step" in err and "CUDA graphs are not used for the decoding step" in err
