@@ -4,11 +4,11 @@
     python benchmarks/profile_step.py --device cuda --size medium --mode bfloat16+compile --seconds 5
 
 The checkpoint is speed.py's random-weight one at the published shapes (built once into --cache). The model is
-loaded in --mode (as in speed.py: float32, bfloat16, float16, int8, int4, any +compile, +gemv or +graphs), warmed up
-with a request of the same length (which compiles, and records the CUDA graphs it uses), timed once without the
-profiler, then profiled over a second identical request. Time is grouped by what the operator or kernel does
-and divided by the number of decoding steps, so the text encoder and the prefill are spread over the steps
-(a few per cent of a 5 s request).
+loaded in --mode (as in speed.py: float32, bfloat16, float16, int8, int4, any +compile, +compile+gemv or
++graphs) and warmed up with a request of the same length (which compiles, and records the CUDA graphs it
+uses). That request is timed once without the profiler, then profiled a second time. Time is grouped by what
+the operator or kernel does and divided by the number of decoding steps, so the text encoder and the prefill
+are spread over the steps (a few per cent of a 5 s request).
 
 On CUDA the table is GPU kernel time (CUPTI sees the kernels inside CUDA graphs too); "device busy" is their sum
 over the wall time. On CPU it is the self time of the operators the profiler records on the calling thread;
@@ -51,7 +51,8 @@ def kind_of(name: str) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size", default="small", help="small, medium or large (speed.py's random checkpoints)")
-    p.add_argument("--mode", default="float32", help="float32, bfloat16, float16, int8, int4, any +compile, +compile+gemv or +graphs")
+    p.add_argument("--mode", default="float32",
+                   help="float32, bfloat16, float16, int8, int4, any +compile, +compile+gemv or +graphs")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seconds", type=float, default=5.0, help="audio per request")
     p.add_argument("--device", default="cpu")

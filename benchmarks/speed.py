@@ -246,8 +246,8 @@ def main() -> None:
     p.add_argument("--sizes", default="small,medium")
     p.add_argument("--batches", default="1,4")
     p.add_argument("--modes", default=None, help="ours: float32, bfloat16, float16, int8, int4, any +compile, "
-                   "+autotune, +compile+gemv or +graphs (CUDA) (default CPU: float32,bfloat16,float16,int8,int4; CUDA: float32,"
-                   "bfloat16,bfloat16+compile,int8+compile)")
+                   "+autotune, +compile+gemv or +graphs (CUDA) (default CPU: float32,bfloat16,float16,int8,int4; "
+                   "CUDA: float32,bfloat16,bfloat16+compile,int8+compile)")
     p.add_argument("--hf-modes", default=None, help="transformers rows (default: float32; CUDA: float32,bfloat16; "
                    "'none': no transformers rows)")
     p.add_argument("--seconds", type=float, default=10.0, help="audio per request")
