@@ -273,6 +273,7 @@ def test_compiled_gemv_int8_step_widens_inside_the_reduction(ckpt_dir, monkeypat
     under gemv that widening feeds the reduction, and the codes are those of the same model decoding eagerly."""
     from musicgen import kernels
 
+    kernels.int8_gemv()   # built (or not) before OPS is emptied: building registers the custom ops into it
     monkeypatch.setattr(kernels, "OPS", {})                                  # compiled steps: no custom ops
     monkeypatch.setattr(musicgen.quant, "int8_gemv", lambda: None)          # eager steps: no kernel
     monkeypatch.setenv("MUSICGEN_FUSED", "0")
@@ -281,9 +282,12 @@ def test_compiled_gemv_int8_step_widens_inside_the_reduction(ckpt_dir, monkeypat
     torch._dynamo.reset()
     spy, seen = _graph_targets(monkeypatch)
     m = musicgen.load(ckpt_dir, quantize="int8").compile(backend=spy, gemv=True)
+    assert m.dtype == torch.float32   # float32 activations: the fallback widens and calls F.linear
     assert torch.equal(m.generate_codes(PROMPTS, duration=0.3, top_k=1),
                        eager.generate_codes(PROMPTS, duration=0.3, top_k=1))
     assert not any(t is torch.nn.functional.linear or t is torch._C._nn.linear for t in seen)
+    per_layer = 6 if m.lm.layers[0].cross_attn is not None else 4
+    assert seen.count("sum") == len(m.lm.layers) * per_layer + len(m.lm.heads)   # each one a reduction
 
 
 @pytest.mark.parametrize("static", ["compiled", "graphed"])
