@@ -2,7 +2,8 @@
 # Issue 4's GPU target on one CUDA card (H100 class): medium, batch 1, 5 s, bfloat16 with compile, at least
 # 300 steps/s and 5x transformers' eager float32. Run from the repository root on the GPU machine:
 #     bash benchmarks/gpu_target.sh [a|b|all]        (logs under $OUT, else /tmp)
-# Part a (about 8 min on a fresh machine, which first builds the random medium checkpoint):
+# Part a (about 8 min on a fresh machine, which first builds the random medium checkpoint; the sizes are
+# estimates from earlier device runs of these commands, not from a run of this script):
 #   - bfloat16+compile: the target row, its self-attention over a window of the cache;
 #   - bfloat16+compile+gemv: the same with few-row products as Triton reductions (compile(gemv=True));
 #   - transformers float32, eager: the ratio's base;
