@@ -44,11 +44,17 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
     return _download(name)
 
 
+def building_on_meta() -> bool:
+    """Whether modules are being built on the meta device (as `load` builds models, before the checkpoint
+    fills them)."""
+    return torch.empty(0).is_meta
+
+
 def embedding(num: int, dim: int) -> nn.Embedding:
     """nn.Embedding for weights a checkpoint fills. Built on the meta device (as `load` builds models) it skips
     the random init: on meta, that init runs through a Python reference that imports torch._dynamo, 0.8 s of
     every load that nothing else needs. Built on a real device it keeps the init."""
-    if torch.empty(0).is_meta:
+    if building_on_meta():
         return nn.Embedding(num, dim, _weight=torch.empty(num, dim))
     return nn.Embedding(num, dim)
 

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from .checkpoint import embedding
+from .checkpoint import building_on_meta, embedding
 from .config import LMConfig
 
 
@@ -248,7 +248,7 @@ class MusicLM(nn.Module):
         self.heads = nn.ModuleList([nn.Linear(D, V, bias=False) for _ in range(K)])
         # on the meta device (load) the table stays empty until load computes it: computing it there would
         # import torch._dynamo (see checkpoint.embedding)
-        positions = torch.empty(cfg.max_position_embeddings, D) if self.norm.weight.is_meta else \
+        positions = torch.empty(cfg.max_position_embeddings, D) if building_on_meta() else \
             sinusoids(cfg.max_position_embeddings, D)
         self.register_buffer("positions", positions, persistent=False)
         self.embed_scale = math.sqrt(D) if cfg.scale_embedding else 1.0
