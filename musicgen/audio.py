@@ -63,10 +63,10 @@ def loudness(audio, sample_rate: int) -> float:
     # mean square of each channel over 400 ms blocks starting every 100 ms (75 % overlap)
     T = a.shape[1] / sample_rate
     blocks = int(np.round((T - BLOCK_SECONDS) / (BLOCK_SECONDS * 0.25))) + 1
-    starts = [int(BLOCK_SECONDS * j * 0.25 * sample_rate) for j in range(blocks + 1)]
+    starts = [int(BLOCK_SECONDS * j * 0.25 * sample_rate) for j in range(blocks)]
     ends = [int(BLOCK_SECONDS * (j * 0.25 + 1) * sample_rate) for j in range(blocks)]
     power = np.concatenate([np.zeros((a.shape[0], 1)), np.cumsum(weighted ** 2, axis=1)], axis=1)
-    z = (power[:, ends] - power[:, starts[:blocks]]) / (BLOCK_SECONDS * sample_rate)    # (channels, blocks)
+    z = (power[:, ends] - power[:, starts]) / (BLOCK_SECONDS * sample_rate)             # (channels, blocks)
     gains = np.array([1.0, 1.0, 1.0, 1.41, 1.41][:a.shape[0]] + [1.0] * (a.shape[0] - 5))[:, None]
 
     def lufs(zs: np.ndarray) -> np.ndarray:
