@@ -103,14 +103,12 @@ def load_mode(folder: Path, mode: str, device: str):
 
     dtype = "bfloat16" if "bfloat16" in mode else "float16" if "float16" in mode else "float32"
     quantize = "int8" if "int8" in mode else "int4" if "int4" in mode else None
-    gemv = "gemv" in mode
-    model = musicgen.load(folder, device=device, dtype=dtype, quantize=quantize,
-                          compile="compile" in mode and not gemv)
+    model = musicgen.load(folder, device=device, dtype=dtype, quantize=quantize)
     if "graphs" in mode:
         return model.cuda_graphs()
-    if "autotune" in mode:
-        return model.compile(mode="max-autotune", gemv=gemv)
-    return model.compile(gemv=True) if gemv else model
+    if "compile" in mode or "autotune" in mode:   # gemv None: MUSICGEN_COMPILE_GEMV decides, as for load(compile=True)
+        return model.compile(mode="max-autotune" if "autotune" in mode else None, gemv=True if "gemv" in mode else None)
+    return model
 
 
 def measure_ours(folder: Path, mode: str, batch: int, seconds: float, device: str) -> dict:
