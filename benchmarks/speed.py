@@ -377,7 +377,7 @@ def codec_table(args) -> None:
     modules (MUSICGEN_FAST_CODEC=0) and transformers' EncodecModel, on the same checkpoint; best of 3."""
     import torch
     import musicgen
-    from musicgen.quant import _best_time
+    from musicgen.accel.quant import _best_time
 
     folder = ensure_checkpoint("small", args.cache)        # every MusicGen size has the same codec
     ours = musicgen.load(folder).codec

@@ -221,7 +221,7 @@ def cmd_convert(args) -> int:
 
 
 def _generate_streaming(model, prompts, paths, args, rows: int, extra: dict) -> int:
-    from .service import pcm16, wav_header
+    from .serve.service import pcm16, wav_header
 
     to_stdout = str(args.output) == "-"
     outs = [sys.stdout.buffer] if to_stdout else [open(p, "wb") for p in paths]
@@ -261,7 +261,7 @@ def cmd_serve(args) -> int:
     try:
         import uvicorn
 
-        from .service import Service, create_app
+        from .serve.service import Service, create_app
     except ImportError as e:
         raise UsageError(f"the service needs its extra: pip install 'musicgen[serve]' ({e.name} is missing)") from None
     import musicgen

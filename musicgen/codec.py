@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import codec_fast
+from .accel import codec as codec_fast
 from .config import CodecConfig
 
 

@@ -48,7 +48,7 @@ def kv_quantize(x: torch.Tensor) -> torch.Tensor:
     float32 scale s = max(max|x|, 1e-12) / 127 in the last 4 bytes, as int8 weights are quantised per row
     (quant.quantize_per_channel: natively on x86 CPUs). The native decoder (kernels/decoder.cpp, write_kv)
     writes the same bytes."""
-    from .quant import quantize_per_channel
+    from .accel.quant import quantize_per_channel
 
     hd = x.shape[-1]
     codes, scale = quantize_per_channel(x.reshape(-1, hd))
@@ -263,7 +263,7 @@ class MusicLM(nn.Module):
         fused_on = state.pop("_fused", False)
         super().__setstate__(state)
         if fused_on:
-            from . import fused
+            from .accel import fused
             fused.attach(self)
 
     # -- conditioning -----------------------------------------------------------------------------------

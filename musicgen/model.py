@@ -25,7 +25,8 @@ import torch.nn as nn
 from . import audiocraft_format
 from . import checkpoint as ckpt
 from . import chroma as chroma_mod
-from . import conditions, fused
+from . import conditions
+from .accel import fused
 from . import lm as lm_mod
 from .audio import convert_channels, resample
 from .codec import EnCodec
@@ -33,8 +34,8 @@ from .config import MusicGenConfig
 from .delay import build_pattern, revert_pattern
 from .longform import generate_long
 from .lm import MusicLM, sinusoids
-from .kernels import int8_gemv
-from .quant import Int8Linear, quantize_int4, quantize_int8, use_skinny_linear
+from .accel.kernels import int8_gemv
+from .accel.quant import Int8Linear, quantize_int4, quantize_int8, use_skinny_linear
 from .sampling import SamplingParams, apply_cfg, sample
 from .t5 import T5Encoder
 from .tokenizer import TextTokenizer

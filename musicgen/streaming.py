@@ -27,7 +27,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from . import codec_fast
+from .accel import codec as codec_fast
 from .delay import build_pattern, codebook_delays
 from .model import MAX_DURATION
 

@@ -121,9 +121,9 @@ def spm_model(tmp_path_factory) -> Path:
 
 
 def kernel_or_skip(name: str):
-    """musicgen.kernels.<name>() (int8_gemv, int4_gemv, fused_decoder); skips where the CPU kernels cannot be
+    """musicgen.accel.kernels.<name>() (int8_gemv, int4_gemv, fused_decoder); skips where the CPU kernels cannot be
     built here, and fails instead under MUSICGEN_REQUIRE_KERNEL=1 (CI)."""
-    from musicgen import kernels
+    from musicgen.accel import kernels
 
     kernel = getattr(kernels, name)()
     if kernel is None:
@@ -191,7 +191,7 @@ def running_server(model, data_dir: Path, **kw):
 
     import uvicorn
 
-    from musicgen.service import Service, create_app
+    from musicgen.serve.service import Service, create_app
 
     service = Service(model, data_dir, model_name="tiny-random", **kw)
     sock = socket.socket()

@@ -101,8 +101,8 @@ def test_ten_bfloat16_rows_keep_their_solo_codes(ckpt_64, monkeypatch):
     solo request's 2 the AVX-512 kernel, both with float32 activations and exact products of the bfloat16
     weights; each request still gets its solo codes."""
     import musicgen
-    import musicgen.quant as quant
-    from musicgen import kernels
+    import musicgen.accel.quant as quant
+    from musicgen.accel import kernels
 
     kernel_or_skip("fused_decoder")
     if kernels.dense_gemv() is None:

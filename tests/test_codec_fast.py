@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-from musicgen import codec_fast
+from musicgen.accel import codec as codec_fast
 from musicgen.codec import EnCodec
 from musicgen.config import CodecConfig, preset
 

@@ -7,7 +7,7 @@ import torch
 import musicgen
 from musicgen import lm as lm_mod
 from conftest import kernel_or_skip
-from musicgen.quant import (Int4Linear, Int8Linear, dequantize_int4_weight, quantize_int4_weight,
+from musicgen.accel.quant import (Int4Linear, Int8Linear, dequantize_int4_weight, quantize_int4_weight,
                             quantize_per_channel)
 
 PROMPTS = ["80s pop track with bassy drums and synth", "lofi"]
@@ -78,7 +78,7 @@ def test_int8_linear_equals_dequantised_matmul():
 def kernel_path(monkeypatch, name: str, path: str, tiles: str):
     """The kernel `name` with one code path allowed: "amx" (AMX tiles of kind `tiles` where the shape suits
     them), "avx512"/"vnni" (MUSICGEN_NO_AMX=1) or "avx2" (MUSICGEN_NO_AVX512=1)."""
-    import musicgen.kernels as kernels
+    import musicgen.accel.kernels as kernels
 
     kernel = kernel_or_skip(name)
     monkeypatch.setenv("MUSICGEN_NO_AVX512", "1" if path == "avx2" else "0")
@@ -113,7 +113,7 @@ def test_int8_tiles_take_many_rows_at_float32_accuracy(monkeypatch):
     """16 rows go to the AMX tiles: the float32 activations survive their split into bfloat16 parts, so the
     result is as close to float64 as PyTorch's float32 product (measured: 0.0085 against 0.0047, values in the
     thousands; one bfloat16 part: 26), and the sums do come from another path than the AVX-512 kernel's."""
-    import musicgen.kernels as kernels
+    import musicgen.accel.kernels as kernels
 
     kernel = kernel_or_skip("int8_gemv")
     monkeypatch.setenv("MUSICGEN_NO_AMX", "0")
@@ -135,7 +135,7 @@ def test_int8_tiles_take_many_rows_at_float32_accuracy(monkeypatch):
 def test_int8_linear_without_the_kernel_agrees(monkeypatch, amx):
     """The fallback (PyTorch's kernels, float32 activations here) and the kernel compute the same layer: to
     float rounding with float32 activations, on AVX-512 rows or (12 rows) on AMX tiles."""
-    import musicgen.quant as quant
+    import musicgen.accel.quant as quant
 
     kernel_or_skip("int8_gemv")
     monkeypatch.setenv("MUSICGEN_NO_AMX", "0" if amx else "1")
@@ -223,7 +223,7 @@ def test_row_products_replace_few_row_linears(dtype, monkeypatch):
 
 def _products_per_step(lm) -> int:
     """Linear products in one decoding step: each layer's (fused._layer_parts lists them) and the heads."""
-    from musicgen import fused
+    from musicgen.accel import fused
 
     return sum(len(fused._layer_parts(layer)[1]) for layer in lm.layers) + len(lm.heads)
 
@@ -277,11 +277,11 @@ def test_compiled_gemv_step_with_inductor_equals_eager(ckpt_dir, model, monkeypa
 def test_compiled_gemv_int8_step_widens_inside_the_reduction(ckpt_dir, monkeypatch):
     """Where no CPU kernel takes an int8 product (as on a GPU), the layer widens its weight and calls F.linear;
     under gemv that widening feeds the reduction, and the codes are those of the same model decoding eagerly."""
-    from musicgen import kernels
+    from musicgen.accel import kernels
 
     kernels.int8_gemv()   # built (or not) before OPS is emptied: building registers the custom ops into it
     monkeypatch.setattr(kernels, "OPS", {})                                  # compiled steps: no custom ops
-    monkeypatch.setattr(musicgen.quant, "int8_gemv", lambda: None)          # eager steps: no kernel
+    monkeypatch.setattr(musicgen.accel.quant, "int8_gemv", lambda: None)          # eager steps: no kernel
     monkeypatch.setenv("MUSICGEN_FUSED", "0")
     eager = musicgen.load(ckpt_dir, quantize="int8")
     eager.cache_dtype = eager.kv_dtype = None   # the compiled step's cache is in the model's dtype
@@ -590,7 +590,7 @@ def test_int4_kernel_equals_quantised_reference(monkeypatch, M, N, K, bias, path
 def test_int4_linear_kernel_and_fallback_agree(monkeypatch):
     """Kernel (int8-quantised activations) and fallback (dequantised weight, float activations) agree to the
     activation rounding; both stay near the float layer they came from."""
-    import musicgen.quant as quant
+    import musicgen.accel.quant as quant
 
     kernel_or_skip("int4_gemv")
     torch.manual_seed(0)
@@ -622,8 +622,8 @@ def awkward_weights(N: int, K: int, seed: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("N,K", [(1, 64), (3, 64), (33, 320), (96, 4096)])
 def test_native_int4_quantiser_is_bitwise_the_reference(N, K):
-    import musicgen.kernels as kernels
-    from musicgen.quant import quantize_int4_weight_reference
+    import musicgen.accel.kernels as kernels
+    from musicgen.accel.quant import quantize_int4_weight_reference
 
     kernel_or_skip("int4_gemv")
     w = awkward_weights(N, K, N + K)
@@ -635,8 +635,8 @@ def test_native_int4_quantiser_is_bitwise_the_reference(N, K):
 
 @pytest.mark.parametrize("N,K", [(1, 8), (3, 37), (33, 320), (96, 4100)])
 def test_native_int8_quantiser_is_bitwise_the_reference(N, K):
-    import musicgen.kernels as kernels
-    from musicgen.quant import quantize_per_channel_reference
+    import musicgen.accel.kernels as kernels
+    from musicgen.accel.quant import quantize_per_channel_reference
 
     kernel_or_skip("int8_gemv")
     w = awkward_weights(N, K, N * K)
@@ -650,7 +650,7 @@ def test_native_int8_quantiser_is_bitwise_the_reference(N, K):
 def test_int4_dequant_kernel_is_bitwise_the_reference(N, K):
     """The native dequantisation (prefill's weights) gives exactly what the Python reference gives, in float32
     and rounded to bfloat16."""
-    import musicgen.kernels as kernels
+    import musicgen.accel.kernels as kernels
 
     kernel_or_skip("int4_gemv")
     g = torch.Generator().manual_seed(N + K)
@@ -665,14 +665,14 @@ def test_quantised_prefill_in_either_precision(monkeypatch, model, fast_models, 
     """Many-row products of quantised layers (prefill) run as bfloat16 products where the CPU makes those fast
     (quant.bf16_gemm_wins), else in float32: both within the mode's tolerance of float32, and the choice is
     really made (the two differ, slightly)."""
-    import musicgen.quant as quant
+    import musicgen.accel.quant as quant
 
     monkeypatch.setattr(quant, "_BF16_PREFILL", bf16)
     for mode, (m, ref) in {"int8": (fast_models["int8"], model), "int4": (int4_pair[1], int4_pair[0])}.items():
         err = relative_error(m, ref)                       # 2 prompts x 20 positions: 40 rows per product
         print(f"{mode} prefill in {'bfloat16' if bf16 else 'float32'}: max |logit error| / std = {err:.4f}")
         assert err < TOLERANCE[mode]
-    from musicgen import kernels
+    from musicgen.accel import kernels
 
     torch.manual_seed(0)
     lin = torch.nn.Linear(512, 96)
@@ -747,7 +747,7 @@ def test_compiled_quantised_step_equals_eager(tmp_path_factory, int4_pair, quant
 @pytest.mark.parametrize("skinny", [True, False])
 def test_skinny_linear_both_formulations_equal_linear(monkeypatch, skinny):
     """Whichever product the timing picks on this CPU, SkinnyLinear computes the same layer."""
-    import musicgen.quant as quant
+    import musicgen.accel.quant as quant
 
     monkeypatch.setattr(quant, "_SKINNY", skinny)
     torch.manual_seed(0)
@@ -761,7 +761,7 @@ def test_skinny_linear_both_formulations_equal_linear(monkeypatch, skinny):
 
 
 def _dense_or_skip():
-    from musicgen import kernels
+    from musicgen.accel import kernels
 
     kernel_or_skip("int8_gemv")            # the extension itself (fails in CI if it does not build)
     native = kernels.dense_gemv()
@@ -780,7 +780,7 @@ def test_dense_kernel_equals_float64_reference(monkeypatch, path, dtype, M, N, K
     tails and chunks of K on AVX-512; bfloat16 weights from 6 rows (N % 16 == K % 32 == 0) on AMX tiles, the
     activations split exactly into three bfloat16 parts (float16 weights stay on AVX-512)."""
     native = _dense_or_skip()
-    import musicgen.kernels as kernels
+    import musicgen.accel.kernels as kernels
 
     monkeypatch.setenv("MUSICGEN_NO_AMX", "0" if path == "amx" else "1")
     if path == "amx" and not kernels.amx_available("bf16"):
@@ -812,8 +812,8 @@ def test_skinny_linear_native_path_equals_linear(monkeypatch, dtype, rows):
     """Where dense_policy picks our kernel (float32 from 4 rows, bfloat16 and float16 up to 8), SkinnyLinear
     calls it and computes F.linear's layer: to float32 rounding, or for 16-bit weights to the rounding of its
     output."""
-    import musicgen.quant as quant
-    from musicgen import kernels
+    import musicgen.accel.quant as quant
+    from musicgen.accel import kernels
 
     native = _dense_or_skip()
     calls = []
@@ -892,7 +892,7 @@ def test_kv_quantize_rows():
     """An int8 cache row: the codes round(x / s) with s = max(max|x|, 1e-12) / 127 (nearest even), s's float32
     bytes after them, as int8 weights are quantised per row (bitwise the reference quantiser); every element
     within s / 2 of its dequantized value, the largest at +-127, zero vectors zero."""
-    from musicgen.quant import quantize_per_channel_reference
+    from musicgen.accel.quant import quantize_per_channel_reference
 
     x = torch.randn(3, 2, 5, 16, generator=torch.Generator().manual_seed(0))
     x[0, 0, 0] = 0
@@ -990,7 +990,7 @@ def test_16bit_models_decode_over_an_int8_cache_within_tolerance(half_models, mo
     quantised ones do: 40 steps over it move the logits by far less than the 16-bit weights do (mean and max
     error against float32 within a tenth of the 16-bit cache's own, and within the mode's tolerance), and the
     greedy choices stay. MUSICGEN_KV_INT8=0 at load keeps the 16-bit cache; float32 keeps float32."""
-    import musicgen.quant as quant
+    import musicgen.accel.quant as quant
 
     m = half_models[family]
     name = "bfloat16" if m.dtype == torch.bfloat16 else "float16"
@@ -1047,8 +1047,8 @@ def test_fused_decoder_int4(int4_pair):
 def half_models(request, ckpt_dir, melody_ckpt_dir):
     """The 16-bit test models with their fused decoders: our dense kernel picked (dense_policy picks it on
     AVX-512 CPUs where it beats PyTorch's 16-bit products, as on the Xeon of the README)."""
-    import musicgen.quant as quant
-    from musicgen import kernels
+    import musicgen.accel.quant as quant
+    from musicgen.accel import kernels
 
     kernel_or_skip("fused_decoder")
     if kernels.dense_gemv() is None:
@@ -1118,7 +1118,7 @@ def test_16bit_model_converted_to_float32_leaves_the_fused_decoder(half_models, 
     loop on the float32 weights instead."""
     import copy
 
-    import musicgen.quant as quant
+    import musicgen.accel.quant as quant
 
     monkeypatch.setattr(quant, "_DENSE", (True, True, True, True))   # the copy builds its own fused decoder
     twin = copy.deepcopy(half_models["text"])
@@ -1138,8 +1138,8 @@ def test_16bit_model_converted_to_float32_leaves_the_fused_decoder(half_models, 
 def float32_models(ckpt_dir, melody_ckpt_dir):
     """float32 test models with their fused decoders: our dense kernel picked for float32 steps (dense_policy
     picks it where it reads float32 weights about as fast as PyTorch's products, as on the README's Xeon)."""
-    import musicgen.quant as quant
-    from musicgen import kernels
+    import musicgen.accel.quant as quant
+    from musicgen.accel import kernels
 
     kernel_or_skip("fused_decoder")
     if kernels.dense_gemv() is None:
@@ -1194,7 +1194,7 @@ def test_layers_changed_after_load_leave_the_fused_decoder(ckpt_dir, monkeypatch
     which computes the changed model, and it is said once."""
     import copy
 
-    import musicgen.quant as quant
+    import musicgen.accel.quant as quant
 
     monkeypatch.setattr(quant, "_DENSE", (True, True, True, True))
     kernel_or_skip("fused_decoder")
@@ -1215,7 +1215,7 @@ def test_layers_changed_after_load_leave_the_fused_decoder(ckpt_dir, monkeypatch
     assert m.lm.fused.stale
     m.generate_codes(PROMPTS, duration=0.2, top_k=1)
     assert capsys.readouterr().err.count("the LM's layers changed after load") == 1
-    from musicgen import fused
+    from musicgen.accel import fused
     assert fused.attach(m.lm) == (change == "weight")           # a plain new weight: built again over it
     if change == "weight":
         assert torch.equal(m.generate_codes(PROMPTS, duration=0.4, top_k=1), codes)
@@ -1226,7 +1226,7 @@ def test_float32_decodes_fused_where_the_policy_picks_it(model, ckpt_dir, monkey
     """The default float32 model takes the fused decoder exactly where dense_policy picks our kernel for float32
     steps (so the conformance tests against transformers run the path users get); MUSICGEN_DENSE=0 keeps the
     layer loop."""
-    import musicgen.quant as quant
+    import musicgen.accel.quant as quant
 
     assert (model.lm.fused is not None) == quant.dense_picked(torch.float32)
     monkeypatch.setattr(quant, "_DENSE", None)
@@ -1255,7 +1255,7 @@ def test_fused_decoder_from_two_threads(int4_pair):
 
 def test_parameter_count_counts_quantised_weights(model, fast_models, int4_pair):
     """What /v1/model reports: the same count for a checkpoint whatever its precision."""
-    from musicgen.quant import parameter_count
+    from musicgen.accel.quant import parameter_count
 
     full = sum(p.numel() for p in model.parameters())
     assert parameter_count(model) == full

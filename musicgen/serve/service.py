@@ -35,12 +35,12 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .audio import convert_channels, resample, save_audio
-from .batching import Request, Scheduler
+from ..audio import convert_channels, resample, save_audio
+from ..batching import Request, Scheduler
 from .jobs import FINISHED, JobStore
-from .quant import parameter_count
-from .sampling import SamplingParams
-from .streaming import MultiChannelDecoder
+from ..accel.quant import parameter_count
+from ..sampling import SamplingParams
+from ..streaming import MultiChannelDecoder
 
 MEDIA = {"wav": "audio/wav", "flac": "audio/flac", "ogg": "audio/ogg", "mp3": "audio/mpeg"}
 MAX_UPLOAD = 20 * 2 ** 20           # bytes of continuation audio accepted

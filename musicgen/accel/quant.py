@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import kernels
-from .checkpoint import release
+from ..checkpoint import release
 from .kernels import int4_gemv, int8_gemv
 
 GEMV_ROWS = 16   # up to this many rows per call the int8 kernel beats widening the weight

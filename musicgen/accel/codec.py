@@ -77,7 +77,7 @@ def split(stack) -> int:
     """Where the convolutions of a SEANet stack meet its LSTM: for the decoder, the index of the first layer
     after the LSTM block; for the encoder, the index of the LSTM block. -1 when the convolutional part holds a
     layer this module has no form for."""
-    from .codec import Conv, ConvTranspose, Decoder, LSTMBlock, ResBlock
+    from ..codec import Conv, ConvTranspose, Decoder, LSTMBlock, ResBlock
     layers = list(stack.layers)
     lstm = [i for i, layer in enumerate(layers) if isinstance(layer, LSTMBlock)]
     if isinstance(stack, Decoder):
@@ -101,7 +101,7 @@ def context_frames(layers, units_per_frame: int) -> int:
 
     `units_per_frame` is the output's rate: samples per frame for the decoder's upsampling stack, 1 for the
     encoder's downsampling stack."""
-    from .codec import Conv, ConvTranspose, ResBlock
+    from ..codec import Conv, ConvTranspose, ResBlock
     left = right = 0          # context in units of the current layer's output, walking from the last layer
     rate = units_per_frame    # units per frame at that point
 
@@ -140,7 +140,7 @@ def _pad(x: torch.Tensor, left: int, right: int, mode: str) -> torch.Tensor:
     T = x.shape[1]
     if mode == "reflect" and T > max(left, right):
         return torch.cat([x[:, 1:left + 1].flip(1), x, x[:, T - 1 - right:T - 1].flip(1)], dim=1)
-    from .codec import _pad1d
+    from ..codec import _pad1d
     return _pad1d(x.transpose(1, 2), left, right, mode).transpose(1, 2).contiguous()
 
 
@@ -148,7 +148,7 @@ class _Weights:
     """Matrices of one convolution, made once per weight version."""
 
     def __init__(self, layer, key: tuple):
-        from .codec import ConvTranspose
+        from ..codec import ConvTranspose
         w, self.bias = layer.conv.weight, layer.conv.bias
         self.key = key
         if isinstance(layer, ConvTranspose):
@@ -229,7 +229,7 @@ def _conv_transpose(layer, x: torch.Tensor) -> torch.Tensor:
 
 
 def _layer(layer, x: torch.Tensor, owned: bool) -> torch.Tensor:
-    from .codec import Conv, ConvTranspose, ResBlock
+    from ..codec import Conv, ConvTranspose, ResBlock
     if isinstance(layer, nn.ELU):
         return F.elu_(x, layer.alpha) if owned and x.is_contiguous() else F.elu(x, layer.alpha)
     if isinstance(layer, Conv):

@@ -1,0 +1,1 @@
+"""The HTTP service (`musicgen serve`): jobs, continuous batching, streaming, a web page."""
