@@ -107,7 +107,7 @@ def main() -> None:
           f"under the profiler {profiled_wall / steps * 1e3:.2f} ms)")
     if cuda:
         print(f"device busy: {total / 1e6 / profiled_wall:.0%} of the profiled wall time")
-    print(f"\n| kind | ms a step | share |\n|---|---|---|")
+    print("\n| kind | ms a step | share |\n|---|---|---|")
     for kind, us in sorted(per_kind.items(), key=lambda kv: -kv[1]):
         print(f"| {kind} | {us / steps / 1e3:.3f} | {us / total:.0%} |")
     print(f"| total | {total / steps / 1e3:.3f} | |")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 
 __version__ = "0.1.0"
-_EXPORTS = {"load": "model", "MusicGen": "model", "save_audio": "audio", "load_audio": "audio",
+_EXPORTS = {"load": "loading", "MusicGen": "model", "save_audio": "audio", "load_audio": "audio",
             "CheckpointError": "checkpoint", "MusicGenConfig": "config", "CodecConfig": "config",
             "LMConfig": "config", "T5Config": "config", "preset": "config", "SamplingParams": "sampling"}
 __all__ = [*_EXPORTS, "__version__"]

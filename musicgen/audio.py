@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import struct
 import tempfile
 import warnings
 from pathlib import Path
@@ -253,3 +254,18 @@ def load_audio(path: str | os.PathLike, sample_rate: int | None = None,
     if sample_rate is not None and sample_rate != sr:
         audio, sr = resample(audio, sr, sample_rate), sample_rate
     return audio.float(), sr
+
+
+# -- 16-bit WAV written as it is generated (streams) ------------------------------------------------------
+def wav_header(sample_rate: int, channels: int) -> bytes:
+    """RIFF/WAVE header for 16-bit PCM whose length is not known yet (sizes set to the maximum)."""
+    unknown = 0xFFFFFFFF
+    return (b"RIFF" + struct.pack("<I", unknown) + b"WAVE" + b"fmt " +
+            struct.pack("<IHHIIHH", 16, 1, channels, sample_rate, sample_rate * channels * 2, channels * 2, 16) +
+            b"data" + struct.pack("<I", unknown - 36))
+
+
+def pcm16(audio: torch.Tensor) -> bytes:
+    """(channels, samples) float -> interleaved little-endian int16 bytes (clipped, not normalised)."""
+    a = (audio.clamp(-1, 1) * 32767).round().to(torch.int16)
+    return a.t().contiguous().numpy().tobytes()

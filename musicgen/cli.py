@@ -221,7 +221,7 @@ def cmd_convert(args) -> int:
 
 
 def _generate_streaming(model, prompts, paths, args, rows: int, extra: dict) -> int:
-    from .serve.service import pcm16, wav_header
+    from .audio import pcm16, wav_header
 
     to_stdout = str(args.output) == "-"
     outs = [sys.stdout.buffer] if to_stdout else [open(p, "wb") for p in paths]

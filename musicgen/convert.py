@@ -20,7 +20,7 @@ TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json", "s
 
 def convert(src: str | Path, dst: str | Path, force: bool = False) -> str:
     """Write SRC in the other format at DST; returns the format written ('audiocraft' or 'huggingface')."""
-    from .model import load
+    from .loading import load
 
     dst = Path(dst)
     if dst.exists() and any(dst.iterdir()) and not force:

@@ -1,29 +1,27 @@
 """The MusicGen language model: a pre-norm transformer decoder over K parallel codebook streams.
 
 Input: one token per codebook per position; the K embeddings are summed, sinusoidal positions added.
-Each layer: causal self-attention (static KV cache), cross-attention to the projected text states,
-GELU feed-forward. Output: one linear head per codebook.
+Each layer: causal self-attention, cross-attention to the projected text states, GELU feed-forward.
+Output: one linear head per codebook.
 
 Melody checkpoints (`cfg.prefix_conditioning`) have no cross-attention: the conditions (projected chroma,
 then projected text) are prepended as the first positions of the sequence (`forward(..., prefix=...)`), so
 they sit in the self-attention cache and code positions count on after them.
 
-Decoding follows gpt-fast: the KV cache is preallocated once per generation (`KVCache`), cross-attention
-keys/values are computed once (`cross_kv`), and a step writes into the cache at `pos` without allocating.
-On x86 CPUs quantised models, and float32, bfloat16 and float16 ones where the AVX-512 kernel applies, run
-those one-position steps through `fused` (musicgen/fused.py): the same layers in one native call, writing the
-same caches.
+Two entry points, both exact float32 PyTorch (the reference every faster path is measured against):
+- `forward`: a whole sequence from position 0 (training, teacher forcing, and the prefill of a generation,
+  which also stores its keys and values in a cache);
+- `step`: one position per row, each row at its own position, over a static cache (musicgen/engine.py); the
+  layer loop `step_layers` is the reference backend of a decoding step.
 """
 from __future__ import annotations
 
 import contextlib
 import math
-import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 from .checkpoint import building_on_meta, embedding
 from .config import LMConfig
@@ -46,8 +44,7 @@ KV_SCALE_BYTES = 4   # an int8 cache row: head_dim int8 codes, then its float32 
 def kv_quantize(x: torch.Tensor) -> torch.Tensor:
     """(..., hd) float keys or values -> (..., hd + 4) int8 rows: the codes round(x / s) (nearest even) and the
     float32 scale s = max(max|x|, 1e-12) / 127 in the last 4 bytes, as int8 weights are quantised per row
-    (quant.quantize_per_channel: natively on x86 CPUs). The native decoder (kernels/decoder.cpp, write_kv)
-    writes the same bytes."""
+    (accel.quant.quantize_per_channel). The native decoder writes the same bytes."""
     from .accel.quant import quantize_per_channel
 
     hd = x.shape[-1]
@@ -67,128 +64,45 @@ def kv_encode(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def kv_read(stored: torch.Tensor, attend_dtype: torch.dtype) -> torch.Tensor:
-    """A span of cache positions as attention reads it: int8 rows dequantized to `attend_dtype`; float caches
-    as they are."""
+    """Cache positions as attention reads them: int8 rows dequantized to `attend_dtype`, float caches as
+    they are."""
     return kv_dequantize(stored, attend_dtype) if stored.dtype == torch.int8 else stored
-
-
-ROW_PRODUCT_ROWS = 8   # F.linear of at most this many rows becomes a multiply-and-sum under RowProducts
-
-
-def row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias) for a few rows written as a multiply-and-sum over the inner dimension, in
-    float32, rounded to x's dtype at the end: inside a compiled graph inductor turns it into one reduction
-    kernel of its own (Triton on a GPU) in place of a cuBLAS call, with the weight's widening (bfloat16, or
-    an int8 layer's codes) done as it loads. Eagerly it would build the whole (out, rows, in) product:
-    compiled steps only.
-
-    The rows of x are stored before the reduction reads them (`_stored`): left to itself, inductor computes
-    a cheap producer of x (a LayerNorm's scale and shift, the GELU before fc2) inside the consumer, once
-    for every weight it multiplies, which for fc2 is 1536 erf evaluations per activation (medium)."""
-    rows = x.numel() // x.shape[-1]
-    x2 = _stored(x.reshape(rows, x.shape[-1]).float())
-    y = (weight.float()[:, None, :] * x2[None]).sum(-1).t()                    # (rows, out); rows innermost
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
-
-
-def _stored(x: torch.Tensor) -> torch.Tensor:
-    """x, which a compiled graph computes into a buffer of its own instead of recomputing it where it is read
-    (inductor's stride-order primitive: a no-op eagerly, a stored copy in inductor; the identity where this
-    torch has no such primitive), once `prepare_row_products` has looked the primitive up."""
-    return x if _FORCE_STRIDE_ORDER is None else _FORCE_STRIDE_ORDER(x, x.stride())
-
-
-_FORCE_STRIDE_ORDER = None
-
-
-def prepare_row_products() -> None:
-    """Look up what `_stored` uses (outside a trace: it imports). MusicGen.compile(gemv=True) calls it."""
-    global _FORCE_STRIDE_ORDER
-    if _FORCE_STRIDE_ORDER is None:
-        try:
-            import torch._inductor.inductor_prims  # noqa: F401  (registers prims.inductor_force_stride_order)
-
-            _FORCE_STRIDE_ORDER = torch.ops.prims.inductor_force_stride_order
-        except (ImportError, AttributeError, RuntimeError):
-            pass
-
-
-class RowProducts(TorchFunctionMode):
-    """While active, F.linear of at most ROW_PRODUCT_ROWS rows runs as `row_linear`; every other call as it
-    is. `MusicLM.step` traces under it when compiled with `MusicGen.compile(gemv=True)`."""
-
-    def __init__(self):
-        super().__init__()
-        if not torch.compiler.is_compiling():
-            prepare_row_products()
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.linear:
-            named = dict(zip(("input", "weight", "bias"), args), **kwargs)
-            x, weight, bias = named["input"], named["weight"], named.get("bias")
-            if weight.dim() == 2 and x.dim() >= 1 and 0 < x.numel() // max(x.shape[-1], 1) <= ROW_PRODUCT_ROWS:
-                return row_linear(x, weight, bias)
-        return func(*args, **kwargs)
-
-
-class KVCache(nn.Module):
-    """Static self-attention cache of one layer: (B, H, max_len, hd) keys and values.
-
-    dtype torch.int8 keeps each key and value vector as int8 codes with a float32 scale of its own, packed in
-    one (B, H, max_len, hd + 4) int8 row (kv_quantize): half a bfloat16 cache's bytes, which attention reads in
-    full every step. `update` then returns the dequantized keys and values in `attend_dtype`."""
-
-    def __init__(self, batch: int, heads: int, max_len: int, head_dim: int, dtype, device,
-                 attend_dtype: torch.dtype = torch.float32):
-        super().__init__()
-        self.attend_dtype = attend_dtype
-        shape = (batch, heads, max_len, head_dim + (KV_SCALE_BYTES if dtype == torch.int8 else 0))
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-
-    def update(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = pos + k.shape[2]
-        self.k[:, :, pos:end] = kv_encode(k, self.k.dtype)
-        self.v[:, :, pos:end] = kv_encode(v, self.v.dtype)
-        return kv_read(self.k[:, :, :end], self.attend_dtype), kv_read(self.v[:, :, :end], self.attend_dtype)
-
-    def write(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Update for compiled steps: `pos` is a (1,) tensor; returns the first `window` cache positions."""
-        self.k.index_copy_(2, pos, k)
-        self.v.index_copy_(2, pos, v)
-        return self.k[:, :, :window], self.v[:, :, :window]
 
 
 class SelfAttention(nn.Module):
     def __init__(self, cfg: LMConfig):
         super().__init__()
         self.heads, self.head_dim = cfg.num_heads, cfg.head_dim
-        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)     # q, k, v fused: one matmul per step
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)     # q, k, v fused: one product per step
         self.out = nn.Linear(cfg.dim, cfg.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, pos: int, cache: KVCache | None, window_bias=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, store=None) -> torch.Tensor:
+        """Causal attention over x (B, T, D) from position 0. store (keys, values, attend dtype), each (B, H,
+        >= T, hd) rows of a cache: this sequence's keys and values are kept there and attention reads them as
+        stored (as the decoding steps that follow will)."""
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, hd)
-        if isinstance(pos, torch.Tensor):  # compiled step: a window of the static cache, masked past pos
-            k, v = cache.write(pos, k, v, window_bias.shape[-1])              # (B, H, W, hd)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=window_bias)
-            return self.out(y.transpose(1, 2).reshape(B, T, D))
-        if cache is not None:
-            k, v = cache.update(pos, k, v)                                   # (B, H, pos+T, hd)
-            if k.dtype != q.dtype:   # a lower-precision cache (quantised on CPU): attention runs in its dtype
-                q = q.to(k.dtype)
-        if T == 1:
-            y = F.scaled_dot_product_attention(q, k, v)                      # one query sees every cached key
-        elif k.shape[2] == T:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:  # a block of queries after a cached prefix: query i sees keys up to pos + i
-            mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=pos)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if store is not None:
+            keys, values, attend = store
+            keys[:, :, :T] = kv_encode(k, keys.dtype)
+            values[:, :, :T] = kv_encode(v, values.dtype)
+            k, v = kv_read(keys[:, :, :T], attend), kv_read(values[:, :, :T], attend)
+            q = q.to(k.dtype)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)           # (B, H, T, hd)
         return self.out(y.transpose(1, 2).reshape(B, T, D).to(x.dtype))
+
+    def step(self, x: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, keys: torch.Tensor,
+             values: torch.Tensor, attend: torch.dtype, mask: torch.Tensor | None) -> torch.Tensor:
+        """x (R, 1, D), row r at position pos[r]: writes each row's key and value at its own position of the
+        cache (keys, values: (>= R, H, W, hd) views of the first W positions) and attends over the first W,
+        masked past each row's position by `mask` (R, 1, 1, W) (None: every row sees all W)."""
+        R, _, D = x.shape
+        q, k, v = self.qkv(x).view(R, 1, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (R, H, 1, hd)
+        keys[rows, :, pos] = kv_encode(k[:, :, 0], keys.dtype)                  # (R, H, hd) at (r, :, pos[r])
+        values[rows, :, pos] = kv_encode(v[:, :, 0], values.dtype)
+        k, v = kv_read(keys[:R], attend), kv_read(values[:R], attend)           # (R, H, W, hd)
+        y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask)
+        return self.out(y.transpose(1, 2).reshape(R, 1, D).to(x.dtype))
 
 
 class CrossAttention(nn.Module):
@@ -226,17 +140,21 @@ class DecoderLayer(nn.Module):
             raise ValueError(f"unsupported decoder activation {cfg.activation!r}")
         self.act = F.gelu if cfg.activation == "gelu" else F.relu
 
-    def forward(self, x, pos, cache, cross_kv, cross_bias, window_bias=None):
-        x = x + self.self_attn(self.norm1(x), pos, cache, window_bias)
+    def forward(self, x, cross_kv, cross_bias, store=None):
+        x = x + self.self_attn(self.norm1(x), store)
+        return self._rest(x, cross_kv, cross_bias)
+
+    def step(self, x, rows, pos, keys, values, attend, mask, cross_kv, cross_bias):
+        x = x + self.self_attn.step(self.norm1(x), rows, pos, keys, values, attend, mask)
+        return self._rest(x, cross_kv, cross_bias)
+
+    def _rest(self, x, cross_kv, cross_bias):
         if self.cross_attn is not None:
             x = x + self.cross_attn(self.norm_cross(x), cross_kv, cross_bias)
         return x + self.fc2(self.act(self.fc1(self.norm2(x))))
 
 
 class MusicLM(nn.Module):
-    fused = None   # on CPU where it applies (fused.attach): musicgen.fused.FusedLayers runs the one-position steps
-    row_products = False   # compiled steps trace their few-row products as row_linear (MusicGen.compile(gemv=True))
-
     def __init__(self, cfg: LMConfig, context_dim: int | None = None):
         super().__init__()
         self.cfg = cfg
@@ -253,21 +171,8 @@ class MusicLM(nn.Module):
         self.register_buffer("positions", positions, persistent=False)
         self.embed_scale = math.sqrt(D) if cfg.scale_embedding else 1.0
 
-    def __getstate__(self):
-        """Copies and pickles leave out the native decoder (it holds no state of its own) and build their own."""
-        state = self.__dict__.copy()
-        state["_fused"] = state.pop("fused", None) is not None
-        return state
-
-    def __setstate__(self, state):
-        fused_on = state.pop("_fused", False)
-        super().__setstate__(state)
-        if fused_on:
-            from .accel import fused
-            fused.attach(self)
-
     # -- conditioning -----------------------------------------------------------------------------------
-    def cross_kv(self, context: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def cross_kv(self, context: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
         """Per layer cross-attention keys/values for (B, S, C) context: computed once per generation."""
         if self.cfg.prefix_conditioning:
             return None
@@ -280,78 +185,57 @@ class MusicLM(nn.Module):
             return None
         return ((1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min).to(dtype)
 
-    def new_caches(self, batch: int, max_len: int, dtype=None, device=None, attend_dtype=None) -> list[KVCache]:
-        """One KVCache per layer; attend_dtype: what an int8 cache dequantizes to (default float32)."""
-        p = self.norm.weight
-        return [KVCache(batch, self.cfg.num_heads, max_len, self.cfg.head_dim, dtype or p.dtype, device or p.device,
-                        attend_dtype or torch.float32) for _ in self.layers]
+    # -- whole sequences --------------------------------------------------------------------------------
+    def forward(self, codes: torch.Tensor, cross_kv=None, cross_bias=None, prefix: torch.Tensor | None = None,
+                stores: list | None = None) -> torch.Tensor:
+        """codes (B, K, T) ids at positions 0..T-1 -> logits (B, K, T, V).
 
-    # -- forward --------------------------------------------------------------------------------------
-    def forward(self, codes: torch.Tensor, cross_kv, cross_bias=None, pos: int = 0,
-                caches: list[KVCache] | None = None, prefix: torch.Tensor | None = None,
-                window_bias: torch.Tensor | None = None) -> torch.Tensor:
-        """codes (B, K, T) ids at positions pos..pos+T-1 -> logits (B, K, T, V).
-
-        prefix (B, P, D): condition embeddings placed before the codes (prefix-conditioned models, at pos 0);
-        they take positions 0..P-1 and the codes P..P+T-1; logits are returned for the codes only.
-        """
+        prefix (B, P, D): condition embeddings placed before the codes (prefix-conditioned models); they take
+        positions 0..P-1 and the codes P..P+T-1; logits are returned for the codes only.
+        stores: per layer (keys, values, attend dtype) cache rows that keep this sequence's keys and values
+        (the prefill of a generation, see SelfAttention.forward)."""
         B, K, T = codes.shape
         x = sum(self.embed[k](codes[:, k]) for k in range(K)) * self.embed_scale  # (B, T, D)
         if prefix is not None:
             x = torch.cat([prefix.to(x.dtype), x], dim=1)                      # (B, P+T, D)
-        T = x.shape[1]
-        if isinstance(pos, torch.Tensor):   # one static-shape step (see `step`)
-            x = x + self.positions[pos].to(x.dtype)
-        elif pos + T > self.positions.shape[0]:
-            raise ValueError(f"sequence of {pos + T} steps exceeds the model's {self.positions.shape[0]} positions")
-        else:
-            x = x + self.positions[pos:pos + T].to(x.dtype)
-        if self.fused is not None and T == 1 and type(pos) is int and caches is not None and self.fused.takes(x):
-            x = self.fused(x, pos, caches, cross_kv, cross_bias)   # every layer in one native call (fused.py)
-        else:
-            for i, layer in enumerate(self.layers):
-                x = layer(x, pos, caches[i] if caches is not None else None,
-                          cross_kv[i] if cross_kv is not None else None, cross_bias, window_bias)
-        x = self.norm(x[:, x.shape[1] - codes.shape[2]:])                       # drop the prefix positions
-        return torch.stack([head(x) for head in self.heads], dim=1)             # (B, K, T, V)
+        if x.shape[1] > self.positions.shape[0]:
+            raise ValueError(f"sequence of {x.shape[1]} steps exceeds the model's {self.positions.shape[0]} positions")
+        x = x + self.positions[:x.shape[1]].to(x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cross_kv[i] if cross_kv is not None else None, cross_bias,
+                      stores[i] if stores is not None else None)
+        return self.logits(x[:, x.shape[1] - T:])                               # drop the prefix positions
 
-    def step(self, codes: torch.Tensor, pos: torch.Tensor, cross_kv, cross_bias, caches: list[KVCache],
-             window_bias: torch.Tensor) -> torch.Tensor:
-        """One decoding step for torch.compile / CUDA graphs: codes (B, K, 1), pos (1,) long -> last-position
-        logits (B, K, V). The step writes the cache at pos (a tensor: its value is data, not a shape), and
-        self-attention reads the first W cache positions under `window_bias` (1, 1, 1, W): 0 up to pos, -inf
-        after. W (see `window`) is the one size that changes between steps, so that attention reads about as
-        much of the cache as eager decoding does instead of all of it."""
-        if self.row_products and torch.compiler.is_compiling():
-            with RowProducts():
-                return self.forward(codes, cross_kv, cross_bias, pos, caches, window_bias=window_bias)[:, :, -1]
-        return self.forward(codes, cross_kv, cross_bias, pos, caches, window_bias=window_bias)[:, :, -1]
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) after the last layer -> (B, K, T, V)."""
+        x = self.norm(x)
+        return torch.stack([head(x) for head in self.heads], dim=1)
+
+    # -- one position per row -----------------------------------------------------------------------------
+    def embed_step(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """tokens (R, K) at positions pos (R,) -> (R, 1, D)."""
+        x = sum(self.embed[k](tokens[:, k]) for k in range(tokens.shape[1])) * self.embed_scale    # (R, D)
+        return (x + self.positions[pos].to(x.dtype))[:, None]
+
+    def step_layers(self, x: torch.Tensor, pos: torch.Tensor, cache, window: int,
+                    mask: torch.Tensor | None) -> torch.Tensor:
+        """The decoder layers for rows x (R, 1, D) at positions pos (R,) over `cache` (engine.Cache): every
+        row's key and value written at its own position, attention over the first `window` positions under
+        `mask` (R, 1, 1, window) or, with None, all of them. The reference backend of a decoding step."""
+        R = x.shape[0]
+        rows = torch.arange(R, device=x.device)
+        for i, layer in enumerate(self.layers):
+            cross = None if layer.cross_attn is None else (cache.ck[i][:R], cache.cv[i][:R])
+            x = layer.step(x, rows, pos, cache.k[i][:, :, :window], cache.v[i][:, :, :window], cache.attend,
+                           mask, cross, None if cross is None else cache.bias[:R])
+        return x
 
 
-def attention_backends(device: torch.device, compiled: bool = False):
-    """Context for attention whose shapes change from call to call (decoding, the text encoder): on CUDA it
-    keeps scaled_dot_product_attention off the cuDNN backend; elsewhere it does nothing.
-
-    On Hopper-class cards (sm90/sm100 with a recent cuDNN) PyTorch tries cuDNN attention first for
-    half-precision inputs. cuDNN builds an execution graph for every new problem shape, key length included,
-    which reportedly takes tens of ms of host time. An eager decoding step has a new key length every step.
-    On an H200, eager bfloat16 decoded 4x slower than float32 (20 against 78 steps/s; transformers 15 against
-    35); these per-shape builds are the likely cause, not yet confirmed on a GPU. Flash and memory-efficient
-    attention need no per-shape build. float32 never takes cuDNN, so the exact path is unchanged.
-
-    Compiled steps (`compiled=True`) replay CUDA graphs recorded once per window bucket, so a build is paid
-    once; they keep PyTorch's own choice. MUSICGEN_CUDNN_ATTENTION=1 allows cuDNN everywhere, =0 nowhere."""
-    setting = os.environ.get("MUSICGEN_CUDNN_ATTENTION", "")
-    if device.type != "cuda" or setting == "1" or (compiled and setting != "0"):
+def attention_backends(device: torch.device):
+    """Context for eager attention whose key length changes from call to call (decoding, the text encoder):
+    on CUDA it keeps scaled_dot_product_attention off the cuDNN backend, which builds an execution graph for
+    every new shape (see docs/performance.md); elsewhere it does nothing. float32 never takes cuDNN."""
+    if device.type != "cuda":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
-
-
-WINDOW_BUCKET = 128   # compiled steps attend over a multiple of this many cache positions
-
-
-def window(filled: int, max_len: int) -> int:
-    """Cache positions a compiled step reads when `filled` of them hold keys: rounded up to WINDOW_BUCKET, so
-    that a CUDA graph is recorded once per bucket, not once per step."""
-    return min(-(-filled // WINDOW_BUCKET) * WINDOW_BUCKET, max_len)

@@ -1,52 +1,48 @@
-"""`musicgen.load(...)` and the `MusicGen` model object: text -> codes -> audio.
+"""The `MusicGen` model object: text -> codes -> audio.
 
     model = musicgen.load("facebook/musicgen-small")
     audio = model.generate(["lofi beat"], duration=8.0)        # (B, channels, samples) at model.sample_rate
 
-Generation is split the gpt-fast way: text states and cross-attention keys/values once, a prefill over the
-known prefix of the delayed grid, then one cached step per position.
-
-Every mode of the original goes through `generate_codes`: text, melody (chroma prefix, melody checkpoints),
+Every mode of the original goes through one path: its inputs become a `Request` (the delayed grid with
+the known codes laid out, the conditions of every decoding row, sampling parameters, a generator), which
+the decoding engine (musicgen/engine.py) fills in: text, melody (chroma prefix, melody checkpoints),
 continuation (`prompt_audio`: its codes are the known prefix of the grid), unconditional (`prompts=None`),
-stereo (8 interleaved codebooks) and long-form (duration beyond 30 s: windows slid by `extend_stride`).
+stereo (8 interleaved codebooks) and long-form (duration beyond 30 s: windows slid by `extend_stride`,
+musicgen/longform.py). `stream` runs the same loop and decodes audio as frames complete.
 """
 from __future__ import annotations
 
-import functools
-import os
 import sys
-import time
-from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 
-from . import audiocraft_format
-from . import checkpoint as ckpt
 from . import chroma as chroma_mod
 from . import conditions
-from .accel import fused
 from . import lm as lm_mod
 from .audio import convert_channels, resample
 from .codec import EnCodec
 from .config import MusicGenConfig
-from .delay import build_pattern, revert_pattern
+from .delay import build_pattern
+from .engine import Engine, Reference, Request
+from .inputs import check_batch, per_row, rate, rows_of
+from .lm import MusicLM
 from .longform import generate_long
-from .lm import MusicLM, sinusoids
-from .accel.kernels import int8_gemv
-from .accel.quant import Int8Linear, quantize_int4, quantize_int8, use_skinny_linear
-from .sampling import SamplingParams, apply_cfg, sample
+from .precision import Precision
+from .sampling import SamplingParams
 from .t5 import T5Encoder
 from .tokenizer import TextTokenizer
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
 MAX_DURATION = 30.0   # seconds: the context MusicGen was trained on; longer runs slide a window over it
 EXTEND_STRIDE = 18.0  # seconds the window advances in long-form generation (audiocraft's extend_stride)
 
 
 class MusicGen(nn.Module):
+    # set by `load`: how the model stores and computes, and what runs its decoding steps (musicgen/accel)
+    precision = Precision("float32", torch.float32, torch.float32, torch.float32)
+    backend = Reference()
+
     def __init__(self, cfg: MusicGenConfig, tokenizer: TextTokenizer | None = None):
         super().__init__()
         self.cfg = cfg
@@ -62,6 +58,23 @@ class MusicGen(nn.Module):
         self.chroma_proj = None
         if cfg.melody is not None and cfg.melody.num_chroma != cfg.lm.dim:
             self.chroma_proj = nn.Linear(cfg.melody.num_chroma, cfg.lm.dim)
+
+    def __getstate__(self):
+        """Copies and pickles leave the backend out (a native decoder holds this model's tensors) and choose
+        their own."""
+        state = self.__dict__.copy()
+        backend = state.pop("backend", None)
+        state["_backend_choice"] = getattr(backend, "choice", None)
+        return state
+
+    def __setstate__(self, state):
+        choice = state.pop("_backend_choice", None)
+        super().__setstate__(state)
+        if choice is not None:
+            from .accel import choose_backend
+
+            self.backend = choose_backend(self.lm, self.device, *choice)
+            self.backend.choice = choice
 
     # -- facts ------------------------------------------------------------------------------------------
     @property
@@ -138,19 +151,10 @@ class MusicGen(nn.Module):
 
     # -- generation -------------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[str] | str | None = None, duration: float = 8.0, *,
-                 melody=None, melody_sample_rate: int | None = None, prompt_audio=None,
-                 prompt_sample_rate: int | None = None, batch_size: int | None = None, demucs: bool = True,
-                 extend_stride: float = EXTEND_STRIDE, top_k: int = 250, top_p: float = 0.0,
-                 temperature: float = 1.0, guidance_scale: float = 3.0, seed: int | None = None,
-                 progress: bool = False) -> torch.Tensor:
-        """Prompts (or None) -> float32 audio (B, channels, samples) at model.sample_rate; see generate_codes.
-        With `prompt_audio` the output starts with the prompt (re-synthesised by the codec)."""
-        codes = self.generate_codes(prompts, duration, melody=melody, melody_sample_rate=melody_sample_rate,
-                                    prompt_audio=prompt_audio, prompt_sample_rate=prompt_sample_rate,
-                                    batch_size=batch_size, demucs=demucs, extend_stride=extend_stride, top_k=top_k,
-                                    top_p=top_p, temperature=temperature, guidance_scale=guidance_scale, seed=seed,
-                                    progress=progress)
-        return self.decode(codes)
+                 progress: bool = False, **options) -> torch.Tensor:
+        """Prompts (or None) -> float32 audio (B, channels, samples) at model.sample_rate; the options are
+        those of `generate_codes`. With `prompt_audio` the output starts with the prompt (re-synthesised)."""
+        return self.decode(self.generate_codes(prompts, duration, progress=progress, **options))
 
     @torch.inference_mode()
     def generate_codes(self, prompts: Sequence[str] | str | None = None, duration: float = 8.0, *,
@@ -168,16 +172,17 @@ class MusicGen(nn.Module):
         prompt_audio   continuation: audio the output starts with, same layouts, at `prompt_sample_rate`
         batch_size     rows when nothing else fixes it (unconditional generation)
         duration       beyond 30 s the 30 s window slides by `extend_stride` seconds, re-conditioned each time
+        top_k, top_p, temperature, guidance_scale, seed: sampling (musicgen/sampling.py)
         """
-        frames, known, melodies, params, states, mask, generator = self._prepare(
-            prompts, duration, melody, melody_sample_rate, prompt_audio, prompt_sample_rate, batch_size, demucs,
-            top_k, top_p, temperature, guidance_scale, seed)
+        job = self._inputs(prompts, duration, melody, melody_sample_rate, prompt_audio, prompt_sample_rate,
+                           batch_size, demucs, top_k, top_p, temperature, guidance_scale, seed)
+        frames, known, melodies = job["frames"], job["known"], job["melodies"]
 
         def window(known_codes: torch.Tensor, window_frames: int, window_melodies) -> torch.Tensor:
-            cond = self._conditions(states, mask, window_melodies, params.uses_cfg)
-            seq = build_pattern(known_codes, window_frames, self.cfg.lm.special_token, self.audio_channels)
-            seq = self._decode_grid(seq, cond, params, generator, progress)
-            return revert_pattern(seq, window_frames, self.audio_channels)
+            req = self._request(job, known_codes, window_frames, window_melodies)
+            for _ in self.decode_steps(req, progress):
+                pass
+            return req.codes
 
         window_frames = round(MAX_DURATION * self.frame_rate)
         if frames <= window_frames:
@@ -188,34 +193,42 @@ class MusicGen(nn.Module):
                              melodies, chroma_mod.CHROMA_SAMPLE_RATE / self.frame_rate,
                              round(MAX_DURATION * chroma_mod.CHROMA_SAMPLE_RATE))
 
-    def _prepare(self, prompts, duration, melody, melody_sample_rate, prompt_audio, prompt_sample_rate, batch_size,
-                 demucs, top_k, top_p, temperature, guidance_scale, seed):
-        """Check and encode every input of a generation (shared by generate_codes and stream)."""
-        params = SamplingParams(top_k=top_k, top_p=top_p, temperature=temperature, guidance_scale=guidance_scale)
-        params.validate()
-        frames = self.frames_for(duration)
-        prompts, B = _batch(prompts, batch_size, [_rows(melody), _rows(prompt_audio)])
-        known = self._prompt_codes(prompt_audio, prompt_sample_rate, B)       # (B, K, P)
-        if known.shape[2] > frames:
-            raise ValueError(f"the audio prompt ({known.shape[2] / self.frame_rate:g} s) is longer than the "
-                             f"duration to generate ({duration:g} s)")
-        melodies = self._melodies(melody, melody_sample_rate, B, demucs)     # B mono 32 kHz waves, or None
-        if prompts is None and melodies is None:
-            params = SamplingParams(top_k=top_k, top_p=top_p, temperature=temperature, guidance_scale=1.0)
-        states, mask = (self.encode_text(prompts) if prompts is not None
-                        else conditions.null_text(B, self.cfg.lm.dim, self.device, self.dtype))
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(int(seed))
-
-        return frames, known, melodies, params, states, mask, generator
-
     def stream(self, prompts: Sequence[str] | str | None = None, duration: float = 8.0, chunk_seconds: float = 1.0,
-               **kwargs):
+               **options):
         """Yield float32 audio (B, channels, samples) while it is generated, about `chunk_seconds` at a time;
         joined, it equals `generate` with the same arguments up to float rounding (see musicgen.streaming)."""
         from .streaming import stream
-        return stream(self, prompts, duration, chunk_seconds, **kwargs)
+        return stream(self, prompts, duration, chunk_seconds, **options)
+
+    @torch.inference_mode()
+    def new_request(self, prompts: Sequence[str] | str | None = None, duration: float = 8.0, *, melody=None,
+                    melody_sample_rate: int | None = None, prompt_audio=None, prompt_sample_rate: int | None = None,
+                    batch_size: int | None = None, demucs: bool = True, top_k: int = 250, top_p: float = 0.0,
+                    temperature: float = 1.0, guidance_scale: float = 3.0, seed: int | None = None,
+                    prompt_codes: torch.Tensor | None = None, melodies: list | None = None) -> Request:
+        """The decoding engine's `Request` for one 30 s window with generate_codes' inputs. prompt_codes
+        (B, K, P) and melodies (mono 32 kHz waves, already separated) stand for prompt_audio and melody when
+        the caller has them ready (the service encodes its uploads as they arrive)."""
+        job = self._inputs(prompts, duration, melody, melody_sample_rate, prompt_audio, prompt_sample_rate,
+                           batch_size, demucs, top_k, top_p, temperature, guidance_scale, seed, prompt_codes,
+                           melodies)
+        if job["frames"] > round(MAX_DURATION * self.frame_rate):
+            raise ValueError(f"a request covers one {MAX_DURATION:g} s window; ask for at most {MAX_DURATION:g} s, "
+                             f"or use generate() for long-form")
+        return self._request(job, job["known"], job["frames"], job["melodies"])
+
+    def decode_steps(self, req: Request, progress: bool = False):
+        """Decode `req` alone on an engine of its own, yielding after each step (streaming reads its grid)."""
+        L = req.seq.shape[-1]
+        S = 0 if req.cond.cross_bias is None else req.cond.cross_bias.shape[-1]
+        engine = Engine(self, req.rows, req.offset + L, S)
+        engine.admit(req)
+        bar = _progress(L - 1 - req.pos, progress)
+        while not req.finished:
+            engine.step()
+            bar.update(1)
+            yield req.pos
+        bar.close()
 
     def frames_for(self, duration: float) -> int:
         if isinstance(duration, bool) or not isinstance(duration, (int, float)) or not duration > 0:
@@ -224,14 +237,52 @@ class MusicGen(nn.Module):
             raise ValueError("duration must be finite")
         return max(1, round(duration * self.frame_rate))
 
-    # -- conditioning inputs ----------------------------------------------------------------------------
+    # -- a generation's inputs --------------------------------------------------------------------------
+    def _inputs(self, prompts, duration, melody, melody_sample_rate, prompt_audio, prompt_sample_rate, batch_size,
+                demucs, top_k, top_p, temperature, guidance_scale, seed, prompt_codes=None, melodies=None) -> dict:
+        """Check and encode every input of a generation: text states, known codes, melodies, sampling."""
+        params = SamplingParams(top_k=top_k, top_p=top_p, temperature=temperature, guidance_scale=guidance_scale)
+        params.validate()
+        frames = self.frames_for(duration)
+        prompts, B = check_batch(prompts, batch_size, [rows_of(melody), rows_of(prompt_audio),
+                                                       None if prompt_codes is None else prompt_codes.shape[0],
+                                                       None if melodies is None else len(melodies)])
+        known = (prompt_codes.to(self.device) if prompt_codes is not None
+                 else self._prompt_codes(prompt_audio, prompt_sample_rate, B))  # (B, K, P)
+        if known.shape[2] > frames:
+            raise ValueError(f"the audio prompt ({known.shape[2] / self.frame_rate:g} s) is longer than the "
+                             f"duration to generate ({duration:g} s)")
+        if melodies is None:
+            melodies = self._melodies(melody, melody_sample_rate, B, demucs)   # B mono 32 kHz waves, or None
+        elif not self.supports_melody:
+            raise ValueError("melody conditioning needs a melody checkpoint")
+        if prompts is None and melodies is None:   # both rows of a guided pair would be alike: skip guidance
+            params = SamplingParams(top_k=top_k, top_p=top_p, temperature=temperature, guidance_scale=1.0)
+        states, mask = (self.encode_text(prompts) if prompts is not None
+                        else conditions.null_text(B, self.cfg.lm.dim, self.device, self.dtype))
+        generator = None if seed is None else torch.Generator(device=self.device).manual_seed(int(seed))
+        return dict(frames=frames, known=known, melodies=melodies, params=params, states=states, mask=mask,
+                    generator=generator)
+
+    def _request(self, job: dict, known: torch.Tensor, frames: int, melodies) -> Request:
+        """One window's Request: its grid (the known codes laid out) and the conditions of its rows."""
+        params, states, mask = job["params"], job["states"], job["mask"]
+        if self.cfg.lm.prefix_conditioning:
+            chroma = self.melody_chroma(melodies, states.shape[0])
+            null = chroma_mod.null_chroma(states.shape[0], self.cfg.melody, self.device)
+            cond = conditions.prefix(self.chroma_proj, states.to(self.dtype), chroma, null, params.uses_cfg)
+        else:
+            cond = conditions.cross_attention(self.lm, states, mask, params.uses_cfg)
+        seq = build_pattern(known, frames, self.cfg.lm.special_token, self.audio_channels)   # (B, K, L)
+        return Request(seq, cond, params, job["generator"], frames=frames, channels=self.audio_channels)
+
     def _prompt_codes(self, audio, sample_rate: int | None, batch: int) -> torch.Tensor:
         """Continuation prompt -> its codes (B, K, P); P = 0 without a prompt."""
         K = self.cfg.lm.num_codebooks
         if audio is None:
             return torch.zeros(batch, K, 0, dtype=torch.long, device=self.device)
-        waves = _per_row(audio, batch, "prompt_audio")
-        sr = self.sample_rate if sample_rate is None else _rate(sample_rate, "prompt_sample_rate")
+        waves = per_row(audio, batch, "prompt_audio")
+        sr = self.sample_rate if sample_rate is None else rate(sample_rate, "prompt_sample_rate")
         # like audiocraft's convert_audio: down-mix or duplicate channels, resample to the codec rate
         waves = [resample(convert_channels(w, self.audio_channels), sr, self.sample_rate) for w in waves]
         length = min(w.shape[-1] for w in waves)
@@ -247,8 +298,8 @@ class MusicGen(nn.Module):
         if not self.supports_melody:
             raise ValueError(f"model {self.cfg.name!r} has no melody conditioning; use a melody checkpoint such as "
                              f"facebook/musicgen-melody")
-        sr = self.sample_rate if sample_rate is None else _rate(sample_rate, "melody_sample_rate")
-        return [chroma_mod.prepare_melody(w, sr, demucs) for w in _per_row(melody, batch, "melody")]
+        sr = self.sample_rate if sample_rate is None else rate(sample_rate, "melody_sample_rate")
+        return [chroma_mod.prepare_melody(w, sr, demucs) for w in per_row(melody, batch, "melody")]
 
     def melody_chroma(self, melodies: list[torch.Tensor] | None, batch: int) -> torch.Tensor:
         """Mono 32 kHz melodies (or None) -> chroma (B, chroma_length, 12) as the LM sees it."""
@@ -259,382 +310,8 @@ class MusicGen(nn.Module):
                for w in melodies]
         return torch.cat(out)
 
-    def _conditions(self, states, mask, melodies, cfg_rows: bool) -> conditions.Conditions:
-        B = states.shape[0]
-        if not self.cfg.lm.prefix_conditioning:
-            if self._static_steps:   # static shapes: pad the text to a bucket (padding is masked: exact)
-                states, mask = _pad_text(states, mask, bucket=32)
-            return conditions.cross_attention(self.lm, states, mask, cfg_rows)
-        chroma = self.melody_chroma(melodies, B)
-        null = chroma_mod.null_chroma(B, self.cfg.melody, self.device)
-        return conditions.prefix(self.chroma_proj, states.to(self.dtype), chroma, null, cfg_rows)
-
-    # -- decoding -----------------------------------------------------------------------------------------
-    def _decode_grid(self, seq: torch.Tensor, cond: conditions.Conditions, params: SamplingParams,
-                     generator: torch.Generator | None, progress: bool) -> torch.Tensor:
-        """Fill every -1 of the delayed grid (B, K, L), left to right, with sampled codes."""
-        seq = seq.clone()
-        for _ in self._decode_steps(seq, cond, params, generator, progress):
-            pass
-        return seq
-
-    def _decode_steps(self, seq: torch.Tensor, cond: conditions.Conditions, params: SamplingParams,
-                      generator: torch.Generator | None, progress: bool = False):
-        """The decoding loop: fills the -1 entries of `seq` (B, K, L) in place and yields each position once it
-        is sampled (streaming reads the grid between steps)."""
-        B, K, L = seq.shape
-        rows = 2 * B if params.uses_cfg else B
-        P = cond.prefix_length                                                 # prepended condition tokens
-        compiled = self._compiled_step is not None
-        graphs = None if compiled else self._graphs   # compile() takes precedence
-        static = self._static_steps
-        # static shapes (compile, CUDA graphs): caches over every position, reused across generations of one
-        # batch size
-        caches = (self._static_caches(rows) if static
-                  else self.lm.new_caches(rows, P + L, dtype=self.kv_dtype or self.cache_dtype,
-                                          attend_dtype=self.cache_dtype or self.dtype))
-        kv, bias = cond.cross_kv, cond.cross_bias
-        if self.cache_dtype is not None and not static and kv is not None:   # text keys/values alike
-            kv = [(k.to(self.cache_dtype), v.to(self.cache_dtype)) for k, v in kv]
-            # saturate: float32's lowest rounds to -inf in bfloat16, and a row masked everywhere must stay finite
-            bias = None if bias is None else bias.clamp(min=torch.finfo(self.cache_dtype).min).to(self.cache_dtype)
-        open_ = (seq == -1).any(dim=1).any(dim=0)                              # (L,) positions with work left
-        start = int(open_.nonzero()[0]) if open_.any() else L                  # first position to generate
-        step_inputs = lambda x: torch.cat([x, x], dim=0) if params.uses_cfg else x  # noqa: E731
-        bar = _progress(L - start, progress)
-        attention = functools.partial(lm_mod.attention_backends, self.device)   # CUDA: shapes change per step
-        with attention():   # prefill
-            logits = self.lm(step_inputs(seq[:, :, :start]), kv, bias, 0, caches, prefix=cond.prefix)[:, :, -1]
-        if static:   # the static step's position (a tensor) and its self-attention mask, updated in place
-            pos_t = torch.tensor([P + start], device=self.device)
-            window_mask = self._window_mask(caches, P + start)
-            if graphs is not None:
-                graphs.start(caches, kv, bias)
-        for pos in range(start, L):
-            if params.uses_cfg:
-                logits = apply_cfg(logits.float(), params.guidance_scale)      # (B, K, V)
-            token = sample(logits, params, generator)                          # (B, K)
-            seq[:, :, pos] = torch.where(seq[:, :, pos] == -1, token, seq[:, :, pos])
-            bar.update(1)
-            yield pos
-            if pos + 1 < L:
-                step = step_inputs(seq[:, :, pos:pos + 1])                     # (rows, K, 1)
-                if static:
-                    pos_t.fill_(P + pos)
-                    window_mask[..., P + pos] = 0                             # this step's key is visible
-                    window = window_mask[..., :lm_mod.window(P + pos + 1, window_mask.shape[-1])]
-                    if compiled:
-                        with attention(compiled=True):
-                            logits = self._run_compiled(step, pos_t, kv, bias, caches, window)
-                    else:   # graphs record eager kernels: eager attention's backends
-                        with attention():
-                            logits = graphs(step, pos_t, window)
-                else:
-                    with attention():
-                        logits = self.lm(step, kv, bias, P + pos, caches)[:, :, -1]
-        bar.close()
-        return seq
-
-    # -- compiled decoding ------------------------------------------------------------------------------
-    _compiled_step = None
-    _compile_mode = None
-    _graphs = None   # graphs.StepGraphs: CUDA graphs of the eager step (cuda_graphs)
-    # dtype of the text keys/values and the decoding KV cache when it differs from the LM's (None: the LM's).
-    # load(quantize="int4" or "int8") on CPU sets bfloat16: attention reads the whole cache every step, and at
-    # 30 s of float32 that is as much memory traffic as the 4-bit weights. Its rounding moves the logits by
-    # about 3e-4 of their spread, against the 0.026 (int8) and 0.05 (int4) of the weights. Eager decoding only.
-    cache_dtype = None
-    # dtype of the self-attention cache when it differs from cache_dtype. load(quantize=...) or a 16-bit dtype on
-    # CPU, where the fused decoder runs the steps, sets torch.int8: each key and value vector as int8 codes with
-    # a float32 scale (lm.kv_quantize), half the bytes of a 16-bit cache; the logits move by about as little
-    # again (bfloat16's mean error 0.00331 -> 0.00331 of their spread, float16's 0.00042 -> 0.00043).
-    # MUSICGEN_KV_INT8=0 at load keeps the 16-bit cache. float32 keeps its exact float32 cache.
-    kv_dtype = None
-
-    def compile(self, mode: str | None = None, backend: str = "inductor", gemv: bool | None = None) -> "MusicGen":
-        """Compile the one-token decoding step (static shapes; CUDA graphs with mode "reduce-overhead" on GPU).
-        The first generation pays the compile time; later ones with the same batch size reuse it.
-
-        gemv=True (default: MUSICGEN_COMPILE_GEMV=1): the step's products of a few rows (every linear layer
-        and output head; with guidance, 2 rows a batch item) are traced as multiply-and-sum reductions
-        (`lm.row_linear`) instead of matrix products, so that inductor writes them as kernels of its own
-        (Triton on a GPU), tuned by coordinate descent (inductor's `coordinate_descent_tuning`, turned on
-        with it). Inductor compiles one-row products this way itself when that tuning is on (its source
-        says its matrix-vector products reach peak bandwidth only with it); MusicGen's guided steps have
-        two rows, which it leaves to cuBLAS. Opt-in until a GPU has measured it on MusicGen's shapes; on
-        CPU it is slower than the default compiled step (small float32: 6.0 against 14.1 steps/s).
-
-        A model on CPU with a fused native decoder (musicgen/fused.py: every layer in one call; quantised and
-        16-bit models, and float32 ones where our kernel reads float32 weights as fast as PyTorch) keeps it
-        instead: a compiled graph of the same layers does not beat it (small int4 32.1 against 53.5 steps/s,
-        int8 22.4 against 30.2, float32 15.0 against 15.6). It says so once; MUSICGEN_FUSED=0 at load compiles
-        the layer loop."""
-        if self.lm.fused is not None:
-            print("musicgen: compile skipped: this model's fused CPU decoder is faster than a compiled "
-                  "step (MUSICGEN_FUSED=0 at load to compile anyway)", file=sys.stderr)
-            return self
-        if mode is None:
-            mode = "reduce-overhead" if self.device.type == "cuda" else "default"
-        if gemv is None:
-            gemv = os.environ.get("MUSICGEN_COMPILE_GEMV", "") == "1"
-        self.lm.row_products = gemv
-        if gemv:
-            lm_mod.prepare_row_products()
-        how = dict(mode=mode)
-        if gemv and backend == "inductor":   # the mode's own options, and tuning (torch.compile takes one or the other)
-            from torch._inductor import list_mode_options
-
-            how = dict(options={**list_mode_options(mode), "coordinate_descent_tuning": True})
-        self._compiled_step = torch.compile(self.lm.step, backend=backend, fullgraph=True, dynamic=False, **how)
-        self._compile_mode = mode
-        self._caches = {}
-        return self
-
-    def cuda_graphs(self, enabled: bool = True, capture: bool = True) -> "MusicGen":
-        """Decode with CUDA graphs of the eager step, recorded per window bucket by running the step twice,
-        without torch.compile's first-generation compile (musicgen/graphs.py). Ignored after `compile()`, whose
-        "reduce-overhead" mode records graphs of its own fused kernels. `capture=False` runs the same
-        static-shape step without recording (any device: to compare, and for tests). MUSICGEN_CUDA_GRAPHS=1 at
-        load turns it on for CUDA models."""
-        if not enabled:
-            self._graphs = None
-            return self
-        if capture and self.device.type != "cuda":
-            raise ValueError(f"CUDA graphs need a model on a CUDA device, not {self.device.type}")
-        if self.lm.fused is not None:
-            raise ValueError("this model decodes in its fused CPU decoder (MUSICGEN_FUSED=0 at load to use the "
-                             "static step)")
-        from .graphs import StepGraphs
-
-        self._graphs = StepGraphs(self.lm, capture=capture)
-        self._caches = {}
-        return self
-
-    @property
-    def _static_steps(self) -> bool:
-        """Whether decoding steps run with static shapes (compiled, or through CUDA graphs)."""
-        return self._compiled_step is not None or self._graphs is not None
-
-    def _window_mask(self, caches, filled: int) -> torch.Tensor:
-        """(1, 1, 1, max_len) additive self-attention mask of the compiled step: 0 over the `filled` positions
-        the prefill wrote, -inf after; each step opens its own position and reads a bucketed window of it."""
-        k = caches[0].k
-        mask = torch.full((1, 1, 1, k.shape[2]), float("-inf"), dtype=k.dtype, device=k.device)
-        mask[..., :filled] = 0
-        return mask
-
-    def _run_compiled(self, step, pos_t, cross_kv, cross_bias, caches, window) -> torch.Tensor:
-        torch._dynamo.mark_dynamic(window, 3)   # one graph for every window length (CUDA graphs: one per bucket)
-        key = (step.shape[0], cross_kv[0][0].shape[2] if cross_kv is not None else 0)
-        warmed = self.__dict__.setdefault("_warmed", set())
-        if key in warmed:
-            return self._compiled_step(step, pos_t, cross_kv, cross_bias, caches, window).clone()
-        from torch._dynamo.utils import counters
-
-        skips = counters["inductor"]["cudagraph_skips"]
-        start = time.perf_counter()
-        out = self._compiled_step(step, pos_t, cross_kv, cross_bias, caches, window).clone()
-        warmed.add(key)
-        print(f"musicgen: compiled the decoding step for {key[0]} rows in {time.perf_counter() - start:.1f} s "
-              "(once per batch size)", file=sys.stderr)
-        if self._compile_mode in _CUDA_GRAPH_MODES and counters["inductor"]["cudagraph_skips"] > skips:
-            # inductor logs why only under TORCH_LOGS=cudagraphs; without graphs a GPU step is bound by launches
-            print("musicgen: CUDA graphs are not used for the decoding step; it runs without them, more slowly "
-                  "(TORCH_LOGS=cudagraphs says why)", file=sys.stderr)
-        return out
-
-    def _static_caches(self, rows: int):
-        caches = getattr(self, "_caches", {})
-        if rows not in caches:
-            caches.clear()   # one batch size at a time: caches are the biggest allocation of a generation
-            if self._graphs is not None:
-                self._graphs.reset()   # its graphs hold the old caches
-            caches[rows] = self.lm.new_caches(rows, self.lm.positions.shape[0])
-        self._caches = caches
-        return caches[rows]
-
-
-_CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")   # torch.compile modes that record CUDA graphs
-
-
-def _pad_text(states: torch.Tensor, mask: torch.Tensor, bucket: int) -> tuple[torch.Tensor, torch.Tensor]:
-    S = states.shape[1]
-    target = -(-S // bucket) * bucket
-    if target == S:
-        return states, mask
-    pad = target - S
-    return (torch.nn.functional.pad(states, (0, 0, 0, pad)), torch.nn.functional.pad(mask, (0, pad)))
-
-
-def _batch(prompts, batch_size: int | None, rows: list[int | None]) -> tuple[list[str] | None, int]:
-    """Validate prompts and settle the batch size from prompts, batch_size, melody or prompt audio rows."""
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    sizes = {n for n in rows if n is not None}
-    if prompts is not None:
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not prompts:
-            raise ValueError("give at least one prompt, or prompts=None for generation without text")
-        for i, p in enumerate(prompts):
-            if not isinstance(p, str) or not p.strip():
-                raise ValueError(f"prompt {i} is empty")
-        sizes.add(len(prompts))
-    if batch_size is not None:
-        sizes.add(batch_size)
-    if len(sizes) > 1:
-        raise ValueError(f"inconsistent batch: prompts, batch_size, melody and prompt_audio give {sorted(sizes)} rows")
-    return prompts, (sizes.pop() if sizes else 1)
-
-
-def _rows(audio) -> int | None:
-    """Rows an audio argument fixes: a list's length or a 3-d tensor's batch; None for one shared signal."""
-    if isinstance(audio, (list, tuple)):
-        return len(audio)
-    if isinstance(audio, torch.Tensor) and audio.dim() == 3:
-        return audio.shape[0]
-    return None
-
-
-def _per_row(audio, batch: int, what: str) -> list[torch.Tensor]:
-    """(samples,), (channels, samples) for every row, (B, channels, samples) or a list of rows -> B tensors."""
-    if isinstance(audio, (list, tuple)):
-        items = [torch.as_tensor(a, dtype=torch.float32) for a in audio]
-    else:
-        audio = torch.as_tensor(audio, dtype=torch.float32)
-        if audio.dim() == 3:
-            items = list(audio)
-        elif audio.dim() in (1, 2):
-            items = [audio] * batch
-        else:
-            raise ValueError(f"{what} must be (samples,), (channels, samples) or (batch, channels, samples), "
-                             f"got shape {tuple(audio.shape)}")
-    out = []
-    for a in items:
-        a = a.detach().float().cpu()
-        a = a[None] if a.dim() == 1 else a
-        if a.dim() != 2:
-            raise ValueError(f"each {what} must be (channels, samples), got shape {tuple(a.shape)}")
-        if a.shape[0] > 2:
-            raise ValueError(f"{what} has {a.shape[0]} channels; expected mono or stereo (channels, samples)")
-        if not torch.isfinite(a).all():
-            raise ValueError(f"{what} holds NaN or infinite samples")
-        out.append(a)
-    if len(out) != batch:
-        raise ValueError(f"{len(out)} {what} rows for a batch of {batch}")
-    return out
-
-
-def _rate(value, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{what} must be a positive integer (Hz), got {value!r}")
-    return value
-
 
 def _progress(total: int, enabled: bool):
     from tqdm import tqdm
     return tqdm(total=total, unit="step", desc="decoding", file=sys.stderr, disable=not enabled, leave=False,
                 dynamic_ncols=True)
-
-
-# -- loading ----------------------------------------------------------------------------------------------
-QUANTIZE = (None, "int8", "int4")
-
-
-def load(name_or_path: str | os.PathLike = "facebook/musicgen-small", device: str | torch.device = "cpu",
-         dtype: str | torch.dtype = "float32", quantize: str | None = None, compile: bool = False) -> MusicGen:
-    """Load a MusicGen checkpoint (hub id or local folder in the Hugging Face format).
-
-    dtype: precision of the LM and text encoder ("float32" is the exact reference path; "bfloat16",
-    "float16"). quantize="int8": weight-only int8 for every linear layer of the LM and text encoder, with
-    activations in `dtype` (on CPU without our AVX2 kernel, bfloat16 for float32, as PyTorch's int8 kernel wants).
-    quantize="int4": the LM's transformer layers in 4 bits (groups of 32 with a float16 scale; on x86 CPUs the
-    decoding products also quantise activations to int8 per group), its output heads and the text encoder in
-    int8: the fastest CPU mode, with the largest departure from float32 (see the README's Performance section).
-    Both quantised modes on CPU keep the text keys/values in bfloat16 and, where the fused decoder runs the
-    steps, the self-attention cache in int8 rows (MusicGen.kv_dtype; MUSICGEN_KV_INT8=0 keeps bfloat16);
-    bfloat16 and float16 models keep that int8 cache too where the fused decoder runs their steps.
-    compile=True: torch.compile the decoding step (CUDA graphs on GPU); the first generation pays for it.
-    MUSICGEN_COMPILE_GEMV=1 with it: its few-row products as tuned reductions (`MusicGen.compile`, gemv).
-    MUSICGEN_CUDA_GRAPHS=1 (CUDA, without compile): CUDA graphs of the eager step, no compile (`cuda_graphs`).
-    """
-    torch_dtype = _dtype(dtype)
-    if quantize not in QUANTIZE:
-        raise ValueError(f"unknown quantize {quantize!r}: choose None, 'int8' or 'int4'")
-    device = torch.device(device)
-    folder = ckpt.resolve(name_or_path)
-    if audiocraft_format.is_audiocraft(folder):   # state_dict.bin + compression_state_dict.bin (+ t5/)
-        cfg, state, text_folder = audiocraft_format.read(folder)
-    else:
-        cfg, _ = ckpt.read_config(folder)
-        state, text_folder = ckpt.map_hf_state(ckpt.read_weights(folder)), folder
-    tokenizer = TextTokenizer.from_dir(text_folder)
-    with torch.device("meta"):
-        model = MusicGen(cfg, tokenizer)
-    ckpt.load_into(model, state, str(folder))
-    del state   # the model holds the tensors now; precision changes below free each old copy as they go
-    _rebuild_buffers(model)
-    model.eval().requires_grad_(False)
-    model.to(device)
-    if quantize == "int8" and torch_dtype == torch.float32 and device.type == "cpu" and int8_gemv() is None:
-        torch_dtype = torch.bfloat16   # without our kernel, PyTorch's fused int8 kernel wants bfloat16 activations
-    # the LM and text encoder run in the chosen precision; the codec stays float32 (cheap, and its LSTM
-    # and residual sums are where half precision audibly hurts)
-    for part in (model.lm, model.text_encoder, model.text_proj, model.chroma_proj):
-        if part is not None:
-            part._apply(functools.partial(_convert, dtype=torch_dtype))   # part.to(dtype), releasing as it goes
-    if quantize == "int4":   # the LM's layers in 4 bits; its output heads and the text encoder in 8
-        quantize_int4(model.lm, torch_dtype, skip=("heads",))
-    elif quantize == "int8":
-        quantize_int8(model.lm, torch_dtype)
-    if quantize is not None:
-        quantize_int8(model.text_encoder, torch_dtype)
-        if model.text_proj is not None:
-            model.text_proj = Int8Linear.from_linear(model.text_proj, torch_dtype)
-    if device.type == "cpu":   # faster few-row float32 products (decoding); other dtypes and shapes unchanged
-        for part in (model.lm, model.text_encoder, model.text_proj, model.chroma_proj):
-            if part is not None:
-                use_skinny_linear(part)
-    if quantize is not None and device.type == "cpu" and torch_dtype == torch.float32:
-        model.cache_dtype = torch.bfloat16
-    if device.type == "cpu":   # attach decides where the fused step applies (kernels built, dense_policy)
-        fused.attach(model.lm)
-        compact = quantize is not None or torch_dtype in (torch.bfloat16, torch.float16)   # not the exact path
-        if compact and model.lm.fused is not None and os.environ.get("MUSICGEN_KV_INT8", "") != "0":
-            model.kv_dtype = torch.int8
-    if compile:
-        model.compile()
-    elif device.type == "cuda" and os.environ.get("MUSICGEN_CUDA_GRAPHS", "") == "1":
-        model.cuda_graphs()
-    return model
-
-
-def _convert(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """What Module.to(dtype) does to one tensor, and the original's pages released once copied
-    (checkpoint.release: a float32 checkpoint loaded as bfloat16 then peaks near the bfloat16 model)."""
-    if not tensor.is_floating_point() or tensor.dtype == dtype:
-        return tensor
-    converted = tensor.to(dtype)
-    ckpt.release(tensor)
-    return converted
-
-
-def _dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        if dtype not in DTYPES.values():
-            raise ValueError(f"unsupported dtype {dtype}")
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}: choose float32, bfloat16 or float16")
-    return DTYPES[dtype]
-
-
-def _rebuild_buffers(model: MusicGen) -> None:
-    """Non-persistent buffers are not in checkpoints; the meta-device build left them empty."""
-    lm = model.lm
-    lm.positions = sinusoids(lm.cfg.max_position_embeddings, lm.cfg.dim)
-    for module in model.modules():
-        if isinstance(module, nn.RNNBase):
-            module._init_flat_weights()   # rebinding LSTM parameters on load leaves its flat list stale
-    leftovers = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if leftovers:
-        raise RuntimeError(f"tensors left uninitialised after loading: {leftovers[:3]}")

@@ -41,8 +41,8 @@ class SamplingParams:
 
 
 def apply_cfg(logits: torch.Tensor, scale: float) -> torch.Tensor:
-    """(2B, ...) logits, conditional rows first -> (B, ...) guided logits."""
-    cond, uncond = logits.chunk(2, dim=0)
+    """(2B, ...) logits, conditional and unconditional rows interleaved (c0 u0 c1 u1 ...) -> (B, ...) guided."""
+    cond, uncond = logits[0::2], logits[1::2]
     return uncond + (cond - uncond) * scale
 
 
@@ -74,13 +74,14 @@ def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
 
 
-def sample_rows(logits: torch.Tensor, p: SamplingParams, generators: list) -> torch.Tensor:
-    """`sample` for rows that each have their own generator: (R, ..., V) -> (R, ...).
+def sample_groups(logits: torch.Tensor, p: SamplingParams, generators: list, sizes: list[int]) -> torch.Tensor:
+    """`sample` for consecutive groups of rows that each have their own generator: (R, ..., V) -> (R, ...).
 
-    Row i gets exactly what `sample(logits[i:i+1], p, generators[i])` gives it (each row's noise is drawn
-    from its own generator, in the same order); the rest runs once for all rows. For batched decoding of
-    independent requests.
-    """
+    Group i (sizes[i] rows) gets exactly what `sample` of its rows with generators[i] gives it (each group's
+    noise is drawn from its own generator, in the same order); the rest runs once for all rows. For batched
+    decoding of independent requests."""
+    if len(sizes) == 1:
+        return sample(logits, p, generators[0])
     logits = logits.float()
     if p.greedy:
         return logits.argmax(dim=-1)
@@ -90,6 +91,6 @@ def sample_rows(logits: torch.Tensor, p: SamplingParams, generators: list) -> to
     elif p.top_k > 0:
         probs = _top_k(probs, p.top_k)
     noise = torch.empty_like(probs)
-    for i, g in enumerate(generators):
-        noise[i:i + 1].exponential_(1.0, generator=g)
+    for chunk, g in zip(noise.split(sizes), generators):
+        chunk.exponential_(1.0, generator=g)
     return (probs / noise).argmax(dim=-1)

@@ -17,9 +17,9 @@ run) are dropped. B carries its (h, c) state from chunk to chunk, so it is exact
 newest complete frame by 2 * MARGIN frames (160 ms at 50 Hz), and the joined stream matches the one-shot
 decode to float rounding (tests/test_streaming.py measures the SNR; > 100 dB).
 
-`stream_codes` is the decoding loop of `MusicGen.generate_codes`, step for step (same calls, same random
-draws), paused whenever `chunk` more frames are complete; with the delay pattern frame f is complete once
-codebook K-1 has been sampled for it, K-1 steps after codebook 0.
+`stream_codes` runs the decoding loop of `MusicGen.generate_codes` (the same engine, the same random draws),
+paused whenever `chunk` more frames are complete; with the delay pattern frame f is complete once codebook
+K-1 has been sampled for it, K-1 steps after codebook 0.
 """
 from __future__ import annotations
 
@@ -28,8 +28,6 @@ from typing import Iterator, Sequence
 import torch
 
 from .accel import codec as codec_fast
-from .delay import build_pattern, codebook_delays
-from .model import MAX_DURATION
 
 MARGIN = 4   # frames of real context kept on each side of a recomputed window (A needs 3, C about 2)
 FIRST_CHUNK_SECONDS = 0.25   # the first chunk of a stream, when chunk_seconds is longer: audio starts sooner
@@ -105,38 +103,20 @@ class MultiChannelDecoder:
 
 @torch.inference_mode()
 def stream_codes(model, prompts: Sequence[str] | str | None, duration: float, chunk_frames: int, *,
-                 melody=None, melody_sample_rate: int | None = None, prompt_audio=None,
-                 prompt_sample_rate: int | None = None, batch_size: int | None = None, demucs: bool = True,
-                 top_k: int = 250, top_p: float = 0.0, temperature: float = 1.0, guidance_scale: float = 3.0,
-                 seed: int | None = None, first_chunk_frames: int | None = None
-                 ) -> Iterator[tuple[torch.Tensor, bool]]:
+                 first_chunk_frames: int | None = None, **options) -> Iterator[tuple[torch.Tensor, bool]]:
     """Yield (codes (B, K, n), last) for every `chunk_frames` newly complete frames (`first_chunk_frames` for the
     first yield, default the same); the codes joined equal `model.generate_codes` with the same arguments
     (every mode of one 30 s window; a continuation's prompt frames come first)."""
     first_chunk_frames = chunk_frames if first_chunk_frames is None else first_chunk_frames
     if chunk_frames < 1 or first_chunk_frames < 1:
         raise ValueError(f"chunks must hold at least one frame, got {min(chunk_frames, first_chunk_frames)}")
-    frames, known, melodies, params, states, mask, generator = model._prepare(
-        prompts, duration, melody, melody_sample_rate, prompt_audio, prompt_sample_rate, batch_size, demucs,
-        top_k, top_p, temperature, guidance_scale, seed)
-    if frames > round(MAX_DURATION * model.frame_rate):
-        raise ValueError(f"streaming covers one {MAX_DURATION:g} s window; ask for at most {MAX_DURATION:g} s, "
-                         f"or use generate() for long-form")
-    K = model.cfg.lm.num_codebooks
-    cond = model._conditions(states, mask, melodies, params.uses_cfg)
-    seq = build_pattern(known, frames, model.cfg.lm.special_token, model.audio_channels)  # (B, K, L)
-    L = seq.shape[-1]
-    delays = codebook_delays(K, model.audio_channels)
+    req = model.new_request(prompts, duration, **options)
     sent = 0
-    for pos in model._decode_steps(seq, cond, params, generator):
-        complete = min(frames, pos - max(delays))                  # frame f is complete at pos f + max delay + 1
-        if complete - sent >= (chunk_frames if sent else first_chunk_frames) or pos == L - 1:
-            yield _frames(seq, sent, complete, delays), pos == L - 1
+    for _ in model.decode_steps(req):
+        complete = req.complete_frames
+        if complete - sent >= (chunk_frames if sent else first_chunk_frames) or req.finished:
+            yield req.codes_between(sent, complete), req.finished
             sent = complete
-
-def _frames(seq: torch.Tensor, start: int, end: int, delays: list[int]) -> torch.Tensor:
-    """Frames [start, end) of the delayed grid (B, K, L) -> codes (B, K, end - start)."""
-    return torch.stack([seq[:, k, start + d + 1:end + d + 1] for k, d in enumerate(delays)], dim=1)
 
 
 def stream(model, prompts: Sequence[str] | str | None, duration: float = 8.0, chunk_seconds: float = 1.0,

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import time
 from pathlib import Path
 
@@ -120,17 +119,54 @@ def spm_model(tmp_path_factory) -> Path:
     return train_spm(tmp_path_factory.mktemp("spm"))
 
 
+def pytest_addoption(parser):
+    parser.addoption("--require-kernels", action="store_true",
+                     help="fail, instead of skipping, the tests of native CPU kernels that did not build (CI)")
+    parser.addoption("--require-browser", action="store_true",
+                     help="fail, instead of skipping, the browser test when chromium is missing (CI)")
+
+
+def pytest_configure(config):
+    global REQUIRE_KERNELS
+    REQUIRE_KERNELS = config.getoption("--require-kernels")
+
+
+REQUIRE_KERNELS = False
+
+
 def kernel_or_skip(name: str):
     """musicgen.accel.kernels.<name>() (int8_gemv, int4_gemv, fused_decoder); skips where the CPU kernels cannot be
-    built here, and fails instead under MUSICGEN_REQUIRE_KERNEL=1 (CI)."""
+    built here, and fails instead under --require-kernels (CI)."""
     from musicgen.accel import kernels
 
     kernel = getattr(kernels, name)()
     if kernel is None:
-        if os.environ.get("MUSICGEN_REQUIRE_KERNEL") == "1":
-            pytest.fail(f"the {name} CPU kernel did not build (MUSICGEN_REQUIRE_KERNEL=1)")
+        if REQUIRE_KERNELS:
+            pytest.fail(f"the {name} CPU kernel did not build (--require-kernels)")
         pytest.skip(f"no AVX2/FMA/F16C CPU or C++ compiler: {name} is not built here")
     return kernel
+
+
+BACKENDS = ["fused", "reference", "no-kernels"]
+
+
+@pytest.fixture(params=BACKENDS)
+def any_backend(request):
+    """Every way this machine can run decoding steps, in turn: the fused native step (where the kernels build),
+    the PyTorch layer loop, and the layer loop without our kernels at all (PyTorch's packed kernels for
+    quantised layers: ARM, macOS, no compiler). Models loaded inside the test get that backend."""
+    from musicgen import accel
+
+    if request.param == "fused":
+        kernel_or_skip("fused_decoder")
+        with accel.override(backend="fused"):
+            yield request.param
+    elif request.param == "reference":
+        with accel.override(backend="reference"):
+            yield request.param
+    else:
+        with accel.override(kernels=False):
+            yield request.param
 
 
 @pytest.fixture(scope="session")

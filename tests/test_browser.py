@@ -1,12 +1,11 @@
 """The web page in a real headless browser (Debian's chromium + chromedriver, driven by selenium): type a
 prompt, press Generate, watch progress, hear the stream start, get a playable, downloadable file.
 
-Skipped when chromium or chromedriver is missing, unless MUSICGEN_REQUIRE_BROWSER=1 (CI sets it), which
+Skipped when chromium or chromedriver is missing, unless pytest runs with --require-browser (CI does), which
 turns the skip into a failure. Debian/Ubuntu: apt-get install chromium chromium-driver.
 """
 from __future__ import annotations
 
-import os
 import shutil
 import time
 
@@ -17,12 +16,12 @@ from conftest import running_server
 pytestmark = pytest.mark.browser
 
 
-def chrome():
+def chrome(require: bool):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     driver = shutil.which("chromedriver")
     if not (chromium and driver):
         why = "the browser test needs chromium and chromedriver (apt-get install chromium chromium-driver)"
-        if os.environ.get("MUSICGEN_REQUIRE_BROWSER") == "1":
+        if require:
             pytest.fail(why)
         pytest.skip(why)
     from selenium import webdriver
@@ -46,8 +45,8 @@ def poll(what, timeout=60, every=0.02):
     raise AssertionError("timed out")
 
 
-def test_type_generate_see_progress_play_and_download(model, tmp_path):
-    browser = chrome()
+def test_type_generate_see_progress_play_and_download(model, tmp_path, pytestconfig):
+    browser = chrome(pytestconfig.getoption("--require-browser"))
     try:
         with running_server(model, tmp_path) as (url, service):
             browser.get(url + "/")

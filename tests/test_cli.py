@@ -164,3 +164,19 @@ def test_help_and_input_errors_answer_without_importing_torch(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "prompt 1 is empty" in out.stderr
+
+
+def test_stream_works_without_the_service_extra(ckpt_dir, tmp_path, monkeypatch):
+    """`musicgen generate --stream` needs only the base install: with FastAPI (the `serve` extra) missing it
+    still writes its WAV."""
+    import soundfile as sf
+
+    for name in [n for n in sys.modules if n == "fastapi" or n.startswith(("fastapi.", "musicgen.serve"))]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "fastapi", None)          # `import fastapi` now raises ImportError
+    out = tmp_path / "s.wav"
+    assert main(["generate", "lofi", "-d", "0.5", "--stream", "--model", str(ckpt_dir), "-o", str(out), "-q",
+                 "--seed", "1"]) == 0
+    audio, sr = sf.read(out)
+    assert sr == 32000 and len(audio) == 16000
+    assert not any(n.startswith("musicgen.serve") for n in sys.modules)

@@ -58,14 +58,20 @@ def test_lm_logits_close(model, hf_model, hf_tokenizer):
 
 
 def test_cached_decoding_equals_full_forward(model):
+    """A prefill block, then one engine step per position (every row at its own position), over the static
+    cache: the logits of the whole sequence at once."""
+    from musicgen.conditions import Conditions
+    from musicgen.engine import Engine
+
     states, mask = model.encode_text(PROMPTS[:2])
     kv, bias = model.lm.cross_kv(states), model.lm.cross_bias(mask, states.dtype)
     codes = torch.randint(0, 65, (2, 4, 12), generator=torch.Generator().manual_seed(4))
     with torch.inference_mode():
         full = model.lm(codes, kv, bias)
-        caches = model.lm.new_caches(2, 12)
-        parts = [model.lm(codes[:, :, :5], kv, bias, 0, caches)]                # a prefill block ...
-        parts += [model.lm(codes[:, :, t:t + 1], kv, bias, t, caches) for t in range(5, 12)]  # ... then steps
+        engine = Engine(model, rows=2, length=12, text_length=states.shape[1])
+        engine.cache.put_text(0, Conditions(cross_kv=kv, cross_bias=bias))
+        parts = [model.lm(codes[:, :, :5], kv, bias, stores=engine.cache.stores(slice(0, 2)))]   # a prefill ...
+        parts += [engine.forward(codes[:, :, t], [t, t])[:, :, None] for t in range(5, 12)]      # ... then steps
     torch.testing.assert_close(torch.cat(parts, dim=2), full, atol=1e-5, rtol=1e-5)
 
 

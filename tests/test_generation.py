@@ -28,7 +28,8 @@ def test_delay_pattern_unknown_positions_and_stereo():
 
 def test_cfg_formula():
     cond, uncond = torch.randn(2, 4, 10), torch.randn(2, 4, 10)
-    torch.testing.assert_close(apply_cfg(torch.cat([cond, uncond]), 3.0), uncond + 3.0 * (cond - uncond))
+    rows = torch.stack([cond, uncond], dim=1).flatten(0, 1)                    # c0 u0 c1 u1: the engine's layout
+    torch.testing.assert_close(apply_cfg(rows, 3.0), uncond + 3.0 * (cond - uncond))
 
 
 def test_top_k_never_leaves_the_k_best():

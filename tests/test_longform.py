@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from musicgen import MusicGen, preset
-from musicgen.config import CodecConfig, replace
+from musicgen.config import replace
 from musicgen.longform import generate_long
 
 

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-import musicgen
 from musicgen import chroma
 from musicgen.audio import resample
 from musicgen.config import MelodyConfig

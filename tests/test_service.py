@@ -138,6 +138,20 @@ def test_invalid_input_is_422_naming_the_field(server, body, field):
     assert field in str(r.json()["detail"])
 
 
+@pytest.mark.parametrize("raw, field", [(b'{"prompt": "x", "duration": NaN}', "duration"),
+                                        (b'{"prompt": "x", "duration": Infinity}', "duration"),
+                                        (b'{"prompt": "x", "temperature": -Infinity}', "temperature"),
+                                        (b'{"prompt": "x", "top_p": NaN}', "top_p")])
+def test_non_finite_numbers_are_422_naming_the_field(server, raw, field):
+    """JSON as Python's parser takes it (NaN, Infinity): a 422 naming the field, not a 500 from an error body
+    that cannot hold the number; multipart requests alike."""
+    client, _ = server
+    r = client.post("/v1/generate", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 422 and field in str(r.json()["detail"]) and "finite" in str(r.json()["detail"])
+    r = client.post("/v1/generate", files={"request": (None, raw.decode())})       # multipart
+    assert r.status_code == 422 and field in str(r.json()["detail"])
+
+
 def test_other_bad_requests(server):
     client, _ = server
     assert client.post("/v1/generate", content=b"not json", headers={"content-type": "application/json"}

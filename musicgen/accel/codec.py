@@ -26,12 +26,11 @@ loop (`lstm`): the input projections of all frames in one product, then per fram
 weights for every batch row, and the gates. PyTorch's LSTM took 1.6-1.8x as long for 2 or 4 rows as for 1.
 
 Used by `Decoder.forward`, `Encoder.forward` and the streaming decoder on CPU float32 without autograd;
-`MUSICGEN_FAST_CODEC=0` turns it off.
+Tests hold it to the layer modules (`Encoder.reference`, `Decoder.reference`).
 """
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn as nn
@@ -69,8 +68,7 @@ def lstm(module: nn.LSTM, x: torch.Tensor, state=None):
 
 
 def enabled(x: torch.Tensor) -> bool:
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
-            and os.environ.get("MUSICGEN_FAST_CODEC", "1") != "0")
+    return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
 
 
 def split(stack) -> int:

@@ -1,78 +1,80 @@
-"""Decoding steps of a CPU LM in one native call (musicgen/kernels/decoder.cpp).
+"""The fused CPU decoding step: every decoder layer of a step in one native call (kernels/decoder.cpp).
 
-With 4-bit weights the products of a musicgen-small step take about 11 ms on two cores; the whole step driven
-layer by layer from Python took about 24 ms at position 300: attention over the cache, and the dispatch of
-some 30 small operations per layer. bfloat16 weights paid the same: 28 ms of products in a 51 ms step, and
-float32 ones about 16 ms of a 71 ms step. `FusedLayers` hands the decoder layers' norms and weights to the
-native decoder once, and `MusicLM.forward` routes one-position eager steps on CPU through it; the
-embeddings, the final norm and the heads stay in Python. It computes what the layer loop computes
-(tests/test_fast.py holds the two together), writing keys and values into the same `KVCache` buffers, so
-prefill in Python and steps here interleave. Its activations are float32 throughout the layers, so for a
-bfloat16 (or float16) model it is closer to float32 than the layer loop (which rounds every activation to the
-model's dtype); only the step's output, the keys and the values are rounded. For a float32 model the two
-differ only in the order of float32 sums (about 1e-6 of the logits' spread), as two BLAS libraries do: it is
-the exact path's decoding step, held to transformers by the conformance tests as the layer loop is.
+Driven layer by layer from Python, a decoding step of a quantised model spends more time dispatching some 30
+small operations per layer and attending over the cache than in its products (docs/performance.md).
+`FusedLayers` hands the decoder layers' norms and weights to the native decoder once; the engine's steps
+then run every layer in one call, writing keys and values into the same cache as the layer loop, so a
+prefill in Python and steps here interleave. The embeddings, the final norm and the heads stay in Python.
 
-`attach(lm)` installs it where it applies: CPU, no autograd, the kernels built, and every decoder linear an
-Int4Linear or Int8Linear (float32 or bfloat16 model), or a float32, bfloat16 or float16 linear on a CPU with
-AVX-512 where our dense kernel reads the weights about as fast as PyTorch's products or faster
-(quant.dense_policy; float16 products in PyTorch read the weights at 7 GB/s here, a third of our kernel's
-rate). MUSICGEN_FUSED=0 turns it off: every step then runs the PyTorch layer loop (to compare the two paths).
+Its activations are float32 throughout the layers, so for a bfloat16 (or float16) model it is closer to float32
+than the layer loop (which rounds every activation to the model's dtype); only the step's output, the keys
+and the values are rounded. For a float32 model the two differ only in the order of float32 sums (about 1e-6
+of the logits' spread), as two BLAS libraries do (tests/test_backends.py holds the two together).
+
+`build(lm)` makes it where it applies: CPU, the kernels built, and every decoder linear an Int4Linear or
+Int8Linear, or a plain float32, bfloat16 or float16 nn.Linear that the kernels can read.
 """
 from __future__ import annotations
 
-import os
 import sys
 
 import torch
 
 from . import kernels
-from .quant import Int4Linear, Int8Linear, SkinnyLinear, dense_picked
+from .quant import Int4Linear, Int8Linear
 
 
 class FusedLayers:
-    def __init__(self, native, dtype: torch.dtype, bindings: list | None = None):
+    """A decoding-step backend (see musicgen/engine.py): `layers` runs every decoder layer in one call."""
+
+    name = "fused"
+
+    def __init__(self, native, dtype: torch.dtype, bindings: list):
         self.native = native
-        self.dtype = dtype   # the model's, when built: a model converted since (model.float()) keeps its layer loop
+        self.dtype = dtype   # the model's, when built: a model converted since (model.float()) takes the layer loop
         # (dict, key, object) for every layer, sub-layer, linear, norm and their tensors as they were at build:
         # the native decoder holds those tensors, so a module or parameter put in their place later (adapters,
         # another quantisation, `module.weight = Parameter(...)`) would be ignored by it
-        self.bindings = bindings or []
+        self.bindings = bindings
         self.stale = False
+        from ..engine import Reference
+
+        self.reference = Reference()
 
     def takes(self, x: torch.Tensor) -> bool:
-        """Whether the one-position rows x go through it: on CPU, in the dtype it was built for, no autograd, and
-        the LM's layers still the ones it was built from (else the layer loop runs them, and it says so once)."""
+        """Whether rows x go through it: on CPU, in the dtype it was built for, no autograd, and the LM's layers
+        still the ones it was built from (else the layer loop runs them, and it says so once)."""
         if x.device.type != "cpu" or x.dtype != self.dtype or torch.is_grad_enabled() or self.stale:
             return False
         if not all(d.get(k) is v for d, k, v in self.bindings):
             self.stale = True
             print("musicgen: the LM's layers changed after load; its decoding steps now run the PyTorch layer "
-                  "loop (musicgen.fused.attach(model.lm) builds the fused decoder for them again)", file=sys.stderr)
+                  "loop", file=sys.stderr)
             return False
         return True
 
-    def __call__(self, x: torch.Tensor, pos: int, caches, cross_kv, cross_bias) -> torch.Tensor:
-        """x (R, 1, D) at position pos -> (R, 1, D) after every decoder layer (MusicLM.forward's step)."""
-        ks, vs = ([], []) if cross_kv is None else ([k for k, _ in cross_kv], [v for _, v in cross_kv])
-        y = self.rows(x[:, 0], [pos], [c.k for c in caches], [c.v for c in caches], ks, vs, cross_bias)
-        return y[:, None]
-
-    def rows(self, x: torch.Tensor, positions: list[int], keys, values, cross_keys, cross_values,
-             cross_bias) -> torch.Tensor:
-        """x (R, D), row r at positions[r] (or every row at positions[0]) -> (R, D); keys/values per layer
-        (>= R, H, max_len, hd) (the continuous-batching scheduler's slots, rows past R untouched)."""
+    def layers(self, lm, x: torch.Tensor, pos: torch.Tensor, positions: list[int], cache) -> torch.Tensor:
+        """x (R, 1, D), row r at positions[r] -> (R, 1, D) after every decoder layer, over cache rows [0, R)."""
+        if not self.takes(x):
+            return self.reference.layers(lm, x, pos, positions, cache)
+        R = x.shape[0]
+        text = bool(cache.ck)
         with torch.profiler.record_function("musicgen::fused_layers"):   # named in profiles (benchmarks/)
-            return self.native.step(x.float(), positions, keys, values, cross_keys, cross_values,
-                                    cross_bias).to(x.dtype)
+            y = self.native.step(x[:, 0].float(), positions, cache.k, cache.v,
+                                 [k[:R] for k in cache.ck] if text else [], [v[:R] for v in cache.cv] if text else [],
+                                 cache.bias[:R] if text else None)
+        return y.to(x.dtype)[:, None]
+
+
+DENSE = (torch.float32, torch.bfloat16, torch.float16)   # unquantised weights the kernels read
 
 
 def _linear(module) -> tuple[str, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(kind, weight, scales, bias) of a layer, as the native decoder takes it; kind None where it cannot (a
-    float32 or 16-bit linear is "dense" where dense_policy picks our kernel for decoding steps)."""
+    plain float32 or 16-bit nn.Linear is "dense")."""
     if isinstance(module, (Int4Linear, Int8Linear)):
         return ("int4" if isinstance(module, Int4Linear) else "int8", module.weight, *module._kernel_args())
-    if type(module) in (torch.nn.Linear, SkinnyLinear) and dense_picked(module.weight.dtype):
+    if type(module) is torch.nn.Linear and module.weight.dtype in DENSE and kernels.dense_gemv() is not None:
         return "dense", module.weight.contiguous(), None, module.bias
     return None, None, None, None   # anything else (an adapter, another quantisation): the layer loop
 
@@ -129,12 +131,3 @@ def _layer_parts(layer) -> tuple[list[str], list[str]]:
     if layer.cross_attn is not None:
         norms, linears = norms + ["norm_cross"], linears + ["cross_attn.q", "cross_attn.out"]
     return norms, linears
-
-
-def attach(lm) -> bool:
-    """Route `lm`'s eager one-position CPU steps through the fused decoder where it applies; True if it does."""
-    lm.fused = None
-    if os.environ.get("MUSICGEN_FUSED", "") == "0":
-        return False
-    lm.fused = build(lm)
-    return lm.fused is not None

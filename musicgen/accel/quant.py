@@ -1,16 +1,16 @@
 """Weight-only quantisation: passes that swap `nn.Linear` for `Int8Linear` or `Int4Linear` (the gpt-fast way).
 
-Decoding one step reads every LM weight once, so it is bound by memory traffic; int8 weights halve the bytes
-of bfloat16 and quarter those of float32. Each output channel gets its own scale (symmetric, max-abs / 127);
-activations stay in the model's floating dtype. On x86 CPUs the decoding steps (a few rows) go to our AVX2
-kernel (musicgen/kernels, float32 activations, built on first use); failing that, with bfloat16 activations,
-to PyTorch's fused `aten._weight_int8pack_mm`; everywhere else (prefill, GPU) the weight is widened on the
-fly (which torch.compile fuses on CUDA). Prefill on a CPU that multiplies bfloat16 fast (AMX) widens to
-bfloat16 and runs the product there (`_prefill_in_bf16`).
+Decoding one step reads every LM weight once, so it is bound by memory traffic: int8 weights halve the bytes
+of bfloat16 and quarter those of float32; int4 (groups of 32 with a float16 scale) halve them again. The
+layers keep the codes and scales; which kernel multiplies them depends on what the machine has:
+- a few rows (decoding) on an x86 CPU with the kernels built: ours (musicgen/accel/kernels, float32
+  activations), usually inside the fused step (fused.py);
+- a few rows on any other CPU: PyTorch's packed weight-only kernels (`aten._weight_int8pack_mm`,
+  `aten._weight_int4pack_mm_for_cpu`) with bfloat16 activations;
+- many rows (prefill) and GPUs: the weight widened on the fly (which torch.compile fuses on CUDA), in
+  bfloat16 where the CPU multiplies bfloat16 natively (`_prefill_in_bf16`).
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import torch.nn as nn
@@ -42,8 +42,8 @@ def quantize_per_channel_reference(weight: torch.Tensor) -> tuple[torch.Tensor, 
 
 class QuantizedLinear(nn.Module):
     """What the int8 and int4 layers share. A few rows on CPU without autograd (decoding) go to a kernel of
-    musicgen.kernels: eagerly the function itself, inside a compiled graph its custom op (if built); everything
-    else to the subclass's `_fallback`. Subclasses give the quantiser, the kernel and the fallback."""
+    musicgen/accel/kernels where it is built (inside a compiled graph: its custom op), else to PyTorch's packed
+    weight-only kernel (`_packed`, bfloat16 activations); everything else to the subclass's `_fallback`."""
 
     kernel_name = ""
     _f32 = None   # eager mode: (scales, bias) as the kernel takes them, made once
@@ -67,7 +67,12 @@ class QuantizedLinear(nn.Module):
         m.scales.copy_(scales.to(m.scales.dtype))
         if linear.bias is not None:
             m.bias.copy_(linear.bias.detach().to(dtype))
+        m.pack()
         return m
+
+    def pack(self) -> None:
+        """Make what the few-row products need once the weights are in place (PyTorch's packed layout on a CPU
+        without our kernels)."""
 
     def _eager_kernel(self):
         raise NotImplementedError
@@ -75,6 +80,10 @@ class QuantizedLinear(nn.Module):
     def _kernel_args(self) -> tuple:
         """(scales, bias) as the kernel takes them: float32, except int4's float16 group scales."""
         return self.scales.float(), None if self.bias is None else self.bias.float()
+
+    def _packed(self, x2: torch.Tensor) -> torch.Tensor | None:
+        """PyTorch's packed weight-only kernel for a few rows, or None where it does not apply."""
+        return None
 
     def _fallback(self, x2: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -93,26 +102,39 @@ class QuantizedLinear(nn.Module):
             if kernel is not None:
                 y = kernel(x2.float(), self.weight, *args)
                 return y.to(x.dtype).view(*shape[:-1], self.out_features)
+            y = self._packed(x2)
+            if y is not None:
+                return y.to(x.dtype).view(*shape[:-1], self.out_features)
         return self._fallback(x2).view(*shape[:-1], self.out_features)
 
 
 class Int8Linear(QuantizedLinear):
+    """Weight-only int8 linear layer: one float32 scale per output channel."""
+
     kernel_name = "int8_gemv"
     _quantize = staticmethod(quantize_per_channel)
+    _ones = None   # PyTorch's packed kernel: unit scales in bfloat16 (the float32 scales apply after it)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype=torch.bfloat16, device=None):
         super().__init__()
         self._init_buffers(in_features, out_features,
                            torch.zeros(out_features, in_features, dtype=torch.int8, device=device),
-                           torch.ones(out_features, dtype=dtype, device=device), bias, dtype)
+                           torch.ones(out_features, dtype=torch.float32, device=device), bias, dtype)
 
     def _eager_kernel(self):
         return int8_gemv()
 
+    def _packed(self, x2: torch.Tensor) -> torch.Tensor:
+        # aten's int8 weight-only kernel is fast with bfloat16 activations on every CPU; its output is rounded
+        # to bfloat16 before the exact float32 scales multiply it
+        if self._ones is None:
+            self._ones = torch.ones(self.out_features, dtype=torch.bfloat16)
+        y = torch._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), self.weight, self._ones).float()
+        y = y * self.scales.float()
+        return y if self.bias is None else y + self.bias.float()
+
     def _fallback(self, x2: torch.Tensor) -> torch.Tensor:
-        if x2.device.type == "cpu" and x2.dtype == torch.bfloat16 and self.scales.dtype == torch.bfloat16:
-            y = torch._weight_int8pack_mm(x2.contiguous(), self.weight, self.scales)
-        elif _prefill_in_bf16(x2):
+        if _prefill_in_bf16(x2):
             # int8 codes are exact in bfloat16; the activations and the product's output are rounded to it
             y = F.linear(x2.to(torch.bfloat16), self.weight.to(torch.bfloat16)).float() * self.scales.float()
         else:
@@ -157,11 +179,17 @@ def quantize_int4_weight_reference(weight: torch.Tensor) -> tuple[torch.Tensor, 
     return packed.reshape(N, K // 2).contiguous(), scales
 
 
+def unpack_int4_codes(packed: torch.Tensor) -> torch.Tensor:
+    """(N, K / 2) packed uint8 -> (N, K) uint8 codes in 0..15 (the weight is (code - 8) * its group's scale)."""
+    N = packed.shape[0]
+    pairs = packed.reshape(N, -1, 1, INT4_GROUP)
+    return torch.cat([pairs & 15, pairs >> 4], dim=2).reshape(N, -1)
+
+
 def dequantize_int4_weight(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """Inverse of `quantize_int4_weight` up to rounding: -> float32 (N, K)."""
     N = packed.shape[0]
-    pairs = packed.reshape(N, -1, 1, INT4_GROUP)
-    codes = torch.cat([pairs & 15, pairs >> 4], dim=2).reshape(N, -1, INT4_GROUP)   # (N, G, 32)
+    codes = unpack_int4_codes(packed).reshape(N, -1, INT4_GROUP)                 # (N, G, 32)
     return ((codes.float() - 8.0) * scales.float()[..., None]).reshape(N, -1)
 
 
@@ -169,9 +197,11 @@ class Int4Linear(QuantizedLinear):
     """Weight-only 4-bit linear layer: groups of 32 weights with a float16 scale each (about 4.5 bits a weight).
 
     On x86 CPUs a few rows at a time (decoding) go to our kernel, which also quantises the activations to
-    int8 per group of 32 so the group products run in integers (llama.cpp's Q4_0 x Q8_0 scheme); elsewhere
-    (prefill, GPU, no kernel) the weight is dequantised on the fly (natively on x86) and the product runs in
-    the activations' dtype, or in bfloat16 for prefill where `_prefill_in_bf16` says so.
+    int8 per group of 32 so the group products run in integers (llama.cpp's Q4_0 x Q8_0 scheme); on other
+    CPUs (or without a compiler) to PyTorch's int4 kernel (`_weight_int4pack_mm_for_cpu`, bfloat16
+    activations) over the same codes and scales in its own packed layout, made at load (`pack`). Everything
+    else (prefill, GPU) dequantises the weight on the fly (natively on x86) and multiplies in the activations'
+    dtype, or in bfloat16 for prefill where `_prefill_in_bf16` says so.
     """
 
     kernel_name = "int4_gemv"
@@ -183,6 +213,16 @@ class Int4Linear(QuantizedLinear):
                            torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device),
                            torch.ones(out_features, in_features // INT4_GROUP, dtype=torch.float16, device=device),
                            bias, dtype)
+        self.aten = None   # (packed weight, (groups, N, 2) scales and zeros) in aten's int4 layout, or None
+
+    def pack(self) -> None:
+        self.aten = None
+        if self.weight.device.type != "cpu" or int4_gemv() is not None or self.out_features % 16:
+            return
+        codes = unpack_int4_codes(self.weight).to(torch.int32)                  # (N, K) in 1..15
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+        scales = self.scales.float().t()                                       # (groups, N)
+        self.aten = (packed, torch.stack([scales, torch.zeros_like(scales)], dim=-1).to(torch.bfloat16))
 
     def dequantized(self) -> torch.Tensor:
         return dequantize_int4_weight(self.weight, self.scales)
@@ -193,15 +233,32 @@ class Int4Linear(QuantizedLinear):
     def _kernel_args(self) -> tuple:
         return self.scales, None if self.bias is None else self.bias.float()
 
+    def _packed(self, x2: torch.Tensor) -> torch.Tensor | None:
+        if self.aten is None:
+            return None
+        packed, scales_zeros = self.aten
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), packed, INT4_GROUP,
+                                                       scales_zeros).float()
+        return y if self.bias is None else y + self.bias.float()
+
     def _fallback(self, x2: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x2.dtype)
         dequant = kernels.int4_dequant() if x2.device.type == "cpu" else None
         if dequant is None:
-            return F.linear(x2, self.dequantized().to(x2.dtype), bias)
+            weight = self.dequantized()
+            if _prefill_in_bf16(x2):
+                y = F.linear(x2.to(torch.bfloat16), weight.to(torch.bfloat16)).float()
+                return y if bias is None else y + bias
+            return F.linear(x2, weight.to(x2.dtype), bias)
         if _prefill_in_bf16(x2):
             y = F.linear(x2.to(torch.bfloat16), dequant(self.weight, self.scales, True)).float()
             return y if bias is None else y + bias
         return F.linear(x2, dequant(self.weight, self.scales, x2.dtype == torch.bfloat16).to(x2.dtype), bias)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.pack()   # a move or a copy of the weights: aten's layout follows (or goes, off the CPU)
+        return self
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 groups of {INT4_GROUP}"
@@ -249,160 +306,16 @@ def parameter_count(module: nn.Module) -> int:
     return count
 
 
-_BF16_PREFILL: bool | None = None
-
-
 def _prefill_in_bf16(x2: torch.Tensor) -> bool:
     """Whether a quantised layer's many-row float32 product (prefill: a continuation's prompt, a melody prefix,
-    long-form context) runs as a bfloat16 matrix product. Quantised modes are approximations of float32
-    already: rounding the activations and the output to bfloat16 adds far less error than the 4- or 8-bit
-    weights (tests/test_fast.py holds both paths to the same tolerance). Where the CPU multiplies bfloat16
-    fast (AMX, AVX-512 BF16) that is several times the float32 rate; elsewhere it is slower, so
-    `bf16_gemm_wins()` times both once per process. MUSICGEN_PREFILL_BF16=1/0 forces the choice."""
-    global _BF16_PREFILL
-    if x2.device.type != "cpu" or x2.dtype != torch.float32 or x2.shape[0] <= GEMV_ROWS:
-        return False
-    if _BF16_PREFILL is None:
-        forced = os.environ.get("MUSICGEN_PREFILL_BF16", "")
-        _BF16_PREFILL = forced == "1" if forced in ("0", "1") else bf16_gemm_wins()
-    return _BF16_PREFILL
+    long-form context, the text encoder) runs as a bfloat16 matrix product: where the CPU multiplies bfloat16
+    natively (AMX tiles or AVX-512 BF16), several times the float32 rate. Quantised modes are approximations
+    of float32 already: rounding the activations and the output to bfloat16 adds far less error than the 4- or
+    8-bit weights (tests hold both paths to the same tolerance)."""
+    return x2.device.type == "cpu" and x2.dtype == torch.float32 and x2.shape[0] > GEMV_ROWS and bf16_native()
 
 
-def bf16_gemm_wins() -> bool:
-    """Whether this CPU multiplies 256-row bfloat16 matrices at least twice as fast as float32 ones (about
-    0.05 s to find out)."""
-    with torch.inference_mode():
-        x, w = torch.full((256, 1024), 0.5), torch.full((2048, 1024), 0.01)
-        wb = w.bfloat16()
-        f32 = _best_time(lambda: F.linear(x, w))
-        bf16 = _best_time(lambda: F.linear(x.to(torch.bfloat16), wb).float())   # with the conversions
-    return 2 * bf16 < f32
-
-
-def _best_time(fn, repeats: int = 3) -> float:
-    """Fastest of `repeats` timed calls of fn, after one untimed call."""
-    import time
-
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-class SkinnyLinear(nn.Linear):
-    """nn.Linear that computes few-row products on CPU (decoding) with whichever kernel reads the weights fastest.
-
-    Decoding multiplies a handful of rows by each weight, so the speed is the kernel's weight bandwidth, and
-    which formulation gets the better kernel depends on the CPU and the row count:
-    - float32, 1-3 rows: `linear` (x @ W^T) or W @ x^T. On a 2-core AMD EPYC (AVX2) `linear` read weights at
-      about 5 GB/s and W @ x^T at 10-12 GB/s; on a 2-core Intel Xeon (AVX-512) `linear` reached 24 GB/s and
-      W @ x^T 13. `skinny_wins()` times both once per process and picks.
-    - float32, 4-16 rows, and bfloat16 or float16, 1-8 rows: our AVX-512 kernel (kernels.dense_gemv: the
-      weights widened exactly to float32, float32 activations and sums) where `dense_policy()` times it faster.
-      On the Xeon, for the musicgen-small layer set, float32 at 8 rows took 81 ms against `linear`'s 139,
-      bfloat16 at 2 rows 32 ms against 52 (BLAS read bfloat16 weights at 13 GB/s), float16 at 2 rows 33 ms
-      against 97 (7 GB/s).
-    Same weights, same state dict; the sums differ only at float rounding (16-bit outputs are rounded to their
-    dtype as `linear`'s are). Anything else takes `F.linear`.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        if (x.device.type != "cpu" or not 0 < rows <= GEMV_ROWS or x.dtype != self.weight.dtype
-                or torch.is_grad_enabled() or torch.compiler.is_compiling()):
-            return F.linear(x, self.weight, self.bias)
-        if x.dtype == torch.float32:
-            if rows >= 4 and dense_policy()[0] and (native := kernels.dense_gemv()) is not None:
-                return self._native(native, x, rows)
-            if skinny_wins():
-                x2 = x.reshape(rows, x.shape[-1]).t()                              # (K, M)
-                y = torch.addmm(self.bias[:, None], self.weight, x2) if self.bias is not None else self.weight @ x2
-                return y.t().reshape(*x.shape[:-1], self.out_features)
-        elif rows <= 8 and dense_picked(x.dtype) and (native := kernels.dense_gemv()) is not None:
-            return self._native(native, x.float(), rows).to(x.dtype)
-        return F.linear(x, self.weight, self.bias)
-
-    def _native(self, native, x: torch.Tensor, rows: int) -> torch.Tensor:
-        y = native(x.reshape(rows, x.shape[-1]), self.weight, self.bias)
-        return y.reshape(*x.shape[:-1], self.out_features)
-
-
-_STEP = {torch.float32: 3, torch.bfloat16: 1, torch.float16: 2}   # dtypes: their decoding-step entry in dense_policy()
-_SKINNY: bool | None = None
-_DENSE: tuple[bool, bool, bool, bool] | None = None
-
-
-def skinny_wins() -> bool:
-    """Whether W @ x^T beats F.linear for 2-row float32 products on this CPU (timed once, about 0.1 s;
-    MUSICGEN_SKINNY=1/0 forces the choice)."""
-    global _SKINNY
-    if _SKINNY is None:
-        forced = os.environ.get("MUSICGEN_SKINNY", "")
-        if forced in ("0", "1"):
-            _SKINNY = forced == "1"
-        else:
-            _SKINNY = _time_skinny()
-    return _SKINNY
-
-
-def _time_skinny() -> bool:
-    with torch.inference_mode():
-        weights = [torch.full((2048, 1024), 0.01) for _ in range(8)]       # 64 MB: more than most L2/L3 slices
-        x = torch.full((2, 1024), 0.5)
-        linear = _best_time(lambda: [F.linear(x, w) for w in weights])
-        skinny = _best_time(lambda: [w @ x.t() for w in weights])
-    return skinny < 0.9 * linear
-
-
-def dense_policy() -> tuple[bool, bool, bool, bool]:
-    """(float32 at 4-16 rows, bfloat16 at 1-8 rows, float16 at 1-8 rows, float32 decoding steps): where
-    kernels.dense_gemv beats F.linear on this CPU (timed once, about 0.2 s, at 8, 2, 2 and 2 rows; False without
-    the kernel; MUSICGEN_DENSE=1/0 forces all four).
-
-    The last entry decides whether a float32 model's one-position steps run in the fused decoder
-    (musicgen/fused.py), whose products are all ours. Its bar is lower than the others' (within 10 % of
-    F.linear rather than 10 % faster): the fused step also drops the layer loop's dispatch of some 30 small
-    operations per layer, about 10 ms of a 71 ms musicgen-small step on the Xeon of the README."""
-    global _DENSE
-    if _DENSE is None:
-        forced = os.environ.get("MUSICGEN_DENSE", "")
-        native = kernels.dense_gemv()
-        if native is None:
-            _DENSE = (False, False, False, False)
-        elif forced in ("0", "1"):
-            _DENSE = (forced == "1",) * 4
-        else:
-            _DENSE = _time_dense(native)
-    return _DENSE
-
-
-def _time_dense(native) -> tuple[bool, bool, bool, bool]:
-    ratios = []
-    with torch.inference_mode():
-        for dtype, rows in ((torch.float32, 8), (torch.bfloat16, 2), (torch.float16, 2), (torch.float32, 2)):
-            weights = [torch.full((2048, 1024), 0.01, dtype=dtype) for _ in range(8)]
-            x = torch.full((rows, 1024), 0.5)
-            xd = x.to(dtype)
-            linear = _best_time(lambda: [F.linear(xd, w) for w in weights])
-            ours = _best_time(lambda: [native(x, w, None) for w in weights])
-            ratios.append(ours / linear)
-    return ratios[0] < 0.9, ratios[1] < 0.9, ratios[2] < 0.9, ratios[3] < 1.1
-
-
-def dense_picked(dtype: torch.dtype) -> bool:
-    """Whether a decoding step's products with weights of `dtype` go to kernels.dense_gemv (dense_policy): for
-    16-bit weights at 1-8 rows, for float32 the fused decoder's steps; False for other dtypes."""
-    return dtype in _STEP and dense_policy()[_STEP[dtype]]
-
-
-def use_skinny_linear(module: nn.Module) -> int:
-    """Turn every plain nn.Linear under `module` into a SkinnyLinear in place (parameters untouched)."""
-    count = 0
-    for m in module.modules():
-        if type(m) is nn.Linear:
-            m.__class__ = SkinnyLinear
-            count += 1
-    return count
+def bf16_native() -> bool:
+    """Whether this CPU has bfloat16 matrix instructions (AMX tiles or AVX-512 BF16)."""
+    cpu = torch.cpu
+    return any(getattr(cpu, name, lambda: False)() for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))

@@ -8,7 +8,7 @@
     DELETE /v1/jobs/{id}           cancel
     GET    /v1/model, /health, /docs, /openapi.json, and the web page at /
 
-All generation goes through one `Scheduler` (continuous batching) on one decoding thread. Job state lives in
+All generation goes through one `Scheduler` (continuous batching over the decoding engine) on one thread. Job state lives in
 SQLite and results in files named by job id (`JobStore`), so a restart keeps finished results and queues
 unfinished jobs again with their recorded seed. With an API key (`--api-key` or MUSICGEN_API_KEY) every /v1
 route wants `Authorization: Bearer <key>` (or `?access_token=<key>`, for <audio src=...>).
@@ -22,7 +22,6 @@ import io
 import json
 import queue
 import secrets
-import struct
 import threading
 import uuid
 from pathlib import Path
@@ -35,11 +34,11 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ..audio import convert_channels, resample, save_audio
-from ..batching import Request, Scheduler
+from ..audio import convert_channels, pcm16, resample, save_audio, wav_header
+from ..engine import Request
 from .jobs import FINISHED, JobStore
+from .scheduler import Scheduler, job_request
 from ..accel.quant import parameter_count
-from ..sampling import SamplingParams
 from ..streaming import MultiChannelDecoder
 
 MEDIA = {"wav": "audio/wav", "flac": "audio/flac", "ogg": "audio/ogg", "mp3": "audio/mpeg"}
@@ -49,7 +48,7 @@ WEB = Path(__file__).with_name("web")
 
 class GenerateRequest(BaseModel):
     """What POST /v1/generate accepts; anything else is a 422 naming the field."""
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     prompt: str = Field(min_length=1, max_length=2000, description="text description of the music")
     duration: float = Field(8.0, gt=0, le=30, description="seconds of audio (the model's context allowing)")
     top_k: int = Field(250, ge=0, le=100_000)
@@ -126,10 +125,11 @@ class Service:
             prefix = torch.from_numpy(np.load(self.store.path(job_id, "codes", "prefix.npy")))
         if melody is None and self.store.path(job_id, "codes", "melody.npy").exists():
             melody = torch.from_numpy(np.load(self.store.path(job_id, "codes", "melody.npy")))
-        params = SamplingParams(top_k=req.top_k, top_p=req.top_p, temperature=req.temperature,
-                                guidance_scale=req.guidance_scale)
-        r = Request(req.prompt, self.model.frames_for(req.duration), params, req.seed, prefix=prefix, melody=melody,
-                    on_step=self._on_step, on_done=self.finished.put)
+        r = job_request(prompts=[req.prompt], duration=req.duration, top_k=req.top_k, top_p=req.top_p,
+                        temperature=req.temperature, guidance_scale=req.guidance_scale, seed=req.seed,
+                        prompt_codes=None if prefix is None else prefix[None],
+                        melodies=None if melody is None else [melody])
+        r.on_step, r.on_done = self._on_step, self.finished.put
         r.tag = {"job_id": job_id, "format": req.format}
         self.live[job_id] = r
         self.scheduler.submit(r)
@@ -151,7 +151,7 @@ class Service:
             for frames in sorted({r.frames for r in done}):
                 group = [r for r in done if r.frames == frames]
                 try:
-                    audio = self.model.decode(torch.stack([r.codes for r in group]))     # (g, channels, samples)
+                    audio = self.model.decode(torch.cat([r.codes for r in group]))     # (g, channels, samples)
                 except Exception as e:
                     audio = [None] * len(group)
                     for r in group:
@@ -166,7 +166,7 @@ class Service:
         job_id, fmt = r.tag["job_id"], r.tag["format"]
         try:
             if r.status == "done" and audio is not None:
-                np.save(self.store.path(job_id, "codes", "npy"), r.codes.cpu().numpy())
+                np.save(self.store.path(job_id, "codes", "npy"), r.codes[0].cpu().numpy())
                 save_audio(self.store.path(job_id, "audio", fmt), audio, self.model.sample_rate, format=fmt)
                 self.store.update(job_id, status="done", progress=1.0)
             else:
@@ -236,6 +236,16 @@ class Service:
         return self.model.encode(audio[None])[0].cpu()                                   # (K, P)
 
 
+def _parse_request(raw: str | bytes) -> GenerateRequest:
+    """The request body as Python's JSON parser reads it (NaN and Infinity included, so that the error names
+    the field that holds one), validated."""
+    try:
+        obj = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise HTTPException(422, f"the request is not valid JSON: {e}") from None
+    return GenerateRequest.model_validate(obj)
+
+
 def _read_upload(data: bytes, what: str):
     import soundfile as sf
 
@@ -303,15 +313,17 @@ def create_app(service: Service) -> FastAPI:
                 form = await request.form()
                 if "melody" in form and not service.model.supports_melody:
                     raise HTTPException(422, "melody conditioning needs a melody checkpoint; this one has none")
-                body = GenerateRequest.model_validate_json(form.get("request") or "{}")
+                body = _parse_request(form.get("request") or "{}")
                 if form.get("continuation") is not None:
                     prefix = await service.prefix_from_upload(form["continuation"])
                 if form.get("melody") is not None:
                     melody = await service.melody_from_upload(form["melody"])
             else:
-                body = GenerateRequest.model_validate_json(await request.body())
+                body = _parse_request(await request.body())
         except ValidationError as e:
-            return JSONResponse({"detail": json.loads(e.json(include_url=False, include_context=False))}, 422)
+            # without the offending input: it may be NaN or Infinity, which a JSON body cannot carry
+            return JSONResponse({"detail": e.errors(include_url=False, include_context=False, include_input=False)},
+                                422)
         if prefix is not None and prefix.shape[-1] >= service.model.frames_for(body.duration):
             raise HTTPException(422, "continuation audio is as long as the requested duration or longer")
         job = service.submit(body, prefix, melody)
@@ -376,7 +388,7 @@ async def _wav_stream(service: Service, live: Request | None, codes: torch.Tenso
                 return
             if ready > sent or (done and not finished):
                 last = done and ready >= live.frames
-                chunk = live.codes_between(sent, ready)[None]
+                chunk = live.codes_between(sent, ready)
                 audio = await run_in_threadpool(decoder.push, chunk, last)
                 sent = ready
                 if audio.shape[-1]:
@@ -389,17 +401,3 @@ async def _wav_stream(service: Service, live: Request | None, codes: torch.Tenso
     finally:
         if not finished and live is not None and not live.done.is_set():
             service.scheduler.cancel(live)                           # the listener left: stop the work
-
-
-def wav_header(sample_rate: int, channels: int) -> bytes:
-    """RIFF/WAVE header for 16-bit PCM whose length is not known yet (sizes set to the maximum)."""
-    unknown = 0xFFFFFFFF
-    return (b"RIFF" + struct.pack("<I", unknown) + b"WAVE" + b"fmt " +
-            struct.pack("<IHHIIHH", 16, 1, channels, sample_rate, sample_rate * channels * 2, channels * 2, 16) +
-            b"data" + struct.pack("<I", unknown - 36))
-
-
-def pcm16(audio: torch.Tensor) -> bytes:
-    """(channels, samples) float -> interleaved little-endian int16 bytes (clipped, not normalised)."""
-    a = (audio.clamp(-1, 1) * 32767).round().to(torch.int16)
-    return a.t().contiguous().numpy().tobytes()

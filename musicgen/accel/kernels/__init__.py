@@ -110,8 +110,14 @@ def _register(name: str, fn) -> None:
     OPS[name] = op
 
 
-@functools.lru_cache(maxsize=1)
 def _module():
+    from .. import settings
+
+    return _built() if settings.kernels else None
+
+
+@functools.lru_cache(maxsize=1)
+def _built():
     if os.environ.get("MUSICGEN_NO_KERNELS", "") not in ("", "0") or not _cpu_has_avx2_fma():
         return None
     if shutil.which(os.environ.get("CXX", "c++")) is None:
@@ -121,15 +127,16 @@ def _module():
 
         build_dir = Path(ext._get_build_directory("musicgen_kernels", verbose=False))
         if not any(build_dir.glob("*.so")):
-            print("musicgen: building the CPU kernels (once, about a minute)", file=sys.stderr, flush=True)
+            print("musicgen: building the CPU kernels (once, about a minute; they make CPU decoding several "
+                  "times faster)", file=sys.stderr, flush=True)
         # torch rebuilds when the sources or flags change; the header's hash in the flags covers it too
         header = hashlib.sha256((HERE / "gemv.h").read_bytes()).hexdigest()[:16]
         module = ext.load("musicgen_kernels", [str(HERE / "gemv.cpp"), str(HERE / "decoder.cpp")],
                           extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", f"-DMUSICGEN_HEADER={header}"],
                           extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # no ninja, compiler error, ...: PyTorch's kernels still work
-        print(f"musicgen: quantised CPU kernels unavailable ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-              "using PyTorch's", file=sys.stderr)
+        print(f"musicgen: CPU kernels unavailable ({type(e).__name__}: {str(e).splitlines()[0][:200]}); decoding "
+              "runs on PyTorch's kernels, several times slower in the quantised modes", file=sys.stderr)
         return None
     _register("int8_gemv", module.int8_gemv)
     _register("int4_gemv", module.int4_gemv)

@@ -1,0 +1,72 @@
+"""Checking and shaping the inputs of a generation: prompts, batch size, audio rows, sample rates.
+
+Every error is a ValueError whose message names the argument, so the command line and the service can pass
+it on as it is.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def check_batch(prompts, batch_size: int | None, rows: list[int | None]) -> tuple[list[str] | None, int]:
+    """Validate prompts and settle the batch size from prompts, batch_size, melody or prompt audio rows."""
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    sizes = {n for n in rows if n is not None}
+    if prompts is not None:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise ValueError("give at least one prompt, or prompts=None for generation without text")
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str) or not p.strip():
+                raise ValueError(f"prompt {i} is empty")
+        sizes.add(len(prompts))
+    if batch_size is not None:
+        sizes.add(batch_size)
+    if len(sizes) > 1:
+        raise ValueError(f"inconsistent batch: prompts, batch_size, melody and prompt_audio give {sorted(sizes)} rows")
+    return prompts, (sizes.pop() if sizes else 1)
+
+
+def rows_of(audio) -> int | None:
+    """Rows an audio argument fixes: a list's length or a 3-d tensor's batch; None for one shared signal."""
+    if isinstance(audio, (list, tuple)):
+        return len(audio)
+    if isinstance(audio, torch.Tensor) and audio.dim() == 3:
+        return audio.shape[0]
+    return None
+
+
+def per_row(audio, batch: int, what: str) -> list[torch.Tensor]:
+    """(samples,), (channels, samples) for every row, (B, channels, samples) or a list of rows -> B tensors."""
+    if isinstance(audio, (list, tuple)):
+        items = [torch.as_tensor(a, dtype=torch.float32) for a in audio]
+    else:
+        audio = torch.as_tensor(audio, dtype=torch.float32)
+        if audio.dim() == 3:
+            items = list(audio)
+        elif audio.dim() in (1, 2):
+            items = [audio] * batch
+        else:
+            raise ValueError(f"{what} must be (samples,), (channels, samples) or (batch, channels, samples), "
+                             f"got shape {tuple(audio.shape)}")
+    out = []
+    for a in items:
+        a = a.detach().float().cpu()
+        a = a[None] if a.dim() == 1 else a
+        if a.dim() != 2:
+            raise ValueError(f"each {what} must be (channels, samples), got shape {tuple(a.shape)}")
+        if a.shape[0] > 2:
+            raise ValueError(f"{what} has {a.shape[0]} channels; expected mono or stereo (channels, samples)")
+        if not torch.isfinite(a).all():
+            raise ValueError(f"{what} holds NaN or infinite samples")
+        out.append(a)
+    if len(out) != batch:
+        raise ValueError(f"{len(out)} {what} rows for a batch of {batch}")
+    return out
+
+
+def rate(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{what} must be a positive integer (Hz), got {value!r}")
+    return value
