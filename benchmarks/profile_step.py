@@ -4,16 +4,16 @@
     python benchmarks/profile_step.py --device cuda --size medium --mode bfloat16+compile --seconds 5
 
 The checkpoint is speed.py's random-weight one at the published shapes (built once into --cache). The model is
-loaded in --mode (as in speed.py: float32, bfloat16, float16, int8, int4, any +compile, +compile+gemv or
-+graphs) and warmed up with a request of the same length (which compiles, and records the CUDA graphs it
-uses). That request is timed once without the profiler, then profiled a second time. Time is grouped by what
+loaded in --mode (as in speed.py: float32, bfloat16, float16, int8, int4, with +compile or +reference) and
+warmed up with a request of the same length (which compiles, and records the CUDA graphs it uses). That
+request is timed once without the profiler, then profiled a second time. Time is grouped by what
 the operator or kernel does and divided by the number of decoding steps, so the text encoder and the prefill
 are spread over the steps (a few per cent of a 5 s request).
 
 On CUDA the table is GPU kernel time (CUPTI sees the kernels inside CUDA graphs too); "device busy" is their sum
 over the wall time. On CPU it is the self time of the operators the profiler records on the calling thread;
-"outside operators" is what is left of the wall time (Python, mostly). The fused quantised decoder of
-musicgen/fused.py (every layer's products and attention in one native call) is its own row.
+"outside operators" is what is left of the wall time (Python, mostly). The fused CPU step of
+musicgen/accel/fused.py (every layer's products and attention in one native call) is its own row.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from speed import PROMPTS, ensure_checkpoint, load_mode, sync  # noqa: E402
 
 # first match wins: (kind, substrings of lower-cased operator / kernel names)
 KINDS = [
-    ("fused decoder layers", ("musicgen::fused_layers",)),   # CPU, quantised: every layer in one native call
+    ("fused step layers", ("musicgen::fused_layers",)),      # CPU: every layer in one native call
     ("compiled graph's own kernels", ("compiledfxgraph",)),  # CPU, compile=True: inductor's C++ kernels
     ("guards and graph entry", ("torchdynamo cache lookup", "torch-compiled region")),
     ("attention", ("scaled_dot_product", "flash", "fmha", "attention", "efficient_attention")),
@@ -43,16 +43,14 @@ KINDS = [
 
 def kind_of(name: str) -> str:
     low = name.lower()
-    if low.startswith(("triton_red", "triton_per")) and "mul" in low and "sum" in low and "softmax" not in low:
-        return "products"   # compile(gemv=True): inductor's reductions for row products (lm.row_linear)
     return next((kind for kind, keys in KINDS if any(k in low for k in keys)), "other")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size", default="small", help="small, medium or large (speed.py's random checkpoints)")
-    p.add_argument("--mode", default="float32",
-                   help="float32, bfloat16, float16, int8, int4, any +compile, +compile+gemv or +graphs")
+    p.add_argument("--mode", default="float32", help="float32, bfloat16, float16, int8, int4, any +compile or "
+                   "+reference (see speed.py)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seconds", type=float, default=5.0, help="audio per request")
     p.add_argument("--device", default="cpu")

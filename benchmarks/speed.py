@@ -93,22 +93,21 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+MODE_HELP = ("float32, bfloat16, float16, int8 or int4, each optionally with +compile (load(compile=True)), "
+             "+reference (the PyTorch layer loop where the fused CPU step would run) or +nokernels (as a machine "
+             "without the native kernels: MUSICGEN_NO_KERNELS=1)")
+
+
 def load_mode(folder: Path, mode: str, device: str):
-    """musicgen.load in one of our modes: float32, bfloat16, float16, int8, int4, any +compile, +autotune
-    (compiled with torch.compile's mode "max-autotune": inductor times its own matmul kernels against cuBLAS
-    per shape, with CUDA graphs on GPU; a longer first compile), +gemv (with +compile or +autotune: the step's
-    few-row products compiled as tuned reductions, MusicGen.compile(gemv=True)) or +graphs (CUDA graphs of the
-    eager step, MusicGen.cuda_graphs: no compile)."""
+    """musicgen.load in one of our modes (MODE_HELP). +nokernels is set up by the caller: it must be in the
+    environment before the kernels are first looked up (run_row does it for its worker process)."""
     import musicgen
+    from musicgen import accel
 
     dtype = "bfloat16" if "bfloat16" in mode else "float16" if "float16" in mode else "float32"
     quantize = "int8" if "int8" in mode else "int4" if "int4" in mode else None
-    model = musicgen.load(folder, device=device, dtype=dtype, quantize=quantize)
-    if "graphs" in mode:
-        return model.cuda_graphs()
-    if "compile" in mode or "autotune" in mode:   # gemv None: MUSICGEN_COMPILE_GEMV decides, as for load(compile=True)
-        return model.compile(mode="max-autotune" if "autotune" in mode else None, gemv=True if "gemv" in mode else None)
-    return model
+    with accel.override(backend="reference" if "reference" in mode else "auto"):
+        return musicgen.load(folder, device=device, dtype=dtype, quantize=quantize, compile="compile" in mode)
 
 
 def measure_ours(folder: Path, mode: str, batch: int, seconds: float, device: str) -> dict:
@@ -117,10 +116,8 @@ def measure_ours(folder: Path, mode: str, batch: int, seconds: float, device: st
     model = load_mode(folder, mode, device)
     prompts = (PROMPTS * batch)[:batch]
     kw = dict(top_k=250, guidance_scale=3.0, seed=0)
-    # warm-up: compiles, and with CUDA graphs (compiled or not) records a graph per attention window the
-    # request uses
-    static = any(word in mode for word in ("compile", "autotune", "graphs"))
-    model.generate(prompts, duration=seconds if static else 0.2, **kw)
+    # warm-up: compiles, and on a GPU records a CUDA graph per attention window the request uses
+    model.generate(prompts, duration=seconds if "compile" in mode else 0.2, **kw)
     sync(device)
     t0 = time.perf_counter()
     model.encode_text(prompts)
@@ -152,7 +149,7 @@ def measure_ours(folder: Path, mode: str, batch: int, seconds: float, device: st
             break
     return dict(steps_per_s=steps / (codes_s - text_s), first_audio_s=first_audio_s, request_s=request_s,
                 decode_s=decode_s, text_s=text_s, continue_s=continue_s, peak_mb=peak_memory_mb(device),
-                weight_bytes=step_bytes(model.lm.state_dict()))
+                weight_bytes=step_bytes(model.lm.state_dict()), backend=model.backend.name)
 
 
 def measure_transformers(folder: Path, mode: str, batch: int, seconds: float, device: str) -> dict:
@@ -227,13 +224,17 @@ def step_bytes(state: dict) -> int:
 def run_row(impl: str, size: str, mode: str, batch: int, args) -> dict | None:
     cmd = [sys.executable, __file__, "--worker", impl, size, mode, str(batch), "--seconds", str(args.seconds),
            "--device", args.device, "--cache", str(args.cache)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    if "nokernels" in mode:
+        env["MUSICGEN_NO_KERNELS"] = "1"
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         print(f"{impl} {size} {mode} b{batch} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
         return None
     row = json.loads(proc.stdout.strip().splitlines()[-1])
     row.update(impl=impl, size=size, mode=mode, batch=batch)
-    print(f"  {impl:12s} {size:6s} {mode:18s} b{batch}: {row['steps_per_s']:.1f} steps/s", file=sys.stderr, flush=True)
+    print(f"  {impl:12s} {size:6s} {mode:18s} b{batch}: {row['steps_per_s']:.1f} steps/s "
+          f"({row.get('backend', 'transformers')})", file=sys.stderr, flush=True)
     for line in dict.fromkeys(ln for ln in proc.stderr.splitlines() if ln.startswith("musicgen:")):
         print(f"    {line}", file=sys.stderr, flush=True)   # what the package said once: compile time, CUDA graphs
     return row
@@ -243,9 +244,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", default="small,medium")
     p.add_argument("--batches", default="1,4")
-    p.add_argument("--modes", default=None, help="ours: float32, bfloat16, float16, int8, int4, any +compile, "
-                   "+autotune, +compile+gemv or +graphs (CUDA) (default CPU: float32,bfloat16,float16,int8,int4; "
-                   "CUDA: float32,bfloat16,bfloat16+compile,int8+compile)")
+    p.add_argument("--modes", default=None, help=f"ours: {MODE_HELP} (default CPU: float32,bfloat16,float16,int8,"
+                   "int4; CUDA: float32,bfloat16,bfloat16+compile,int8+compile)")
     p.add_argument("--hf-modes", default=None, help="transformers rows (default: float32; CUDA: float32,bfloat16; "
                    "'none': no transformers rows)")
     p.add_argument("--seconds", type=float, default=10.0, help="audio per request")
@@ -300,15 +300,16 @@ def print_table(rows: list[dict], args) -> None:
         hw = f"{cpu_name()}, {os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()}"
     print(f"\ndevice: {args.device} ({hw}); torch {torch.__version__}; {args.seconds:g} s of audio per request; "
           "guidance 3.0, top-k 250; random weights at the published shapes\n")
-    print("| size | batch | implementation | mode | steps/s | × transformers | weights GB/s | first audio (s) | "
+    print("| size | batch | implementation | mode | backend | steps/s | × transformers | weights GB/s | first audio (s) | "
           f"request (s) | text (s) | codec decode (s) | continue {PROMPT_SECONDS:g} s by 1 s (s) | peak memory (MB) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         base = next((b for b in rows if b["impl"] == "transformers" and b["size"] == r["size"]
                      and b["batch"] == r["batch"] and b["mode"] == "float32"), None)
         ratio = f"{r['steps_per_s'] / base['steps_per_s']:.1f}×" if base else "-"
         gbs = r["weight_bytes"] * r["steps_per_s"] / 1e9
-        print(f"| {r['size']} | {r['batch']} | {r['impl']} | {r['mode']} | {r['steps_per_s']:.1f} | {ratio} | {gbs:.1f} | "
+        print(f"| {r['size']} | {r['batch']} | {r['impl']} | {r['mode']} | {r.get('backend', '-')} | "
+              f"{r['steps_per_s']:.1f} | {ratio} | {gbs:.1f} | "
               f"{r['first_audio_s']:.2f} | {r['request_s']:.2f} | {_s(r['text_s'])} | {_s(r['decode_s'])} | "
               f"{r['continue_s']:.2f} | "
               f"{r['peak_mb']:.0f} |")
@@ -373,11 +374,11 @@ def load_table(args) -> None:
 
 # -- the codec alone -------------------------------------------------------------------------------------
 def codec_table(args) -> None:
-    """EnCodec encode and decode of --seconds of audio per row: ours (codec_fast), ours through the layer
-    modules (MUSICGEN_FAST_CODEC=0) and transformers' EncodecModel, on the same checkpoint; best of 3."""
+    """EnCodec encode and decode of --seconds of audio per row: ours (musicgen/accel/codec.py), ours through
+    the layer modules (`Encoder.reference`, `Decoder.reference`) and transformers' EncodecModel, on the same
+    checkpoint; best of 3."""
     import torch
     import musicgen
-    from musicgen.accel.quant import _best_time
 
     folder = ensure_checkpoint("small", args.cache)        # every MusicGen size has the same codec
     ours = musicgen.load(folder).codec
@@ -397,12 +398,23 @@ def codec_table(args) -> None:
             ref_dec = _best_time(lambda: theirs.decode(codes[None], [None]))
             ref_enc = _best_time(lambda: theirs.encode(audio, bandwidth=theirs.config.target_bandwidths[0]))
             rows = [("transformers", ref_enc, ref_dec)]
-            for name, flag in (("musicgen (modules)", "0"), ("musicgen", "1")):
-                os.environ["MUSICGEN_FAST_CODEC"] = flag
-                rows.append((name, _best_time(lambda: ours.encode(audio)), _best_time(lambda: ours.decode(codes))))
-            os.environ.pop("MUSICGEN_FAST_CODEC")
+            modules = (lambda: ours.quantizer.encode(ours.encoder.reference(audio)),
+                       lambda: ours.decoder.reference(ours.quantizer.decode(codes)))
+            rows.append(("musicgen (modules)", _best_time(modules[0]), _best_time(modules[1])))
+            rows.append(("musicgen", _best_time(lambda: ours.encode(audio)), _best_time(lambda: ours.decode(codes))))
         for name, enc, dec in rows:
             print(f"| {batch} | {name} | {enc:.2f} | {dec:.2f} | {ref_dec / dec:.1f}× |", flush=True)
+
+
+def _best_time(fn, repeats: int = 3) -> float:
+    """Fastest of `repeats` timed calls of fn, after one untimed call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 if __name__ == "__main__":
