@@ -111,6 +111,10 @@ def ours_to_audiocraft(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
                 codec[new[:-len("weight")] + "weight_v"] = t
             else:
                 codec[new] = t
+            if new.endswith("._codebook.embed"):   # audiocraft's strict load also wants the codebook's EMA state
+                stem = new[:-len("embed")]
+                codec.update({stem + "inited": torch.ones(1), stem + "cluster_size": torch.ones(t.shape[0]),
+                              stem + "embed_avg": t.clone()})
         elif not name.startswith("text_encoder."):
             for pattern, repl in inverse:
                 new, n = re.subn(pattern, repl, name)

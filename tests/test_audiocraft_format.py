@@ -428,6 +428,7 @@ def test_convert_carries_the_codec_settings(tmp_path, hf_model, ckpt_dir, consta
     assert torch.equal(reference_outputs(hf.audio_encoder, AUDIO)[0], codes)
     assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "ac2")]) == 0
     pkg = audiocraft_xp.read_package(tmp_path / "ac2" / "compression_state_dict.bin")
+    assert set(pkg["best_state"]) == set(codec_states(constant_codec))   # all that audiocraft's strict load wants
     xp = audiocraft_xp.xp_config(pkg, "f")
     monkeypatch.setenv("USER", "someone")
     expected = OmegaConf.to_container(codec_cfg(constant_codec.config), resolve=True)
