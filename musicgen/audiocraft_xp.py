@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CheckpointError
-from .config import CodecConfig
+from .config import PAD_MODES, CodecConfig
 
 
 # -- reading a checkpoint file safely -------------------------------------------------------------------
@@ -178,8 +178,6 @@ _RVQ_TRAINING = ("q_dropout", "decay", "kmeans_init", "kmeans_iters", "threshold
 # our field -> the setting's name in xp.cfg, for errors
 XP_NAMES = {"sample_rate": "encodec.sample_rate", **{f: f"seanet.{k}" for k, f in _SEANET.items()},
             **{f: f"rvq.{k}" for k, f in _RVQ.items()}}
-PAD_MODES = ("constant", "reflect", "replicate")   # modes that look only at nearby samples (the fast codec
-                                                   # and the streaming decoder pad windows of the signal)
 
 
 def codec_settings(xp: dict, where: str) -> dict:
