@@ -4,21 +4,22 @@
     compression_state_dict.bin   {'best_state': EnCodec tensors (weight norm as weight_g / weight_v), 'xp.cfg'}
     t5/                          not part of audiocraft's files: the T5 encoder in the Hugging Face format
 
-Both files are read with `torch.load(weights_only=True)`; nothing is unpickled beyond tensors and plain
-containers. A pickled omegaconf 'xp.cfg' is read through inert stand-in classes that only record their state
-(no omegaconf code runs), then turned into plain dicts. The architecture is taken from the tensor shapes;
-xp.cfg contributes the head count, sample rate and activation when readable, else documented defaults
-(head dim 64, 32 kHz, GELU). audiocraft loads T5 by name (t5-base) from the hub rather than storing it, so
-a `t5` folder holding a Hugging Face T5 encoder must sit beside the two files (`musicgen convert` writes one).
+Both files are read with `torch.load(weights_only=True)`; nothing is unpickled beyond tensors, plain containers
+and inert records of an omegaconf config (audiocraft_xp.py). The architecture comes from the tensor shapes and
+the xp.cfg of each file: the LM's gives the head count, channels and activation (else head dim 64, mono, GELU);
+the codec's gives every SEANet and quantiser setting (padding, causality, dilation, ...), checked against the
+shapes where they tell the same thing. audiocraft loads T5 by name (t5-base) from the hub rather than storing
+it, so a `t5` folder holding a Hugging Face T5 encoder must sit beside the two files (`musicgen convert`
+writes one).
 """
 from __future__ import annotations
 
-import pickle
 import re
 from pathlib import Path
 
 import torch
 
+from . import audiocraft_xp as xpcfg
 from .checkpoint import CheckpointError
 from .config import CodecConfig, LMConfig, MelodyConfig, MusicGenConfig, T5Config
 
@@ -27,80 +28,6 @@ LM_FILE, CODEC_FILE, T5_FOLDER = "state_dict.bin", "compression_state_dict.bin",
 
 def is_audiocraft(folder: Path) -> bool:
     return (Path(folder) / LM_FILE).is_file()
-
-
-# -- reading files safely -------------------------------------------------------------------------------
-class _Inert:
-    """Stand-in for a pickled omegaconf class: records its state, runs nothing."""
-
-    def __init__(self, *args, **kwargs):
-        self.state = {}
-
-    def __setstate__(self, state):
-        self.state = state
-
-
-def read_package(f: Path) -> dict:
-    """A torch-saved dict, loaded with weights_only=True; omegaconf objects become inert records."""
-    stand_ins = []
-    for _ in range(32):   # each refusal names one more disallowed global
-        try:
-            with torch.serialization.safe_globals(stand_ins):
-                pkg = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-            break
-        except pickle.UnpicklingError as e:
-            m = re.search(r"GLOBAL ([\w.]+) was not an allowed global", str(e))
-            if not m or not m.group(1).startswith(("omegaconf.", "typing.Any")):
-                raise CheckpointError(f"{f} holds objects other than tensors and plain containers; refusing to "
-                                      f"unpickle it ({m.group(1) if m else e})") from None
-            stand_ins.append((type(m.group(1).rsplit(".", 1)[1], (_Inert,), {}), m.group(1)))
-        except Exception as e:
-            raise CheckpointError(f"{f} is not a torch checkpoint ({describe(f)}): {e}") from None
-    else:  # pragma: no cover - a config of more than 32 kinds of node
-        raise CheckpointError(f"{f}: too many unknown classes in its pickled config")
-    if not isinstance(pkg, dict) or "best_state" not in pkg:
-        what = sorted(pkg)[:5] if isinstance(pkg, dict) else type(pkg).__name__
-        raise CheckpointError(f"{f} is not an audiocraft checkpoint: expected a dict with 'best_state', got {what}")
-    return pkg
-
-
-def describe(f: Path) -> str:
-    """A plain word on what a file is, for errors."""
-    head = Path(f).read_bytes()[:8] if Path(f).is_file() else b""
-    if head[:2] == b"PK":
-        return "a zip archive (torch.save format) with unexpected content"
-    if head[:1] == b"{" or (len(head) == 8 and int.from_bytes(head, "little") < 10**8):
-        return "apparently a safetensors file"
-    if head[:1] == b"\x80":
-        return "a legacy (non-zip) pickle"
-    return "not a checkpoint file"
-
-
-def _plain(obj):
-    """Inert omegaconf records / containers -> plain Python values."""
-    if isinstance(obj, _Inert):
-        state = obj.state if isinstance(obj.state, dict) else {}
-        if "_content" in state:
-            return _plain(state["_content"])
-        return _plain(state.get("_val"))
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj
-
-
-def xp_config(pkg: dict) -> dict:
-    cfg = pkg.get("xp.cfg")
-    if isinstance(cfg, str):
-        import yaml
-
-        try:
-            return yaml.safe_load(cfg) or {}
-        except yaml.YAMLError:
-            return {}
-    out = _plain(cfg)
-    return out if isinstance(out, dict) else {}
 
 
 # -- audiocraft names <-> ours ----------------------------------------------------------------------------
@@ -184,6 +111,10 @@ def ours_to_audiocraft(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
                 codec[new[:-len("weight")] + "weight_v"] = t
             else:
                 codec[new] = t
+            if new.endswith("._codebook.embed"):   # audiocraft's strict load also wants the codebook's EMA state
+                stem = new[:-len("embed")]
+                codec.update({stem + "inited": torch.ones(1), stem + "cluster_size": torch.ones(t.shape[0]),
+                              stem + "embed_avg": t.clone()})
         elif not name.startswith("text_encoder."):
             for pattern, repl in inverse:
                 new, n = re.subn(pattern, repl, name)
@@ -205,9 +136,10 @@ def _transposed_names(names: tuple) -> set:
     return out
 
 
-# -- architecture from shapes -------------------------------------------------------------------------
-def config_from(lm: dict, codec: dict, xp: dict, text: T5Config, name: str) -> MusicGenConfig:
-    """Our (renamed) LM and codec tensors + audiocraft's xp.cfg (possibly empty) -> MusicGenConfig."""
+# -- architecture from shapes and xp.cfg -------------------------------------------------------------------
+def config_from(lm: dict, codec: dict, xp: dict, codec_xp: dict, text: T5Config, name: str,
+                where: str = CODEC_FILE) -> MusicGenConfig:
+    """Our (renamed) LM and codec tensors + the xp.cfg of each file (possibly empty) -> MusicGenConfig."""
     tl = xp.get("transformer_lm", {}) if isinstance(xp.get("transformer_lm"), dict) else {}
     K = len([k for k in lm if re.match(r"^lm\.embed\.\d+\.weight$", k)])
     dim = lm["lm.embed.0.weight"].shape[1]
@@ -218,19 +150,38 @@ def config_from(lm: dict, codec: dict, xp: dict, text: T5Config, name: str) -> M
                       num_heads=int(tl.get("num_heads", dim // 64)), ffn_dim=lm["lm.layers.0.fc1.weight"].shape[0],
                       num_codebooks=K, audio_channels=channels, activation=str(tl.get("activation", "gelu")),
                       prefix_conditioning=melody)
-    enc = sorted((int(k.split(".")[3]), v) for k, v in codec.items()
-                 if re.match(r"^codec\.encoder\.layers\.\d+\.conv\.weight$", k))
-    ups = sorted((int(k.split(".")[3]), v) for k, v in codec.items() if k in _transposed_names(tuple(codec)))
-    books = [v for k, v in codec.items() if k.endswith(".codebook.embed")]
-    lstm = {k.split("_l")[-1] for k in codec if ".lstm.weight_ih_l" in k and k.startswith("codec.encoder")}
-    codec_cfg = CodecConfig(sample_rate=int(xp.get("sample_rate", 32000)), num_filters=enc[0][1].shape[0],
-                            hidden_size=books[0].shape[1], ratios=tuple(v.shape[2] // 2 for _, v in ups),
-                            kernel_size=enc[0][1].shape[2], last_kernel_size=enc[-1][1].shape[2],
-                            num_lstm_layers=len(lstm), codebook_size=books[0].shape[0],
-                            num_codebooks=K // channels, num_quantizers=len(books))
+    shapes = {"sample_rate": int(xp.get("sample_rate", 32000)), **_codec_shapes(codec, where)}
+    settings = xpcfg.codec_settings(codec_xp, where)
+    for field, value in settings.items():
+        if field in shapes and field != "sample_rate" and shapes[field] != value:
+            raise CheckpointError(f"{where}: xp.cfg's {xpcfg.XP_NAMES[field]} means {field} = {value!r}, but the "
+                                  f"weights have {shapes[field]!r}")
+    codec_cfg = CodecConfig(**{**shapes, **settings}, num_codebooks=K // channels)
     cfg = MusicGenConfig(codec=codec_cfg, text=text, lm=lm_cfg, name=name, melody=MelodyConfig() if melody else None)
     cfg.validate()
     return cfg
+
+
+def _codec_shapes(codec: dict, where: str) -> dict:
+    """The CodecConfig fields that the codec's tensors show (our names, weight norm folded)."""
+    def layers(pattern):
+        return sorted((int(m.group(1)), v) for k, v in codec.items() if (m := re.match(pattern, k)))
+
+    convs = layers(r"^codec\.encoder\.layers\.(\d+)\.conv\.weight$")   # first, one per scale, last
+    blocks = layers(r"^codec\.encoder\.layers\.(\d+)\.block\.1\.conv\.weight$")
+    books = [v for k, v in codec.items() if k.endswith(".codebook.embed")]
+    if len(convs) < 3 or not blocks or not books:
+        raise CheckpointError(f"{where}: no EnCodec encoder, residual blocks and codebooks among its weights")
+    ups = sorted((int(k.split(".")[3]), v) for k, v in codec.items() if k in _transposed_names(tuple(codec)))
+    lstm = {k.split("_l")[-1] for k in codec if ".lstm.weight_ih_l" in k and k.startswith("codec.encoder")}
+    first_block = blocks[0][1]                                          # (dim // compress, dim, kernel)
+    return dict(channels=convs[0][1].shape[1], num_filters=convs[0][1].shape[0], hidden_size=books[0].shape[1],
+                ratios=tuple(v.shape[2] // 2 for _, v in ups), kernel_size=convs[0][1].shape[2],
+                last_kernel_size=convs[-1][1].shape[2], residual_kernel_size=first_block.shape[2],
+                compress=first_block.shape[1] // first_block.shape[0],
+                num_residual_layers=sum(i < convs[1][0] for i, _ in blocks),
+                use_conv_shortcut=any(".shortcut." in k for k in codec if k.startswith("codec.encoder")),
+                num_lstm_layers=len(lstm), codebook_size=books[0].shape[0], num_quantizers=len(books))
 
 
 def read(folder: Path):
@@ -241,10 +192,8 @@ def read(folder: Path):
     for f in (folder / LM_FILE, folder / CODEC_FILE):
         if not f.is_file():
             raise CheckpointError(f"missing {f}: an audiocraft checkpoint has {LM_FILE} and {CODEC_FILE}")
-    lm_pkg, codec_pkg = read_package(folder / LM_FILE), read_package(folder / CODEC_FILE)
-    if "pretrained" in codec_pkg and not codec_pkg.get("best_state"):
-        raise CheckpointError(f"{folder / CODEC_FILE} only names a pretrained codec ({codec_pkg['pretrained']}); "
-                              f"it holds no weights")
+    lm_pkg, codec_pkg = xpcfg.read_package(folder / LM_FILE), xpcfg.read_package(folder / CODEC_FILE)
+    lm_state, codec_state = xpcfg.best_state(lm_pkg, folder / LM_FILE), xpcfg.best_state(codec_pkg, folder / CODEC_FILE)
     t5 = folder / T5_FOLDER
     if not (t5 / "config.json").is_file():
         raise CheckpointError(f"{folder} is an audiocraft checkpoint, which does not include the T5 text encoder "
@@ -253,9 +202,9 @@ def read(folder: Path):
     import json
 
     text_cfg = T5Config.from_hf(json.loads((t5 / "config.json").read_text()))
-    lm = lm_to_ours(lm_pkg["best_state"])
-    codec = codec_to_ours(codec_pkg["best_state"])
+    lm, codec = lm_to_ours(lm_state), codec_to_ours(codec_state)
     text = {("text_encoder." + k): v for k, v in ckpt.read_weights(t5).items()}
     text = ckpt.map_hf_state(text)
-    cfg = config_from(lm, codec, xp_config(lm_pkg), text_cfg, folder.name)
+    xp, codec_xp = xpcfg.xp_config(lm_pkg, folder / LM_FILE), xpcfg.xp_config(codec_pkg, folder / CODEC_FILE)
+    cfg = config_from(lm, codec, xp, codec_xp, text_cfg, folder.name, str(folder / CODEC_FILE))
     return cfg, {**lm, **codec, **text}, t5

@@ -3,7 +3,8 @@
     audio (B, 1, samples) --encoder--> latent (B, 128, frames) --RVQ--> codes (B, K, frames)
     codes --sum of codebook vectors--> latent --decoder--> audio (B, 1, frames * hop)
 
-The 32 kHz music codec: non-causal convolutions with reflect padding, downsampling ratios 4,4,5,8
+The 32 kHz music codec: non-causal convolutions padded as its config says (reflect in the Hugging Face
+configs, zeros in audiocraft's, which changes the audio near the ends), downsampling ratios 4,4,5,8
 (hop 640 samples, 50 frames/s), one residual block per scale, a 2-layer LSTM at the bottleneck, 4 codebooks
 of 2048 entries. Weight norm is folded into plain weights at load time (`fold_weight_norm`), so inference is
 ordinary convolutions. Parameter names match transformers' `EncodecModel` after folding, e.g.
@@ -19,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .accel import codec as codec_fast
-from .config import CodecConfig
+from .config import PAD_MODES, CodecConfig
 
 
 def fold_weight_norm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -76,7 +77,7 @@ class Conv(nn.Module):
 def _pad1d(x: torch.Tensor, left: int, right: int, mode: str) -> torch.Tensor:
     """F.pad, but reflect padding also works on inputs shorter than the pad (zeros are appended first)."""
     if mode != "reflect":
-        return F.pad(x, (left, right), mode="constant" if mode in ("zero", "constant") else mode)
+        return F.pad(x, (left, right), mode=mode)
     length = x.shape[-1]
     extra = max(left, right) - length + 1 if length <= max(left, right) else 0
     if extra:
@@ -236,6 +237,8 @@ class EnCodec(nn.Module):
         super().__init__()
         if cfg.normalize:
             raise ValueError("EnCodec with input normalisation (normalize=true) is not a MusicGen codec")
+        if cfg.pad_mode not in PAD_MODES:
+            raise ValueError(f"EnCodec pad_mode {cfg.pad_mode!r} is not supported: choose {', '.join(PAD_MODES)}")
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)

@@ -10,6 +10,11 @@ from dataclasses import asdict, dataclass, field, replace
 import math
 
 
+# EnCodec's convolutions pad the signal's ends in one of these modes; each looks only at samples near the end it
+# pads, which the windowed fast codec and the streaming decoder rely on (circular padding would not)
+PAD_MODES = ("constant", "reflect", "replicate")
+
+
 @dataclass(frozen=True)
 class CodecConfig:
     """EnCodec (SEANet encoder/decoder + residual vector quantiser)."""
@@ -26,7 +31,7 @@ class CodecConfig:
     compress: int = 2                    # residual blocks narrow the width by this factor
     num_lstm_layers: int = 2
     causal: bool = False                 # the 32 kHz music codec is non-causal
-    pad_mode: str = "reflect"
+    pad_mode: str = "reflect"            # one of PAD_MODES: transformers' configs say reflect, audiocraft's constant
     trim_right_ratio: float = 1.0
     use_conv_shortcut: bool = False
     codebook_size: int = 2048

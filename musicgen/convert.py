@@ -14,6 +14,7 @@ import torch
 
 from . import audiocraft_format as acf
 from . import checkpoint as ckpt
+from .audiocraft_xp import codec_xp
 
 TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -64,7 +65,9 @@ def save_audiocraft(model, dst: Path, text_folder: Path) -> None:
     import yaml
 
     torch.save({"best_state": lm, "xp.cfg": yaml.safe_dump(xp), "exported": True}, dst / acf.LM_FILE)
-    torch.save({"best_state": codec, "xp.cfg": yaml.safe_dump(dict(sample_rate=cfg.sample_rate)), "exported": True},
+    # the codec's settings as audiocraft's EnCodec builder reads them (padding, causality, ...): shapes alone
+    # do not tell them
+    torch.save({"best_state": codec, "xp.cfg": yaml.safe_dump(codec_xp(cfg.codec)), "exported": True},
                dst / acf.CODEC_FILE)
     t5 = dst / acf.T5_FOLDER
     t5.mkdir(exist_ok=True)

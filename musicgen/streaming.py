@@ -37,8 +37,10 @@ class StreamingDecoder:
     """Codes in, a few frames at a time; audio out, equal to the one-shot decode of all codes joined."""
 
     def __init__(self, codec, margin: int = MARGIN):
-        self.codec, self.margin = codec, margin
         layers = codec.decoder.layers
+        # at least what A and C reach: a causal codec pads on the left only, and so looks twice as far back
+        reach = max(codec_fast.context_frames(layers[:1], 1), codec_fast.context_frames(layers[2:], codec.hop_length))
+        self.codec, self.margin = codec, max(margin, reach)
         self.stage_a, self.lstm_block, self.stage_c = layers[0], layers[1], layers[2:]
         self.latent: torch.Tensor | None = None      # (B, D, frames pushed)
         self.hidden: torch.Tensor | None = None      # (B, C, frames through the LSTM)

@@ -55,3 +55,10 @@ def test_stereo_codec_per_channel():
     from musicgen.config import preset
     cfg = preset("stereo-small")
     assert cfg.lm.num_codebooks == 2 * cfg.codec.num_codebooks
+
+
+def test_pad_modes_that_window_safely_only():
+    """Circular padding would read the far end of the signal, which the windowed fast codec and the streaming
+    decoder never see: refused (a config.json or xp.cfg naming it gets a clear error, not other audio)."""
+    with pytest.raises(ValueError, match="pad_mode 'circular' is not supported: choose constant, reflect, replicate"):
+        EnCodec(CodecConfig(num_filters=4, hidden_size=8, codebook_size=16, pad_mode="circular"))
