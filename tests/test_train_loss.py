@@ -11,6 +11,7 @@ from musicgen.train.loss import IGNORE, batch_loss, delayed_batch
 from musicgen.train.lora import LoRALinear, add_lora, merge_lora
 from musicgen.train.loop import lr_factor
 from musicgen.train.network import Network, text_states
+from train_common import one_thread  # noqa: F401  (autouse)
 
 PROMPTS = ["80s pop track with bassy drums and synth", "lofi", ""]   # the last one: the null condition
 

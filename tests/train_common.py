@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import soundfile as sf
 import torch
 
@@ -25,8 +26,19 @@ def write_clips(folder: Path, seconds: float = 0.4, captions=CAPTIONS, sr: int =
     return folder
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models in one thread: on a busy 2-core machine two threads wait on each other for every small
+    operation (a tiny training step took 30x longer). Imported by each training test module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def env() -> dict:
-    return dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+    """Subprocesses as the tests' own process runs: offline, one thread (see one_thread)."""
+    return dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
 
 
 def run_cli(*args, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -55,3 +67,24 @@ def assert_states_close(a: dict, b: dict, atol: float) -> None:
     assert a.keys() == b.keys()
     worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
     assert worst <= atol, f"weights differ by {worst:.3g} (> {atol:g})"
+
+
+def diverse_checkpoint(folder: Path, spm_model: Path, stereo: bool = False) -> Path:
+    """A tiny random checkpoint whose codec gives noise many different codes.
+
+    With conftest's random codebooks the tiny codec's latents all fall nearest to one entry per codebook, so every
+    clip has the same constant codes and a model learns nothing about them. Here each residual codebook is drawn
+    from the latents (and residuals) of noise, as EnCodec's k-means initialisation starts."""
+    from conftest import build_hf_model, save_checkpoint
+
+    hf = build_hf_model(stereo=stereo)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        z = hf.audio_encoder.encoder(0.3 * torch.randn(4, 1, 64000, generator=g))       # (B, D, frames)
+        residual = z.transpose(1, 2).reshape(-1, z.shape[1])
+        for layer in hf.audio_encoder.quantizer.layers:
+            embed = layer.codebook.embed
+            embed.copy_(residual[torch.randperm(len(residual), generator=g)[:embed.shape[0]]])
+            residual = residual - embed[torch.cdist(residual, embed).argmin(-1)]
+            layer.codebook.embed_avg.copy_(embed)
+    return save_checkpoint(hf, folder, spm_model)

@@ -78,6 +78,8 @@ def wrap(net: nn.Module, d: Dist, fsdp: bool) -> nn.Module:
 
         mesh = init_device_mesh(d.device.type, (d.world,))
         for layer in net.lm.layers:
+            if layer.cross_attn is not None:   # MusicLM.cross_kv runs it from the root's forward, not the layer's
+                fully_shard(layer.cross_attn.kv, mesh=mesh)
             fully_shard(layer, mesh=mesh)
         fully_shard(net, mesh=mesh)
         return net

@@ -88,8 +88,9 @@ def resume_config(run: str | Path, given: dict) -> TrainConfig:
             if key in ("data", "model"):
                 same = Path(str(value)).expanduser().resolve() == Path(str(old)).expanduser().resolve()
             if not same:
-                raise ValueError(f"{run} was started with {key.replace('_', '-')} {old}; --resume continues it with "
-                                 f"its own options (leave out --{key.replace('_', '-')}, or train into a new RUN)")
+                flag = "--" + key.replace("_", "-")
+                raise ValueError(f"{run} was started with {flag} {'at its default' if old is None else old}; --resume "
+                                 f"continues it with its own options (leave out {flag}, or train into a new RUN)")
         saved[key] = value
     saved["sample_prompts"] = tuple(saved.get("sample_prompts") or ())
     return TrainConfig(**{f.name: saved[f.name] for f in fields(TrainConfig) if f.name in saved})
@@ -185,8 +186,9 @@ class Trainer:
         self.net = Network(model).train()
         if cfg.grad_checkpoint:
             checkpoint_layers(self.net.lm)
-        self.trained = [(n, p) for n, p in self.net.named_parameters() if p.requires_grad]
         self.module = wrap(self.net, d, cfg.fsdp)
+        # after wrapping: FSDP puts sharded parameters in the modules' place
+        self.trained = [(n, p) for n, p in self.net.named_parameters() if p.requires_grad]
         lr = cfg.lr if cfg.lr is not None else (1e-4 if cfg.lora_rank else 1e-5)
         groups = [{"params": [p for _, p in self.trained if p.dim() >= 2], "weight_decay": cfg.weight_decay},
                   {"params": [p for _, p in self.trained if p.dim() < 2], "weight_decay": 0.0}]
@@ -330,14 +332,16 @@ class Trainer:
         self.d.barrier()
 
     def _restore(self, path: Path) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
 
         payload = st.load_checkpoint(path)
         broadcast = self.cfg.fsdp   # only rank 0 reads the weights; the others receive their shards
-        model_state = payload["model"] if self.d.main or not broadcast else {}
-        optim_state = payload["optimizer"] if self.d.main or not broadcast else {}
-        set_state_dict(self.net, self.optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
-                       options=StateDictOptions(full_state_dict=True, strict=False, broadcast_from_rank0=broadcast))
+        take = self.d.main or not broadcast
+        options = StateDictOptions(full_state_dict=True, strict=False, broadcast_from_rank0=broadcast)
+        # two calls: set_state_dict takes an empty model state (the other ranks') for "optimizer only"
+        set_model_state_dict(self.net, payload["model"] if take else {}, options=options)
+        set_optimizer_state_dict(self.net, self.optimizer, payload["optimizer"] if take else {}, options=options)
         self.scheduler.load_state_dict(payload["scheduler"])
         self.scaler.load_state_dict(payload["scaler"])
         if self.ema is not None and payload.get("ema") is not None:
