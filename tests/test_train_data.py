@@ -9,7 +9,6 @@ import pytest
 import soundfile as sf
 import torch
 
-import musicgen
 from musicgen.audio import convert_channels, load_audio, resample
 from musicgen.cli import main
 from musicgen.train import encode, prepare

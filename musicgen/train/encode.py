@@ -59,17 +59,23 @@ def write_atomic(path: Path, text: str) -> None:
 
 def read_lines(path: Path) -> list[dict]:
     """The committed lines of a part's jsonl (a torn last line, from a kill mid-write, is not one)."""
+    return _committed(path)[0]
+
+
+def _committed(path: Path) -> tuple[list[dict], int]:
+    """(the committed lines, their length in bytes)."""
     if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
-        if not line.endswith("\n"):
+        return [], 0
+    out, size = [], 0
+    for line in path.read_bytes().splitlines(keepends=True):
+        if not line.endswith(b"\n"):
             break
         try:
             out.append(json.loads(line))
         except json.JSONDecodeError:
             break
-    return out
+        size += len(line)
+    return out, size
 
 
 class Part:
@@ -79,12 +85,10 @@ class Part:
         folder.mkdir(parents=True, exist_ok=True)
         self.codes_path, self.chroma_path = folder / f"{name}.codes", folder / f"{name}.chroma"
         self.index_path = folder / f"{name}.jsonl"
-        lines = read_lines(self.index_path)
+        lines, committed = _committed(self.index_path)
         self.codes_end = max([line.get("codes_end", 0) for line in lines], default=0)     # uint16 elements
         self.chroma_end = max([line.get("chroma_end", 0) for line in lines], default=0)   # uint8 elements
         # cut what a killed run wrote after its last commit
-        committed = sum(len(line) for line in self.index_path.read_text(encoding="utf-8").splitlines(True)[:len(lines)]
-                        ) if lines else 0
         for path, size in ((self.index_path, committed), (self.codes_path, 2 * self.codes_end),
                            (self.chroma_path, self.chroma_end)):
             with open(path, "ab") as f:
@@ -195,13 +199,15 @@ def prepare(src: str | Path, out: str | Path, model_name: str, *, segment: float
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
     segment = model_mod.MAX_DURATION if segment is None else float(segment)
-    sources = find_sources(src)
+    sources = find_sources(src)   # before the model loads: a wrong SRC answers at once
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} exists and is not a folder")
     d = setup(device, timeout_minutes=7 * 24 * 60)   # ranks wait at the end for the slowest one's share
     try:
         model = model_mod.load(model_name, device=d.device)
+        if model.cfg.codec.codebook_size > 2**16:
+            raise ValueError(f"{model_name}'s codebooks have {model.cfg.codec.codebook_size} entries: codes are stored as uint16")
         meta = dict(format=FORMAT, model=str(model_name), codec=codec_info(model), segment=segment,
                     min_segment_ratio=min_segment_ratio,
                     melody=asdict(model.cfg.melody) if model.cfg.melody is not None else None)

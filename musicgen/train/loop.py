@@ -192,7 +192,8 @@ class Trainer:
         lr = cfg.lr if cfg.lr is not None else (1e-4 if cfg.lora_rank else 1e-5)
         groups = [{"params": [p for _, p in self.trained if p.dim() >= 2], "weight_decay": cfg.weight_decay},
                   {"params": [p for _, p in self.trained if p.dim() < 2], "weight_decay": 0.0}]
-        self.optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
+        # fused: one pass over every tensor instead of a dozen small operations per tensor (docs/training.md)
+        self.optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=d.device.type in ("cpu", "cuda"))
         warmup = cfg.warmup if cfg.warmup is not None else max(1, cfg.steps // 20)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, partial(lr_factor, warmup=max(1, warmup), steps=cfg.steps))

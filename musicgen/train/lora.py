@@ -32,7 +32,10 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # F.linear, not self.base(x): a subclass of nn.Linear may route inference-only fast paths
-        return F.linear(x, self.base.weight, self.base.bias) + F.linear(F.linear(x, self.lora_a), self.lora_b) * self.scale
+        y = F.linear(x, self.base.weight, self.base.bias)                        # (..., out)
+        h = F.linear(x, self.lora_a) * self.scale                                # (..., r): the scale where it is small
+        # y + h B^T as one product that accumulates into y (addmm), not a product and a sum over (..., out)
+        return torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), self.lora_b.t()).view(y.shape)
 
     def merged(self) -> nn.Linear:
         """The plain linear with the adapter folded into its weight (computed in float32)."""
