@@ -87,7 +87,10 @@ def cmd_train(args) -> int:
     from .loop import TrainConfig, resume_config, train
 
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
-    given.update(data=str(args.data), run=str(args.output), progress=False if args.quiet else None)
+    # absolute paths: RUN/config.json must still name them when the run is resumed from another folder
+    given.update(data=str(args.data.resolve()), run=str(args.output), progress=False if args.quiet else None)
+    if given.get("model") and Path(given["model"]).expanduser().exists():
+        given["model"] = str(Path(given["model"]).expanduser().resolve())
     if args.sample_prompts is not None:
         given["sample_prompts"] = tuple(args.sample_prompts)
     if args.resume:

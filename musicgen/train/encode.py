@@ -187,7 +187,6 @@ def prepare(src: str | Path, out: str | Path, model_name: str, *, segment: float
             device: str | None = None, progress: bool = True) -> dict | None:
     """Encode SRC into DATA (see the module docstring). Returns rank 0's summary (None on other ranks)."""
     from .. import model as model_mod
-    from ..audio import load_audio  # noqa: F401  (soundfile and scipy import before the first file)
     from .distributed import setup
 
     if segment is not None and not segment > 0:

@@ -203,13 +203,11 @@ class Trainer:
         self.start = 0
         if found:
             self._restore(found[-1][1])
-        elif d.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            config = json.dumps(asdict(cfg), indent=2) + "\n"
-            if not (self.run_dir / "config.json").is_file():
-                from .encode import write_atomic
+        elif d.main and not (self.run_dir / "config.json").is_file():
+            from .encode import write_atomic
 
-                write_atomic(self.run_dir / "config.json", config)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.run_dir / "config.json", json.dumps(asdict(cfg), indent=2) + "\n")
         d.barrier()
         self.metrics = st.Metrics(self.run_dir, d.main, self.start)
 
