@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     s.add_argument("--quantize", choices=("int8", "int4"), default=None,
                    help="weight-only int8 LM and text encoder; int4: the LM's layers in 4 bits")
+    from .train.cli import add_parsers as add_train_parsers   # prepare, train (musicgen/train/)
+
+    add_train_parsers(sub)
     return parser
 
 
@@ -277,7 +280,8 @@ def cmd_serve(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        return {"generate": cmd_generate, "convert": cmd_convert, "serve": cmd_serve}[args.command](args)
+        commands = {"generate": cmd_generate, "convert": cmd_convert, "serve": cmd_serve}
+        return (commands.get(args.command) or args.func)(args)
     except (UsageError, ValueError, FileExistsError) as e:   # checkpoint.CheckpointError is a ValueError
         print(f"musicgen: error: {e}", file=sys.stderr)
         return 2

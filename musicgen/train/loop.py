@@ -1,0 +1,387 @@
+"""`musicgen train DATA --model ID -o RUN`: fine-tune a MusicGen checkpoint on prepared codes.
+
+    for step in 1..steps:
+        rows   = the step's global batch (dataset.py: a pure function of seed and step)
+        for each micro-batch of this rank's rows:              batch_size = ranks x accumulate x micro-batch
+            text   = frozen T5 of the augmented captions (no_grad)
+            logits = Network(delayed codes, text, chroma)      (autocast in --precision)
+            loss  += sum of per-codebook cross-entropy / (K x frames in the global batch)
+            backward                                           (gradients reduced over ranks on the last one)
+        clip the gradient norm at 1.0, AdamW step, cosine schedule step, EMA update
+        log; validate, sample, checkpoint when due
+    export RUN/final (adapters merged, EMA weights when kept), RUN/loss.png
+
+Each rank adds its share of the whole batch's loss, normalised by the global count of targets, so the
+gradient equals that of the whole batch on one process whatever the number of ranks and micro-batches
+(DDP and FSDP average over ranks, hence the factor `world`).
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from . import state as st
+from .dataset import Augment, CodesData
+from .distributed import Dist, setup, sync_gradients, wrap
+from .loss import codebook_sums, delayed_batch
+from .network import Network, text_states
+
+PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class TrainConfig:
+    data: str                                # folder written by `musicgen prepare`
+    model: str                               # checkpoint to start from (hub id or folder)
+    run: str                                 # output folder
+    steps: int = 1000
+    batch_size: int = 8                      # the global batch, split over ranks and accumulation micro-batches
+    accumulate: int = 1                      # micro-batches per rank and step
+    lr: float | None = None                  # peak learning rate; None: 1e-5 (full), 1e-4 (LoRA)
+    warmup: int | None = None                # linear warm-up steps; None: 5 % of steps
+    weight_decay: float = 0.1                # on matrices and embeddings, not on norms and biases
+    clip: float = 1.0                        # gradient norm clipping
+    duration: float | None = None            # seconds of each random crop; None: the data's segment
+    precision: str | None = None             # float32, bfloat16, float16 (autocast); None: bfloat16 on CUDA
+    lora_rank: int = 0                       # 0: full fine-tuning
+    lora_alpha: float | None = None          # adapter scale alpha / rank; None: alpha = rank
+    ema: float = 0.0                         # EMA decay of the trained weights (0: off); the export takes the EMA
+    grad_checkpoint: bool = False            # recompute each decoder layer in backward (activation checkpointing)
+    fsdp: bool = False                       # shard parameters, gradients and optimizer state over ranks
+    cfg_dropout: float = 0.3                 # probability of the null condition (classifier-free guidance)
+    word_dropout: float = 0.3
+    seed: int = 0
+    save_every: int = 500                    # checkpoint every N steps (and at the end)
+    keep: int = 3                            # checkpoints kept
+    valid_every: int = 100                   # validation loss every N steps (when DATA has a validation split)
+    sample_every: int = 0                    # samples every N steps from sample_prompts (0: off)
+    sample_prompts: tuple = ()
+    sample_duration: float = 8.0
+    device: str | None = None                # cpu, cuda (each rank its LOCAL_RANK); None: CUDA when available
+    progress: bool = True
+
+
+# options a resumed run may change: none of them changes the weights it ends with
+FREE_ON_RESUME = ("save_every", "keep", "valid_every", "sample_every", "sample_prompts", "sample_duration", "device",
+                  "progress", "accumulate", "grad_checkpoint", "fsdp")
+
+
+def resume_config(run: str | Path, given: dict) -> TrainConfig:
+    """RUN's own options, with the `given` ones (those set on the command line) where they may change."""
+    path = Path(run) / "config.json"
+    if not path.is_file():
+        raise ValueError(f"nothing to resume: {run} has no config.json (start it without --resume)")
+    saved = json.loads(path.read_text())
+    for key, value in given.items():
+        if value is None or key in ("run",):
+            continue
+        old = saved.get(key)
+        same = (list(value) == list(old or ())) if key == "sample_prompts" else value == old
+        if not same and key not in FREE_ON_RESUME:
+            if key in ("data", "model"):
+                same = Path(str(value)).expanduser().resolve() == Path(str(old)).expanduser().resolve()
+            if not same:
+                flag = "--" + key.replace("_", "-")
+                raise ValueError(f"{run} was started with {flag} {'at its default' if old is None else old}; --resume "
+                                 f"continues it with its own options (leave out {flag}, or train into a new RUN)")
+        saved[key] = value
+    saved["sample_prompts"] = tuple(saved.get("sample_prompts") or ())
+    return TrainConfig(**{f.name: saved[f.name] for f in fields(TrainConfig) if f.name in saved})
+
+
+def lr_factor(i: int, warmup: int, steps: int) -> float:
+    """Learning-rate multiplier for the (i+1)-th step: linear warm-up, then cosine down to a tenth."""
+    s = i + 1
+    if s <= warmup:
+        return s / warmup
+    progress = min(1.0, (s - warmup) / max(1, steps - warmup))
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class EMA:
+    """Exponential moving average of the trained tensors (float32), by name."""
+
+    def __init__(self, named: list[tuple[str, torch.nn.Parameter]], decay: float):
+        self.decay = decay
+        self.params = dict(named)
+        self.shadow = {n: p.detach().float().clone() for n, p in named}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for n, p in self.params.items():
+            self.shadow[n].lerp_(p.detach().float(), 1 - self.decay)
+
+    def state_dict(self) -> dict:
+        return {n: t.cpu() for n, t in self.shadow.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for n, t in state.items():
+            self.shadow[n].copy_(t)
+
+
+def checkpoint_layers(lm) -> None:
+    """Activation checkpointing: each decoder layer keeps only its input for backward and recomputes the rest.
+    The layer's forward is wrapped on the instance, so module and parameter names stay as they are."""
+    from torch.utils.checkpoint import checkpoint
+
+    for layer in lm.layers:
+        layer.forward = partial(checkpoint, layer.forward, use_reentrant=False)
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> Path:
+    """Run (or resume) the training `cfg` describes; returns RUN/final."""
+    d = setup(cfg.device)
+    try:
+        return Trainer(cfg, d, resume).run()
+    finally:
+        d.close()
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, d: Dist, resume: bool):
+        from ..model import load
+
+        self.cfg, self.d = cfg, d
+        self.run_dir = Path(cfg.run)
+        self._check_options()
+        found = st.checkpoints(self.run_dir) if resume else []
+        if resume and not (self.run_dir / "config.json").is_file():
+            raise ValueError(f"nothing to resume in {self.run_dir}")
+        if not resume and self.run_dir.exists() and any(self.run_dir.iterdir()):
+            raise ValueError(f"{self.run_dir} exists; pass --resume to continue it, or choose a new -o RUN")
+        d.barrier()   # every rank has looked at RUN before rank 0 writes into it
+        self.data = CodesData(cfg.data)
+        self.model = load(cfg.model, device=d.device)
+        self.data.check(self.model, cfg.model)
+        model, mcfg = self.model, self.model.cfg
+        if hasattr(model.lm, "fused"):
+            model.lm.fused = None   # training runs the PyTorch layer loop (the native decoder holds no gradients)
+        self.dtype = PRECISIONS[cfg.precision or ("bfloat16" if d.device.type == "cuda" else "float32")]
+        self.K, self.special = mcfg.lm.num_codebooks, mcfg.lm.special_token
+        duration = cfg.duration or self.data.meta["segment"]
+        self.crop = max(1, round(duration * self.data.frame_rate))
+        prefix = mcfg.melody.chroma_length if mcfg.melody is not None else 0
+        need = self.crop + max(k // mcfg.audio_channels for k in range(self.K)) + 1 + prefix
+        if need > mcfg.lm.max_position_embeddings:
+            raise ValueError(f"--duration {duration:g} s needs {need} positions; {cfg.model} has "
+                             f"{mcfg.lm.max_position_embeddings}")
+        self.micro = cfg.batch_size // (d.world * cfg.accumulate)
+        torch.manual_seed(cfg.seed)
+        if cfg.lora_rank:
+            from .lora import add_lora
+
+            model.requires_grad_(False)
+            add_lora(model.lm, cfg.lora_rank, cfg.lora_alpha)
+        else:
+            for part in (model.lm, model.text_proj, model.chroma_proj):
+                if part is not None:
+                    part.requires_grad_(True)
+        self.net = Network(model).train()
+        if cfg.grad_checkpoint:
+            checkpoint_layers(self.net.lm)
+        self.module = wrap(self.net, d, cfg.fsdp)
+        # after wrapping: FSDP puts sharded parameters in the modules' place
+        self.trained = [(n, p) for n, p in self.net.named_parameters() if p.requires_grad]
+        lr = cfg.lr if cfg.lr is not None else (1e-4 if cfg.lora_rank else 1e-5)
+        groups = [{"params": [p for _, p in self.trained if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+                  {"params": [p for _, p in self.trained if p.dim() < 2], "weight_decay": 0.0}]
+        # fused: one pass over every tensor instead of a dozen small operations per tensor (docs/training.md)
+        self.optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=d.device.type in ("cpu", "cuda"))
+        warmup = cfg.warmup if cfg.warmup is not None else max(1, cfg.steps // 20)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, partial(lr_factor, warmup=max(1, warmup), steps=cfg.steps))
+        self.scaler = torch.amp.GradScaler(d.device.type, enabled=self.dtype == torch.float16)
+        self.ema = EMA(self.trained, cfg.ema) if cfg.ema > 0 else None
+        self.augment = Augment(cfg_dropout=cfg.cfg_dropout, word_dropout=cfg.word_dropout)
+        self.start = 0
+        if found:
+            self._restore(found[-1][1])
+        elif d.main and not (self.run_dir / "config.json").is_file():
+            from .encode import write_atomic
+
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.run_dir / "config.json", json.dumps(asdict(cfg), indent=2) + "\n")
+        d.barrier()
+        self.metrics = st.Metrics(self.run_dir, d.main, self.start)
+
+    def _check_options(self) -> None:
+        cfg, d = self.cfg, self.d
+        if cfg.steps < 1:
+            raise ValueError(f"--steps must be at least 1, got {cfg.steps}")
+        if cfg.batch_size < 1 or cfg.accumulate < 1:
+            raise ValueError("--batch-size and --accumulate must be at least 1")
+        if cfg.batch_size % (d.world * cfg.accumulate):
+            raise ValueError(f"--batch-size {cfg.batch_size} does not split over {d.world} rank(s) x "
+                             f"{cfg.accumulate} micro-batch(es)")
+        if cfg.precision is not None and cfg.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {cfg.precision!r}: choose float32, bfloat16 or float16")
+        if cfg.duration is not None and not cfg.duration > 0:
+            raise ValueError(f"--duration must be positive, got {cfg.duration:g}")
+        for name in ("cfg_dropout", "word_dropout"):
+            if not 0 <= getattr(cfg, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(cfg, name):g}")
+        if not 0 <= cfg.ema < 1:
+            raise ValueError(f"--ema is a decay in [0, 1), got {cfg.ema:g}")
+        if cfg.lora_rank < 0:
+            raise ValueError(f"--lora-rank must be positive, got {cfg.lora_rank}")
+        if cfg.fsdp and (cfg.ema or cfg.sample_every):
+            raise ValueError("--fsdp keeps no whole copy of the weights on a rank: --ema and --sample-every need one "
+                             "(sample from an export instead)")
+        if cfg.sample_every and not cfg.sample_prompts:
+            raise ValueError("--sample-every needs --sample-prompt")
+        if cfg.save_every < 1 or cfg.keep < 1:
+            raise ValueError("--save-every and --keep must be at least 1")
+
+    # -- one step -----------------------------------------------------------------------------------------
+    def _logits(self, batch, module) -> tuple[torch.Tensor, torch.Tensor]:
+        dev = self.d.device
+        inputs, targets = delayed_batch(batch.codes.to(dev), batch.lengths.to(dev), self.special,
+                                        self.model.cfg.audio_channels)
+        states, mask = text_states(self.model, batch.captions)
+        chroma = batch.chroma.to(dev) if batch.chroma is not None else None
+        with torch.autocast(dev.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            logits = module(inputs, states, mask, chroma, mask_dtype=self.dtype)
+        return logits, targets
+
+    def step(self, step: int) -> dict:
+        cfg, d = self.cfg, self.d
+        started = time.perf_counter()
+        rows = self.data.train_rows(step, cfg.batch_size, self.crop, cfg.seed, self.augment)
+        total = sum(r.frames for r in rows)                                   # targets per codebook, all ranks
+        share = cfg.batch_size // d.world
+        mine = rows[d.rank * share:(d.rank + 1) * share]
+        sums = torch.zeros(self.K, device=d.device)
+        for i in range(cfg.accumulate):
+            batch = self.data.collate(mine[i * self.micro:(i + 1) * self.micro], "train", self.special,
+                                      self.model.cfg.melody)
+            with sync_gradients(self.module, i == cfg.accumulate - 1):
+                logits, targets = self._logits(batch, self.module)
+                part = codebook_sums(logits, targets)                          # (K,)
+                loss = part.sum() / (self.K * total) * d.world
+                self.scaler.scale(loss).backward()
+            sums += part.detach()
+        self.scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_([p for _, p in self.trained], cfg.clip)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update()
+        per_codebook = (d.sum(sums) / total).tolist()
+        seconds = time.perf_counter() - started
+        return dict(step=step, loss=sum(per_codebook) / self.K, codebook_losses=per_codebook, lr=lr,
+                    grad_norm=float(norm), tokens_per_s=total * self.K / seconds,
+                    audio_s_per_s=total / self.data.frame_rate / seconds)
+
+    @torch.no_grad()
+    def validate(self) -> tuple[float, list[float]]:
+        """Loss over the whole validation split (first crop of each segment, captions and chroma as they are)."""
+        d = self.d
+        rows = self.data.valid_rows(self.crop)
+        mine = rows[d.rank::d.world]
+        chunks = math.ceil(math.ceil(len(rows) / d.world) / self.micro)   # the same count on every rank (FSDP)
+        sums, count = torch.zeros(self.K, device=d.device), torch.zeros((), device=d.device)
+        module = self.module if self.cfg.fsdp else self.net   # FSDP gathers shards in its forward; DDP's is not needed
+        for i in range(chunks):
+            chunk = mine[i * self.micro:(i + 1) * self.micro]
+            batch = self.data.collate(chunk or rows[:1], "valid", self.special, self.model.cfg.melody)
+            logits, targets = self._logits(batch, module)
+            if chunk:   # an empty chunk ran only to keep FSDP's collectives in step
+                sums += codebook_sums(logits, targets)
+                count += batch.lengths.sum()
+        per_codebook = (d.sum(sums) / d.sum(count).clamp(min=1)).tolist()
+        return sum(per_codebook) / self.K, per_codebook
+
+    def sample(self, step: int) -> None:
+        from ..audio import save_audio
+
+        folder = self.run_dir / "samples"
+        folder.mkdir(exist_ok=True)
+        audio = self.model.generate(list(self.cfg.sample_prompts), duration=self.cfg.sample_duration, seed=self.cfg.seed)
+        for i, wav in enumerate(audio):
+            save_audio(folder / f"step_{step:06d}_{i}.wav", wav, self.model.sample_rate)
+
+    # -- checkpoints ---------------------------------------------------------------------------------------
+    def _full_state(self) -> tuple[dict, dict]:
+        """Whole (unsharded) trained tensors and optimizer state on rank 0's CPU; every rank must call it."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        model_state, optim_state = get_state_dict(self.net, self.optimizer,
+                                                  options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        names = {n for n, _ in self.trained}
+        return {k: v for k, v in model_state.items() if k in names}, optim_state
+
+    def save(self, step: int) -> None:
+        model_state, optim_state = self._full_state()
+        if self.d.main:
+            payload = dict(format=1, step=step, model=model_state, optimizer=optim_state,
+                           scheduler=self.scheduler.state_dict(), scaler=self.scaler.state_dict(),
+                           ema=self.ema.state_dict() if self.ema else None, rng=st.rng_states())
+            st.save_checkpoint(self.run_dir, step, payload, self.cfg.keep)
+        self.d.barrier()
+
+    def _restore(self, path: Path) -> None:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        payload = st.load_checkpoint(path)
+        broadcast = self.cfg.fsdp   # only rank 0 reads the weights; the others receive their shards
+        take = self.d.main or not broadcast
+        options = StateDictOptions(full_state_dict=True, strict=False, broadcast_from_rank0=broadcast)
+        # two calls: set_state_dict takes an empty model state (the other ranks') for "optimizer only"
+        set_model_state_dict(self.net, payload["model"] if take else {}, options=options)
+        set_optimizer_state_dict(self.net, self.optimizer, payload["optimizer"] if take else {}, options=options)
+        self.scheduler.load_state_dict(payload["scheduler"])
+        self.scaler.load_state_dict(payload["scaler"])
+        if self.ema is not None and payload.get("ema") is not None:
+            self.ema.load_state_dict(payload["ema"])
+        st.set_rng_states(payload["rng"])
+        self.start = int(payload["step"])
+
+    # -- the run -------------------------------------------------------------------------------------------
+    def run(self) -> Path:
+        from tqdm import tqdm
+
+        cfg, d = self.cfg, self.d
+        bar = tqdm(total=cfg.steps, initial=self.start, unit="step", desc="training", file=sys.stderr,
+                   disable=not (cfg.progress and d.main), dynamic_ncols=True)
+        has_valid = bool(self.data.splits["valid"])
+        for step in range(self.start + 1, cfg.steps + 1):
+            record = self.step(step)
+            if has_valid and (step % cfg.valid_every == 0 or step == cfg.steps):
+                record["valid_loss"], record["valid_codebook_losses"] = self.validate()
+            self.metrics.log(record)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
+                            tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+            bar.update(1)
+            if cfg.sample_every and step % cfg.sample_every == 0 and d.main:
+                self.sample(step)
+            if step % cfg.save_every == 0 or step == cfg.steps:
+                self.save(step)
+        bar.close()
+        return self.finish()
+
+    def finish(self) -> Path:
+        """Export RUN/final (EMA weights when kept) and draw RUN/loss.png."""
+        from .export import export
+
+        trained, _ = self._full_state()
+        final = self.run_dir / "final"
+        if self.d.main:
+            if self.ema is not None:
+                trained = self.ema.state_dict()
+            export(self.cfg.model, trained, final, self.cfg.lora_rank, self.cfg.lora_alpha)
+            st.plot_loss(self.run_dir)
+        self.metrics.close()
+        self.d.barrier()
+        return final

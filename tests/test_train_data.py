@@ -1,0 +1,224 @@
+"""`musicgen prepare` and the training data: codes as inference encodes them, captions, skips, resume, splits,
+the rows each step reads, and every bad input as one line."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from musicgen.audio import convert_channels, load_audio, resample
+from musicgen.cli import main
+from musicgen.train import encode, prepare
+from musicgen.train.dataset import Augment, CodesData, augment_caption
+from train_common import one_thread  # noqa: F401  (autouse)
+from train_common import write_clips
+
+
+@pytest.fixture(scope="module")
+def songs(tmp_path_factory):
+    """Good files of every kind, and one of each kind of bad file."""
+    src = tmp_path_factory.mktemp("songs")
+    rng = np.random.default_rng(0)
+    noise = lambda sr, sec, ch=1: (0.3 * rng.standard_normal((int(sr * sec), ch))).astype(np.float32)  # noqa: E731
+    sf.write(src / "a.wav", noise(32000, 1.3), 32000)
+    (src / "a.txt").write_text("lofi hip hop\nbeat  with piano\n")
+    sf.write(src / "b.flac", noise(44100, 0.9, 2), 44100)                     # stereo at 44.1 kHz
+    (src / "b.json").write_text(json.dumps({"description": "techno track", "genre": "techno", "bpm": 128,
+                                            "moods": ["dark", "driving"], "title": "ignored"}))
+    sf.write(src / "nested_c.ogg", noise(22050, 0.8), 22050)                   # no caption
+    (src / "sub").mkdir()
+    sf.write(src / "sub" / "d.mp3", noise(48000, 1.0), 48000)
+    (src / "sub" / "d.txt").write_text("epic orchestral soundtrack")
+    (src / "broken.wav").write_bytes(b"RIFF not really a wav")
+    sf.write(src / "silent.wav", np.zeros((32000, 1), np.float32), 32000)
+    sf.write(src / "short.wav", noise(32000, 0.2), 32000)
+    sf.write(src / "empty.wav", np.zeros((0, 1), np.float32), 32000)
+    return src
+
+
+@pytest.fixture(scope="module")
+def data(songs, ckpt_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "data"
+    summary = prepare(songs, out, str(ckpt_dir), segment=0.5, valid_fraction=0.25, progress=False)
+    return out, summary
+
+
+def test_codes_are_what_inference_encodes(songs, data, model):
+    out, summary = data
+    assert summary["files"] == 4 and summary["valid_files"] == 1
+    d = CodesData(out)
+    entries = d.splits["train"] + d.splits["valid"]
+    by_source = {}
+    for e in entries:
+        by_source.setdefault(e["source"], []).append(e)
+    a = by_source[str(songs / "a.wav")]
+    # 1.3 s in 0.5 s segments: 0.5, 0.5, then 0.3 s < 0.8 x 0.5 s is dropped
+    assert [(e["start"], e["frames"]) for e in a] == [(0.0, 25), (0.5, 25)]
+    assert a[0]["caption"] == "lofi hip hop beat with piano"
+    wav, sr = load_audio(songs / "b.flac")
+    wav = resample(convert_channels(wav, 1), sr, 32000)[:, :16000]
+    b = by_source[str(songs / "b.flac")][0]
+    split = "train" if b in d.splits["train"] else "valid"
+    stored = d.codes(split, d.splits[split].index(b))
+    assert stored.dtype == np.uint16 and stored.shape == (4, 25)
+    assert torch.equal(torch.from_numpy(stored.astype(np.int64))[None], model.encode(wav[None]))
+    assert b["caption"] == "techno track" and b["meta"] == {"genre": "techno", "moods": ["dark", "driving"], "bpm": 128}
+    assert by_source[str(songs / "nested_c.ogg")][0]["caption"] == ""
+    assert by_source[str(songs / "sub" / "d.mp3")][0]["caption"] == "epic orchestral soundtrack"
+
+
+def test_bad_files_are_listed_and_skipped(songs, data):
+    out, summary = data
+    skipped = dict(summary["skipped"])
+    assert set(skipped) == {str(songs / n) for n in ("broken.wav", "silent.wav", "short.wav", "empty.wav")}
+    assert skipped[str(songs / "silent.wav")] == "silent"
+    assert skipped[str(songs / "short.wav")].startswith("too short (0.2 s")
+    assert "empty" in skipped[str(songs / "empty.wav")] and "cannot read" in skipped[str(songs / "broken.wav")]
+    assert summary["uncaptioned"] == [str(songs / "nested_c.ogg")]
+    report = (out / "report.txt").read_text()
+    assert "skipped 4 files" in report and "nested_c.ogg" in report and "unconditional" in report
+
+
+def test_validation_holds_out_whole_files(data):
+    d = CodesData(data[0])
+    train, valid = {e["source"] for e in d.splits["train"]}, {e["source"] for e in d.splits["valid"]}
+    assert len(valid) == 1 and not train & valid
+
+
+def test_prepare_resumes_where_a_kill_left_it(songs, ckpt_dir, tmp_path, monkeypatch):
+    src = write_clips(tmp_path / "src", seconds=0.5)
+    out = tmp_path / "data"
+    prepare(src, out, str(ckpt_dir), segment=0.5, progress=False)
+    before = CodesData(out)
+    old = [before.codes("train", i).copy() for i in range(len(before))]
+    size = (out / "parts" / "rank0.codes").stat().st_size
+    with open(out / "parts" / "rank0.codes", "ab") as f:     # a kill after the codes of a file, before its line
+        f.write(b"\x01\x02" * 77)
+    with open(out / "parts" / "rank0.jsonl", "a") as f:      # ... or in the middle of its line
+        f.write('{"source": "/half')
+    write_clips(tmp_path / "more", seconds=0.5, captions=["a fourth clip"], seed=5)
+    for f in (tmp_path / "more").iterdir():
+        f.rename(src / f.name.replace("clip0", "clip3"))
+    added = []
+    real_add = encode.Encoder.add
+    monkeypatch.setattr(encode.Encoder, "add", lambda self, s: (added.append(s.path.name), real_add(self, s))[1])
+    prepare(src, out, str(ckpt_dir), segment=0.5, progress=False)
+    assert added == ["clip3.wav"]                             # clip0..2 were done: not read again
+    after = CodesData(out)
+    assert len(after) == 4
+    assert (out / "parts" / "rank0.codes").stat().st_size == size + 4 * 25 * 2
+    for i, e in enumerate(before.splits["train"]):
+        j = next(j for j, f in enumerate(after.splits["train"]) if f["source"] == e["source"])
+        assert np.array_equal(after.codes("train", j), old[i])
+
+
+def test_manifests_give_the_same_data(ckpt_dir, tmp_path):
+    src = write_clips(tmp_path / "clips", seconds=0.5)
+    folder = prepare(src, tmp_path / "from_folder", str(ckpt_dir), segment=0.5, progress=False)
+    (tmp_path / "m.csv").write_text("path,caption\n" + "".join(f"clips/clip{i}.wav,\"{c}\"\n" for i, c in
+                                                               enumerate(["lofi hip hop beat with mellow piano",
+                                                                          "epic orchestral soundtrack",
+                                                                          "techno with driving kick drum"])))
+    for i in range(3):
+        (src / f"clip{i}.txt").rename(src / f"clip{i}.caption")
+        (src / f"clip{i}.json").write_text(json.dumps({"description": (src / f"clip{i}.caption").read_text()}))
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps({"path": str(src / f"clip{i}.wav"), "duration": 0.5,
+                                                          "sample_rate": 32000}) + "\n" for i in range(3)))
+    for manifest in ("m.csv", "m.jsonl"):
+        got = prepare(tmp_path / manifest, tmp_path / manifest.replace(".", "_"), str(ckpt_dir), segment=0.5,
+                      progress=False)
+        assert got["files"] == folder["files"] == 3 and not got["uncaptioned"]
+        a, b = CodesData(tmp_path / "from_folder"), CodesData(tmp_path / manifest.replace(".", "_"))
+        assert [e["caption"] for e in a.splits["train"]] == [e["caption"] for e in b.splits["train"]]
+        assert all(np.array_equal(a.codes("train", i), b.codes("train", i)) for i in range(3))
+
+
+def test_melody_data_stores_the_inference_chroma(melody_ckpt_dir, melody_model, tmp_path):
+    from musicgen import chroma
+
+    src = write_clips(tmp_path / "src", seconds=1.0, captions=["a tune"])
+    prepare(src, tmp_path / "data", str(melody_ckpt_dir), segment=1.0, demucs=False, progress=False)
+    d = CodesData(tmp_path / "data")
+    wav, _ = load_audio(src / "clip0.wav")
+    expected = chroma.chromagram(chroma.prepare_melody(wav, 32000, demucs=False)[None], melody_model.cfg.melody)
+    assert np.array_equal(d.chroma("train", 0), expected[0].argmax(-1).numpy())
+    rows = [d.valid_rows(50)[0]] if d.splits["valid"] else d.train_rows(1, 1, 50, 0, Augment(0, 0, chroma_dropout=0))
+    batch = d.collate(rows, "train", 64, melody_model.cfg.melody)
+    assert batch.chroma.shape == (1, melody_model.cfg.melody.chroma_length, 12)
+    assert torch.equal(batch.chroma[0, :expected.shape[1]], expected[0])   # the crop's chroma, then looped
+
+
+def test_rows_are_a_function_of_seed_and_step(data):
+    d, other = CodesData(data[0]), CodesData(data[0])
+    a = [d.train_rows(s, 4, 20, seed=7, augment=Augment()) for s in (1, 2, 3, 9)]
+    b = [other.train_rows(s, 4, 20, seed=7, augment=Augment()) for s in (9, 3, 2, 1)][::-1]
+    assert a == b                                             # the order steps are asked in does not matter
+    assert a != [d.train_rows(s, 4, 20, seed=8, augment=Augment()) for s in (1, 2, 3, 9)]
+    epoch = [r.segment for s in range(1, len(d) + 1) for r in d.train_rows(s, 1, 20, 7, Augment())]
+    assert sorted(epoch) == list(range(len(d)))               # an epoch sees every segment once
+    for rows in a:
+        for r in rows:
+            assert 0 <= r.start <= d.splits["train"][r.segment]["frames"] - r.frames and r.frames == 20
+
+
+def test_caption_augmentation_follows_audiocraft():
+    meta = {"genre": "techno", "bpm": 128, "moods": ["dark", "driving"]}
+    a = Augment(word_dropout=0.0)
+    draws = [augment_caption("techno track", meta, np.random.default_rng([0, g]), a) for g in range(4000)]
+    merged = [c for c in draws if c != "techno track"]
+    assert 0.15 < len(merged) / len(draws) < 0.25             # 0.25 merge, less the draws that kept no field
+    assert any(c.startswith("techno track. ") and "moods: dark, driving" in c for c in merged)
+    assert any(not c.startswith("techno track") and "genre: techno" in c for c in merged)   # description dropped
+    words = [augment_caption("a b c d e f g h i j", {}, np.random.default_rng([1, g]), Augment(word_dropout=0.3))
+             for g in range(1000)]
+    assert 0.65 < np.mean([len(w.split()) / 10 for w in words]) < 0.75
+
+
+def _one_line_error(capsys, argv) -> str:
+    assert main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("musicgen: error: ") and "\n" not in err, err
+    return err
+
+
+def test_prepare_errors_are_one_line(ckpt_dir, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert "no audio files" in _one_line_error(capsys, ["prepare", tmp_path / "empty", "-o", tmp_path / "d",
+                                                         "--model", ckpt_dir])
+    assert "does not exist" in _one_line_error(capsys, ["prepare", tmp_path / "nope", "-o", tmp_path / "d"])
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.wav").write_bytes(b"garbage")
+    assert "no usable audio" in _one_line_error(capsys, ["prepare", tmp_path / "bad", "-o", tmp_path / "d2",
+                                                          "--model", ckpt_dir, "-q"])
+    assert "--valid-fraction" in _one_line_error(capsys, ["prepare", tmp_path / "bad", "-o", tmp_path / "d3",
+                                                           "--valid-fraction", "1.5"])
+
+
+@pytest.fixture(scope="module")
+def other_codec_ckpt(tmp_path_factory, spm_model):
+    from conftest import build_hf_model, save_checkpoint
+
+    return save_checkpoint(build_hf_model(seed=1), tmp_path_factory.mktemp("other"), spm_model)
+
+
+def test_train_errors_are_one_line_and_lose_nothing(data, ckpt_dir, other_codec_ckpt, tmp_path, capsys):
+    out = data[0]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "precious.txt").write_text("keep me")
+    err = _one_line_error(capsys, ["train", out, "--model", ckpt_dir, "-o", run, "--steps", "1"])
+    assert "exists; pass --resume" in err and (run / "precious.txt").read_text() == "keep me"
+    err = _one_line_error(capsys, ["train", out, "--model", other_codec_ckpt, "-o", tmp_path / "r2", "--steps", "1"])
+    assert "does not match the codec" in err and not (tmp_path / "r2").exists()
+    assert "not prepared data" in _one_line_error(capsys, ["train", tmp_path, "--model", ckpt_dir, "-o", tmp_path / "r3"])
+    assert "does not split" in _one_line_error(capsys, ["train", out, "--model", ckpt_dir, "-o", tmp_path / "r4",
+                                                        "--batch-size", "3", "--accumulate", "2"])
+    assert "nothing to resume" in _one_line_error(capsys, ["train", out, "-o", tmp_path / "r5", "--resume"])
+    assert main(["train", str(out), "--model", str(ckpt_dir), "-o", str(tmp_path / "r6"), "--steps", "1",
+                 "--batch-size", "2", "-q"]) == 0
+    capsys.readouterr()
+    err = _one_line_error(capsys, ["train", out, "-o", tmp_path / "r6", "--resume", "--lr", "0.5"])
+    assert "was started with --lr at its default" in err
