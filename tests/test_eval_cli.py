@@ -14,6 +14,12 @@ import musicgen.eval
 from musicgen.cli import main
 
 
+@pytest.fixture(autouse=True)
+def private_cache(monkeypatch, tmp_path):
+    """Downloads, hashes and embeddings go to a temporary folder, not ~/.cache."""
+    monkeypatch.setenv("MUSICGEN_CACHE", str(tmp_path / "musicgen-cache"))
+
+
 @pytest.fixture
 def tiny_embedders(monkeypatch, tmp_path_factory):
     made = {"vggish": es.vggish_embedder, "passt": es.passt_embedder,
@@ -57,7 +63,7 @@ def test_eval_writes_table_json_csv_and_plot(sets, tiny_embedders, capsys):
     assert rc == 2 and "exists; pass --force" in capsys.readouterr().err
 
 
-def test_save_and_reuse_reference_stats(sets, tiny_embedders, capsys):
+def test_save_and_reuse_reference_stats(sets, tiny_embedders, capsys, monkeypatch):
     stats = sets / "ref.npz"
     assert main(["eval", str(sets / "gen"), "--reference", str(sets / "ref"), "--metrics", "fad", "--save-stats",
                  str(stats), "--no-cache", "-q"]) == 0
@@ -66,6 +72,11 @@ def test_save_and_reuse_reference_stats(sets, tiny_embedders, capsys):
                  "-q"]) == 0
     second = capsys.readouterr().out
     assert first.splitlines()[2] == second.splitlines()[2]   # the FAD row
+    other = es.vggish_embedder()
+    other.fingerprint = "other-weights"
+    monkeypatch.setattr(musicgen.eval, "load_embedder", lambda *a, **k: other)
+    rc = main(["eval", str(sets / "gen"), "--reference-stats", str(stats), "--metrics", "fad", "--no-cache", "-q"])
+    assert rc == 2 and "was computed with other vggish weights" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args, message", [
@@ -80,10 +91,16 @@ def test_save_and_reuse_reference_stats(sets, tiny_embedders, capsys):
     (["eval", "{gen}", "--reference", "{ref}", "--metrics", "clap", "--weights", "{empty}"],
      "music_audioset_epoch_15_esc_90.14.pt is not in"),
     (["eval", "{gen}", "--reference", "{ref}", "--captions", "{gen}/clip0.wav"], "cannot read captions file"),
+    (["eval", "{gen}", "--reference", "{ref}", "--device", "tpu9"], "unknown device 'tpu9'"),
+    (["eval", "{gen}", "--reference", "{ref}", "--metrics", "fad", "--weights", "{bad}", "--no-cache"],
+     "vggish-10086976.pth: not a PyTorch checkpoint"),
 ])
 def test_bad_input_is_one_line_and_exit_2(sets, capsys, args, message):
     (sets / "empty").mkdir()
-    names = {"gen": sets / "gen", "ref": sets / "ref", "tmp": sets, "empty": sets / "empty", "caps": sets / "caps.csv"}
+    (sets / "bad").mkdir()
+    (sets / "bad" / "vggish-10086976.pth").write_text("not a checkpoint")
+    names = {"gen": sets / "gen", "ref": sets / "ref", "tmp": sets, "empty": sets / "empty", "caps": sets / "caps.csv",
+             "bad": sets / "bad"}
     rc = main([a.format(**names) for a in args])
     err = capsys.readouterr().err
     assert rc == 2 and message in err and err.count("\n") == 1 and err.startswith("musicgen: error: ")

@@ -42,7 +42,8 @@ def test_fad_protocol_step_by_step(tmp_path, embedders):
 
     gen = [es.write(tmp_path / "gen", f"g{i}.wav", es.tone(2.5, 44100, 200 + 150 * i, seed=i, channels=2), 44100)
            for i in range(3)]
-    ref = [es.write(tmp_path / "ref", f"r{i}.wav", 0.4 * es.tone(3.1, 32000, 300 + 90 * i, seed=10 + i)) for i in range(3)]
+    ref = [es.write(tmp_path / "ref", f"r{i}.wav", 0.4 * es.tone(3.1, 32000, 300 + 90 * i, seed=10 + i))
+           for i in range(3)]
     report, _ = run(tmp_path / "gen", tmp_path / "ref", ["fad"], embedders)
     model = embedders["vggish"].model
 
@@ -59,7 +60,8 @@ def test_fad_protocol_step_by_step(tmp_path, embedders):
 
     a, b = embeddings(gen), embeddings(ref)
     mu_a, mu_b, s_a, s_b = a.mean(0), b.mean(0), np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    expected = (mu_a - mu_b) @ (mu_a - mu_b) + np.trace(s_a) + np.trace(s_b) - 2 * np.trace(scipy.linalg.sqrtm(s_a @ s_b)).real
+    root = np.trace(scipy.linalg.sqrtm(s_a @ s_b)).real
+    expected = (mu_a - mu_b) @ (mu_a - mu_b) + np.trace(s_a) + np.trace(s_b) - 2 * root
     v = report.values["fad"]
     assert v["value"] == pytest.approx(expected, rel=1e-4)
     assert v["embeddings"] == len(a) == 3 * 2 and v["reference_embeddings"] == len(b) == 3 * 3 and v["clips"] == 3
@@ -72,8 +74,10 @@ def test_fad_of_a_set_against_itself_and_with_noise(tmp_path, embedders):
         folder = tmp_path / f"noisy{level}"
         for i, p in enumerate(clean):
             x, sr = sf.read(str(p), dtype="float32")
-            es.write(folder, p.name, x + level * np.random.default_rng(i).standard_normal(x.shape).astype(np.float32), sr)
-        fads.append(run(folder, tmp_path / "ref", ["fad"], embedders, cache_dir=tmp_path / "cache")[0].values["fad"]["value"])
+            noise = np.random.default_rng(i).standard_normal(x.shape).astype(np.float32)
+            es.write(folder, p.name, x + level * noise, sr)
+        report, _ = run(folder, tmp_path / "ref", ["fad"], embedders, cache_dir=tmp_path / "cache")
+        fads.append(report.values["fad"]["value"])
     assert abs(fads[0]) < 1e-6 * fads[-1]
     assert fads[0] < fads[1] < fads[2] < fads[3]
 
@@ -188,7 +192,8 @@ def test_chroma_protocol_step_by_step(tmp_path, embedders):
             xs.append(julius.resample_frac(x, sr, 32000).mean(0) if sr != 32000 else x.mean(0))
         t = math.ceil(xs[0].shape[0] / 4096)
         a, b = (chromagram(x[None], MelodyConfig())[0, :t].numpy() for x in xs)
-        total += float(np.sum(np.sum(a * b, 1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-8)))
+        norms = np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-8)
+        total += float(np.sum(np.sum(a * b, 1) / norms))
         frames += t
     v = report.values["chroma"]
     assert v["frames"] == frames == math.ceil(64000 / 4096) + math.ceil(160000 / 4096)
@@ -243,9 +248,11 @@ def test_manifests_and_captions(tmp_path):
 def test_cache_embeds_only_new_clips(tmp_path, embedders):
     es.make_set(tmp_path / "gen", 3, 1.5, seed=1)
     es.make_set(tmp_path / "ref", 3, 1.5, seed=2)
-    first, s1 = run(tmp_path / "gen", tmp_path / "ref", ["fad", "kl"], embedders, cache_dir=tmp_path / "cache")
-    assert s1["cache"]["misses"] == 6 + 6 and s1["cache"]["hits"] == 0
-    again, s2 = run(tmp_path / "gen", tmp_path / "ref", ["fad", "kl"], embedders, cache_dir=tmp_path / "cache")
+    for i in range(3):
+        (tmp_path / "gen" / f"clip{i}.txt").write_text(f"lofi beat {i}")
+    first, s1 = run(tmp_path / "gen", tmp_path / "ref", ["fad", "kl", "clap"], embedders, cache_dir=tmp_path / "cache")
+    assert s1["cache"]["misses"] == 6 + 6 + 3 + 3 and s1["cache"]["hits"] == 0   # clap: 3 clips and 3 captions
+    again, s2 = run(tmp_path / "gen", tmp_path / "ref", ["fad", "kl", "clap"], embedders, cache_dir=tmp_path / "cache")
     assert s2["cache"]["misses"] == 0 and again.values == first.values
     es.write(tmp_path / "gen", "clip9.wav", es.tone(1.5, freq=300, seed=9))
     _, s3 = run(tmp_path / "gen", tmp_path / "ref", ["fad"], embedders, cache_dir=tmp_path / "cache")

@@ -72,7 +72,9 @@ def evaluate(generated, reference=None, captions=None, metrics=DEFAULT_METRICS, 
         if isinstance(captions, (str, os.PathLike)):
             captions = clips_mod.read_captions(captions)
         clips_mod.attach_captions(gen, ref or [], captions)
-    cache = EmbeddingCache(None if not cache_dir else (weights.cache_dir() / "embeddings" if cache_dir is True else cache_dir))
+    if cache_dir is True:
+        cache_dir = weights.cache_dir() / "embeddings"
+    cache = EmbeddingCache(cache_dir or None)
     report = m.Report()
     runner = m.Runner(cache, report, progress=progress)
     pairs, only_gen, only_ref = clips_mod.pair(gen, ref) if ref is not None else ([], [], [])
@@ -93,6 +95,7 @@ def evaluate(generated, reference=None, captions=None, metrics=DEFAULT_METRICS, 
         for metric in metrics:
             if metric in ("fad", "fad-clap"):
                 e = embedder(EMBEDDERS[metric])
+                _check_stats(stats_settings, e, m.PROTOCOL, reference_stats)
                 m.fad(runner, e, gen, ref, report, metric, stats.get(e.name), per_clip_fad, fad_inf)
             elif metric == "kl":
                 m.kl(runner, embedder("passt"), pairs, report)
@@ -101,7 +104,8 @@ def evaluate(generated, reference=None, captions=None, metrics=DEFAULT_METRICS, 
             elif metric == "chroma":
                 m.chroma(pairs, report, progress)
     settings = {
-        "metrics": list(metrics), "generated": str(generated), "reference": None if reference is None else str(reference),
+        "metrics": list(metrics), "generated": str(generated),
+        "reference": None if reference is None else str(reference),
         "reference_stats": None if not isinstance(reference_stats, (str, os.PathLike)) else str(reference_stats),
         "reference_stats_settings": stats_settings, "device": device,
         "embedders": {n: e.fingerprint for n, e in loaded.items()},
@@ -110,6 +114,16 @@ def evaluate(generated, reference=None, captions=None, metrics=DEFAULT_METRICS, 
         "versions": _versions(), "protocol": m.PROTOCOL,
     }
     return report, settings
+
+
+def _check_stats(saved: dict | None, embedder, protocol: int, path) -> None:
+    """Saved reference statistics must come from the same weights and protocol as the generated set's."""
+    if not saved or embedder.name not in saved.get("embedders", {}):
+        return
+    if saved["embedders"][embedder.name] != embedder.fingerprint or saved.get("protocol") != protocol:
+        raise ValueError(f"{path} was computed with other {embedder.name} weights or protocol "
+                         f"({saved['embedders'][embedder.name][:12]}…, protocol {saved.get('protocol')}); "
+                         f"compute it again with --save-stats")
 
 
 def _versions() -> dict:

@@ -8,21 +8,10 @@ reads the files: each clip scaled so its peak sits at -1 dBFS (`audio_write(stra
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from pathlib import Path
 
-import numpy as np
 import torch
 
 PEAK = 10 ** (-1.0 / 20)   # audiocraft's peak_clip_headroom_db = 1
-
-
-@dataclass
-class Clip:
-    """One audio file of a set: `key` pairs it with its counterpart in the other set."""
-    key: str                 # relative path without the audio suffix
-    path: Path
-    caption: str | None = None
 
 
 def read(path: str | os.PathLike) -> tuple[torch.Tensor, int]:

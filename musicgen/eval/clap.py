@@ -206,6 +206,8 @@ def load_state(model: CLAP, state: dict) -> None:
 
 def load(path, text_folder, device: str = "cpu", fingerprint: str = "") -> ClapEmbedder:
     text_folder = Path(text_folder)
+    from .weights import read_state
+
     model = CLAP(text=RobertaConfig.from_file(text_folder / "config.json"))
-    load_state(model, torch.load(path, map_location="cpu", weights_only=False))
+    load_state(model, read_state(path, weights_only=False))   # laion_clap's files also pickle training state
     return ClapEmbedder(model, Tokenizer(text_folder), fingerprint, device)

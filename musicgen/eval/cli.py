@@ -88,6 +88,7 @@ def cmd_eval(args) -> int:
         if p is not None and not p.exists():
             raise ValueError(f"{p} does not exist")
 
+    _check_device(args.device)
     from . import evaluate, frechet, report as report_mod
 
     progress = not args.quiet
@@ -152,3 +153,16 @@ def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def _check_device(name: str | None) -> None:
+    import torch
+
+    if name is None:
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but no CUDA device is available")

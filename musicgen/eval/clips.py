@@ -9,11 +9,18 @@ from __future__ import annotations
 import csv
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
-from .audio import Clip
-
 AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".aiff", ".aif")
+
+
+@dataclass
+class Clip:
+    """One audio file of a set: `key` pairs it with its counterpart in the other set."""
+    key: str                 # relative path without the audio suffix
+    path: Path
+    caption: str | None = None
 
 
 def _key(rel: str) -> str:

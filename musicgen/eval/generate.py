@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .audio import Clip
+from .clips import Clip
 
 TOP_K, GUIDANCE = 250, 3.0
 

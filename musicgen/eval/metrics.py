@@ -21,8 +21,9 @@ import numpy as np
 import torch
 
 from . import frechet
-from .audio import Clip, convert_audio, fad_waveform, is_silent, read
+from .audio import convert_audio, fad_waveform, is_silent, read
 from .cache import EmbeddingCache, file_hash
+from .clips import Clip
 
 METRICS = ("fad", "kl", "clap", "chroma", "fad-clap")
 KL_EPS = 1e-6          # audiocraft's kl_divergence epsilon, added to the second distribution
@@ -50,12 +51,18 @@ class Runner:
     def __init__(self, cache: EmbeddingCache, report: Report, batch: int = 16, progress: bool = True):
         self.cache, self.report, self.batch, self.progress = cache, report, batch, progress
         self._hashes: dict[str, str] = {}
-        self._noted: set[tuple[str, str]] = set()
 
-    def content(self, clip: Clip) -> str:
+    def content(self, clip: Clip, which: str) -> str:
+        """The file's SHA-256 (its cache identity); a silent clip gets a note the first time it is seen, whether
+        its embeddings come from the cache or not."""
         p = str(clip.path)
         if p not in self._hashes:
             self._hashes[p] = file_hash(clip.path)
+            try:
+                if is_silent(read(clip.path)[0]):
+                    self.report.notes.append({"key": clip.key, "set": which, "note": "silent (kept)"})
+            except ValueError:
+                pass   # unreadable or empty: reported when the clip is embedded
         return self._hashes[p]
 
     def run(self, embedder, items: list[tuple[Clip, str, float | None]], protocol: str, prepare,
@@ -68,7 +75,7 @@ class Runner:
         todo = []
         for clip, which, cut in items:
             try:
-                content = self.content(clip)
+                content = self.content(clip, which)
             except OSError as e:
                 self.report.skip(clip, which, metric, f"cannot read: {e.strerror or e}")
                 continue
@@ -79,7 +86,8 @@ class Runner:
                 out[f"{which}/{clip.key}"] = hit
             else:
                 todo.append((clip, which, cut, key))
-        bar = tqdm(total=len(todo), desc=f"{metric}: {embedder.name}", unit="clip", disable=not self.progress or not todo)
+        bar = tqdm(total=len(todo), desc=f"{metric}: {embedder.name}", unit="clip",
+                   disable=not self.progress or not todo)
         for start in range(0, len(todo), self.batch):
             group, inputs, counts = [], [], []
             for clip, which, cut, key in todo[start:start + self.batch]:
@@ -90,9 +98,6 @@ class Runner:
                     continue
                 if cut is not None:
                     wav = wav[:, : max(1, round(cut * sr))]
-                if is_silent(wav) and (which, clip.key) not in self._noted:
-                    self._noted.add((which, clip.key))
-                    self.report.notes.append({"key": clip.key, "set": which, "note": "silent (kept)"})
                 parts = prepare(convert_audio(wav, sr, embedder.sample_rate))
                 group.append((clip, which, key))
                 inputs += parts
@@ -106,6 +111,21 @@ class Runner:
                 out[f"{which}/{clip.key}"] = value
             bar.update(len(todo[start:start + self.batch]))
         bar.close()
+        return out
+
+    def run_text(self, embedder, texts: list[str]) -> list[np.ndarray]:
+        """Caption embeddings through the cache, keyed by the caption's text."""
+        import hashlib
+
+        keys = [EmbeddingCache.key(hashlib.sha256(t.encode()).hexdigest(), embedder.name,
+                                   {"weights": embedder.fingerprint, "protocol": "text", "version": PROTOCOL})
+                for t in texts]
+        out = [self.cache.get(embedder.name, k) for k in keys]
+        todo = [i for i, v in enumerate(out) if v is None]
+        if todo:
+            for i, e in zip(todo, embedder.embed_text([texts[i] for i in todo])):
+                self.cache.put(embedder.name, keys[i], e)
+                out[i] = e
         return out
 
 
@@ -214,7 +234,7 @@ def clap(runner: Runner, embedder, generated: list[Clip], report: Report) -> Non
         raise ValueError("clap: no generated clip has a caption (pass --captions, or put clip.txt beside clips)")
     audio = runner.run(embedder, [(c, "generated", None) for c in with_text], "audio", lambda mono: [mono], "clap")
     kept = [c for c in with_text if f"generated/{c.key}" in audio]
-    text = embedder.embed_text([c.caption for c in kept])
+    text = runner.run_text(embedder, [c.caption for c in kept])
     total = 0.0
     for c, t in zip(kept, text):
         a = audio[f"generated/{c.key}"][0].astype(np.float64)

@@ -123,7 +123,8 @@ class PasstEmbedder:
     dim = 527
 
     def __init__(self, model: PaSST, fingerprint: str, device: str = "cpu", batch_size: int = 8):
-        self.model, self.fingerprint, self.device, self.batch_size = model.eval().to(device), fingerprint, device, batch_size
+        self.model, self.fingerprint = model.eval().to(device), fingerprint
+        self.device, self.batch_size = device, batch_size
 
     @torch.inference_mode()
     def embed(self, chunks: list[torch.Tensor]) -> list[np.ndarray]:
@@ -142,10 +143,14 @@ class PasstEmbedder:
 
 def load(path, device: str = "cpu", fingerprint: str = "") -> PasstEmbedder:
     """The embedder with the released `passt-s-f128-20sec-p16-s10-ap.474-swa.pt`."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state = state.get("model", state)
+    from .weights import read_state
+
+    state = read_state(path)
     model = PaSST()
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state.get("model", state))
+    except (RuntimeError, AttributeError) as e:
+        raise ValueError(f"{path} is not hear21passt's 20 s PaSST: {str(e).splitlines()[0]}") from None
     return PasstEmbedder(model, fingerprint, device)
 
 

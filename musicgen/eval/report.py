@@ -65,7 +65,7 @@ def to_svg(report: Report) -> str:
     columns = sorted({c for row in report.per_clip.values() for c in row})
     W, H, pad, bins = 260, 180, 30, 20
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{max(1, len(columns)) * W}" height="{H}" '
-             f'font-family="sans-serif" font-size="11">', f'<rect width="100%" height="100%" fill="white"/>']
+             f'font-family="sans-serif" font-size="11">', '<rect width="100%" height="100%" fill="white"/>']
     for i, col in enumerate(columns):
         vals = [row[col] for row in report.per_clip.values() if row.get(col) is not None and math.isfinite(row[col])]
         x0 = i * W

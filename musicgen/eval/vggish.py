@@ -82,7 +82,8 @@ class VGGishEmbedder:
     dim = 128
 
     def __init__(self, model: VGGish, fingerprint: str, device: str = "cpu", batch_size: int = 64):
-        self.model, self.fingerprint, self.device, self.batch_size = model.eval().to(device), fingerprint, device, batch_size
+        self.model, self.fingerprint = model.eval().to(device), fingerprint
+        self.device, self.batch_size = device, batch_size
 
     @torch.inference_mode()
     def embed(self, clips: list[torch.Tensor]) -> list[np.ndarray]:
@@ -96,7 +97,11 @@ class VGGishEmbedder:
 
 def load(path, device: str = "cpu", fingerprint: str = "") -> VGGishEmbedder:
     """The embedder with torchvggish's `vggish-10086976.pth` (a plain state dict)."""
-    model = VGGish()
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(state)   # the last ReLU has no parameters: the names match one for one
+    from .weights import read_state
+
+    model, state = VGGish(), read_state(path)
+    try:   # the last ReLU has no parameters: the names match one for one
+        model.load_state_dict(state)
+    except (RuntimeError, AttributeError) as e:
+        raise ValueError(f"{path} is not torchvggish's VGGish: {str(e).splitlines()[0]}") from None
     return VGGishEmbedder(model, fingerprint, device)

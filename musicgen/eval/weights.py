@@ -22,7 +22,9 @@ SOURCES = {
 
 def cache_dir() -> Path:
     """$MUSICGEN_CACHE or $XDG_CACHE_HOME/musicgen (default ~/.cache/musicgen), subfolder eval."""
-    root = os.environ.get("MUSICGEN_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "musicgen"
+    root = os.environ.get("MUSICGEN_CACHE")
+    if not root:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "musicgen"
     return Path(root) / "eval"
 
 
@@ -64,6 +66,21 @@ def _download(url: str, path: Path, progress: bool) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def read_state(path: str | os.PathLike, weights_only: bool = True) -> dict:
+    """torch.load on CPU; a file that is not a PyTorch checkpoint is one ValueError line."""
+    import pickle
+
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=weights_only)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as e:
+        raise ValueError(f"cannot read {path}: not a PyTorch checkpoint ({type(e).__name__})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds no state dict")
+    return state
 
 
 def sha256(path: str | os.PathLike) -> str:
