@@ -133,3 +133,17 @@ def test_generate_then_evaluate_and_resume(tmp_path, ckpt_dir, capsys, monkeypat
     assert json.loads((out / "report.json").read_text())["metrics"]["chroma"]["clips"] == 3
     manifest = [json.loads(line) for line in (out / "generated.jsonl").read_text().splitlines()]
     assert {m["path"]: m["caption"] for m in manifest}["yt2.wav"] == "epic orchestra"
+
+
+def test_generate_with_a_melody_model_adds_chroma(tmp_path, melody_ckpt_dir, tiny_embedders, capsys, monkeypatch):
+    """A melody checkpoint is conditioned on each reference clip and scored with chroma as well."""
+    monkeypatch.setenv("MUSICGEN_NO_KERNELS", "1")
+    for i in range(2):
+        es.write(tmp_path / "ref", f"m{i}.wav", es.tone(2.0, 32000, 262 * (i + 1), seed=i))
+    (tmp_path / "caps.csv").write_text("ytid,caption\nm0,lofi beat\nm1,calm guitar\n")
+    out = tmp_path / "out"
+    rc = main(["eval", "--generate", "--model", str(melody_ckpt_dir), "--captions", str(tmp_path / "caps.csv"),
+               "--reference", str(tmp_path / "ref"), "-o", str(out), "-q", "--device", "cpu"])
+    assert rc == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["metrics"]) == {"fad", "kl", "clap", "chroma"} and report["metrics"]["chroma"]["clips"] == 2
