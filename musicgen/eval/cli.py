@@ -81,6 +81,8 @@ def cmd_eval(args) -> int:
         raise ValueError("--save-stats needs --reference")
     json_path = args.json or (args.output / "report.json" if args.generate else None)
     if json_path is not None:
+        if not args.generate and not json_path.parent.is_dir():
+            raise ValueError(f"folder {json_path.parent} of the report does not exist")
         for p in (json_path, json_path.with_suffix(".csv"), json_path.with_suffix(".svg")):
             if p.exists() and not args.force:
                 raise ValueError(f"{p} exists; pass --force to overwrite")
@@ -95,7 +97,7 @@ def cmd_eval(args) -> int:
     extra = {}
     generated = args.generated
     if args.generate:
-        generated, extra = _generate(args, metrics, progress)
+        generated, extra = _generate(args, progress)
         if extra.pop("melody") and "chroma" not in metrics:
             metrics.append("chroma")
     cache = False if args.no_cache else (args.cache or True)
@@ -117,8 +119,8 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _generate(args, metrics, progress) -> tuple[Path, dict]:
-    """Generate what is missing in args.output; return the folder and settings for the report."""
+def _generate(args, progress) -> tuple[Path, dict]:
+    """Generate the clips missing in args.output -> (a manifest of the clips, settings for the report)."""
     import musicgen
 
     from . import clips, generate, report as report_mod
