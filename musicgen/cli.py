@@ -6,6 +6,7 @@
     musicgen generate --unconditional --batch-size 4 -d 10                        no text
     musicgen generate "ambient" -d 120                                            long-form (window slides 18 s)
     musicgen convert SRC DST                                                      Hugging Face <-> audiocraft
+    musicgen eval gen/ --reference ref/ --captions caps.csv                       FAD, KL, CLAP score
 
 A thin layer over the Python API. Every bad input is caught before the model loads where it can be, and
 ends the program with one line on stderr and exit status 2; nothing is overwritten without --force.
@@ -98,9 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     s.add_argument("--quantize", choices=("int8", "int4"), default=None,
                    help="weight-only int8 LM and text encoder; int4: the LM's layers in 4 bits")
-    from .train.cli import add_parsers as add_train_parsers   # prepare, train (musicgen/train/)
+    from .eval.cli import add_parser as add_eval_parser          # eval (musicgen/eval/)
+    from .train.cli import add_parsers as add_train_parsers      # prepare, train (musicgen/train/)
 
     add_train_parsers(sub)
+    add_eval_parser(sub)
     return parser
 
 
@@ -277,10 +280,16 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from .eval.cli import cmd_eval as run
+
+    return run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        commands = {"generate": cmd_generate, "convert": cmd_convert, "serve": cmd_serve}
+        commands = {"generate": cmd_generate, "convert": cmd_convert, "serve": cmd_serve, "eval": cmd_eval}
         return (commands.get(args.command) or args.func)(args)
     except (UsageError, ValueError, FileExistsError) as e:   # checkpoint.CheckpointError is a ValueError
         print(f"musicgen: error: {e}", file=sys.stderr)
