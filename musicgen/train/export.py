@@ -24,7 +24,7 @@ def export(model_name: str, trained: dict[str, torch.Tensor], dst: Path, lora_ra
            lora_alpha: float | None = None) -> Path:
     """Write `dst` (replacing it whole) from the source checkpoint `model_name` and the trained tensors, named as
     in Network's state dict (LoRA adapters included when lora_rank > 0)."""
-    from ..model import load
+    from ..loading import load
 
     model = load(model_name, device="cpu")
     if lora_rank:

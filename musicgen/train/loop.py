@@ -146,7 +146,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, d: Dist, resume: bool):
-        from ..model import load
+        from ..engine import Reference
+        from ..loading import load
 
         self.cfg, self.d = cfg, d
         self.run_dir = Path(cfg.run)
@@ -161,8 +162,9 @@ class Trainer:
         self.model = load(cfg.model, device=d.device)
         self.data.check(self.model, cfg.model)
         model, mcfg = self.model, self.model.cfg
-        if hasattr(model.lm, "fused"):
-            model.lm.fused = None   # training runs the PyTorch layer loop (the native decoder holds no gradients)
+        # samples during training decode through the PyTorch layer loop: the fused CPU step holds the tensors it
+        # was built from, and training replaces or wraps them (adapters, FSDP's sharded parameters)
+        model.backend = Reference()
         self.dtype = PRECISIONS[cfg.precision or ("bfloat16" if d.device.type == "cuda" else "float32")]
         self.K, self.special = mcfg.lm.num_codebooks, mcfg.lm.special_token
         duration = cfg.duration or self.data.meta["segment"]
