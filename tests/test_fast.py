@@ -77,12 +77,11 @@ def test_int8_linear_equals_dequantised_matmul():
 
 def kernel_path(monkeypatch, name: str, path: str, tiles: str):
     """The kernel `name` with one code path allowed: "amx" (AMX tiles of kind `tiles` where the shape suits
-    them), "avx512"/"vnni" (MUSICGEN_NO_AMX=1) or "avx2" (MUSICGEN_NO_AVX512=1)."""
+    them), "avx512"/"vnni" (level avx512_vnni) or "avx2" (level avx2)."""
     import musicgen.accel.kernels as kernels
 
     kernel = kernel_or_skip(name)
-    monkeypatch.setenv("MUSICGEN_NO_AVX512", "1" if path == "avx2" else "0")
-    monkeypatch.setenv("MUSICGEN_NO_AMX", "0" if path == "amx" else "1")
+    kernels.limit_isa({"amx": "amx", "avx2": "avx2"}.get(path, "avx512_vnni"))   # conftest lifts the cap
     if path == "amx" and not kernels.amx_available(tiles):
         pytest.skip(f"this CPU (or kernel) has no AMX {tiles} tiles")
     assert kernels.amx_available(tiles) == (path == "amx")
@@ -98,8 +97,8 @@ def kernel_path(monkeypatch, name: str, path: str, tiles: str):
 def test_int8_kernel_equals_dequantised_matmul(monkeypatch, M, N, K, bias, path):
     """Every code path: AMX bfloat16 tiles from 6 rows where N % 16 == K % 32 == 0 (float32 activations as
     three bfloat16 parts; weight rows in pairs of 16 blocks and one left over, more than 16 rows in blocks of
-    16), else the AVX-512 kernel (blocks of 8, 4, 2, 1 rows over chunks of K, four accumulators per row at 1-3
-    rows; MUSICGEN_NO_AMX=1), and AVX2 (MUSICGEN_NO_AVX512=1)."""
+    16), else the AVX-512 kernel (blocks of 6, 4, 2, 1 rows over chunks of K, four accumulators per row; level
+    avx512_vnni), and AVX2 (level avx2)."""
     kernel = kernel_path(monkeypatch, "int8_gemv", path, "bf16")
     g = torch.Generator().manual_seed(M * N + K)
     x = torch.randn(M, K, generator=g)
@@ -116,7 +115,6 @@ def test_int8_tiles_take_many_rows_at_float32_accuracy(monkeypatch):
     import musicgen.accel.kernels as kernels
 
     kernel = kernel_or_skip("int8_gemv")
-    monkeypatch.setenv("MUSICGEN_NO_AMX", "0")
     if not kernels.amx_available("bf16"):
         pytest.skip("this CPU (or kernel) has no AMX bfloat16 tiles")
     g = torch.Generator().manual_seed(1)
@@ -125,7 +123,7 @@ def test_int8_tiles_take_many_rows_at_float32_accuracy(monkeypatch):
     w = q.double() * s.double()[:, None]
     err = lambda y: (y.double() - x.double() @ w.t()).abs().max().item()  # noqa: E731
     tiles = kernel(x, q, s, None)
-    monkeypatch.setenv("MUSICGEN_NO_AMX", "1")
+    kernels.limit_isa("avx512_vnni")
     assert not torch.equal(tiles, kernel(x, q, s, None))
     assert err(tiles) < 3 * err(x @ w.float().t())
     assert err(tiles) * 1000 < err(x.bfloat16().float() @ w.float().t())
@@ -138,7 +136,7 @@ def test_int8_linear_without_the_kernel_agrees(monkeypatch, amx):
     import musicgen.accel.quant as quant
 
     kernel_or_skip("int8_gemv")
-    monkeypatch.setenv("MUSICGEN_NO_AMX", "0" if amx else "1")
+    quant.kernels.limit_isa(None if amx else "avx512_vnni")   # conftest lifts the cap
     lin = torch.nn.Linear(256, 96)
     m = Int8Linear.from_linear(lin, torch.float32)
     x = torch.randn(4, 3, 256)
@@ -573,7 +571,7 @@ def test_int4_weight_round_trip():
 def test_int4_kernel_equals_quantised_reference(monkeypatch, M, N, K, bias, path):
     """The kernel computes exactly (to float rounding) dequant(W) @ quant8(x): int8 activations per group of 32.
     Every code path: AMX tiles (from 4 rows, N a multiple of 16; more than 16 rows in blocks of 16), AVX-512
-    VNNI (MUSICGEN_NO_AMX=1) and AVX2 (MUSICGEN_NO_AVX512=1)."""
+    VNNI (level avx512_vnni) and AVX2 (level avx2)."""
     kernel = kernel_path(monkeypatch, "int4_gemv", path, "int8")
     g = torch.Generator().manual_seed(M * N + K)
     x = torch.randn(M, K, generator=g) * 3
@@ -782,7 +780,7 @@ def test_dense_kernel_equals_float64_reference(monkeypatch, path, dtype, M, N, K
     native = _dense_or_skip()
     import musicgen.accel.kernels as kernels
 
-    monkeypatch.setenv("MUSICGEN_NO_AMX", "0" if path == "amx" else "1")
+    kernels.limit_isa(None if path == "amx" else "avx512_vnni")
     if path == "amx" and not kernels.amx_available("bf16"):
         pytest.skip("this CPU (or kernel) has no AMX bfloat16 tiles")
     g = torch.Generator().manual_seed(M * N + K)
@@ -798,7 +796,9 @@ def test_dense_kernel_rows_do_not_depend_on_their_batch(monkeypatch, dtype):
     K = 4096 spans several chunks of K: with the chunk sized by the row count, as it once was, 8 rows and 2
     gave different sums. (From 6 rows bfloat16 weights take AMX tiles, whose sums agree to float32 rounding.)"""
     native = _dense_or_skip()
-    monkeypatch.setenv("MUSICGEN_NO_AMX", "1")
+    import musicgen.accel.kernels as kernels
+
+    kernels.limit_isa("avx512_vnni")
     g = torch.Generator().manual_seed(7)
     x, w = torch.randn(16, 4096, generator=g), torch.randn(48, 4096, generator=g).to(dtype)
     together = native(x, w, None)
@@ -950,18 +950,20 @@ def test_fused_decoder_writes_int8_cache_rows_as_kv_quantize(int8_models):
 @pytest.mark.parametrize("no_avx512", ["0", "1"])
 def test_int8_cache_attention_at_head_dim_64(tmp_path_factory, spm_model, monkeypatch, no_avx512):
     """Head size 64 (every published MusicGen) takes the AVX-512 int8-cache attention (16 keys summed at a
-    time); MUSICGEN_NO_AVX512=1 the generic one: both equal the layer loop over the same int8 cache."""
+    time); level avx2 the generic one: both equal the layer loop over the same int8 cache."""
     from conftest import build_hf_model, save_checkpoint
 
     kernel_or_skip("fused_decoder")
     folder = save_checkpoint(build_hf_model(lm_dim=256), tmp_path_factory.mktemp("tiny256"), spm_model)
     m = musicgen.load(folder, quantize="int8")
     assert m.lm.cfg.head_dim == 64 and m.kv_dtype == torch.int8
-    monkeypatch.setenv("MUSICGEN_NO_AVX512", no_avx512)
+    import musicgen.accel.kernels as kernels
+
+    kernels.limit_isa("avx2" if no_avx512 == "1" else None)
     fused = _step_logits(m, True, torch.bfloat16, steps=30, kv_dtype=torch.int8)   # 36 keys: 2 blocks of 16 + 4
     loop = _step_logits(m, False, torch.bfloat16, steps=30, kv_dtype=torch.int8)
     err = ((fused - loop).abs().max() / loop.std()).item()
-    print(f"head_dim 64, MUSICGEN_NO_AVX512={no_avx512}: fused vs layer loop {err:.2e}")
+    print(f"head_dim 64, {'AVX2' if no_avx512 == '1' else 'best'} kernels: fused vs layer loop {err:.2e}")
     assert err < 2e-3
 
 
