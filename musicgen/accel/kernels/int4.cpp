@@ -21,6 +21,13 @@ using musicgen::hsum;
 using musicgen::pack32;
 using musicgen::prefetch_weights;
 
+// 32 unsigned nibbles u times 32 int8 activations x: 8 int32 lanes of 4 products each (maddubs stays within int16:
+// 15 x 127 x 2 < 32768)
+inline __m256i dot32(__m256i u, const int8_t* x) {
+  const __m256i pairs = _mm256_maddubs_epi16(u, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
+  return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+}
+
 // Rows are processed 8 groups (256 weights) at a time: the 8 float16 scales convert in one instruction; K must
 // be a multiple of 64 (whole pairs of groups).
 template <int MB>
@@ -28,7 +35,6 @@ inline void dot_rows_q4(const int8_t* xq, const float* xs, const float* xc, int6
                         const uint16_t* ws, float bias, float* out, int64_t ldy) {
   const int64_t G = K / 32;
   const __m256i low4 = _mm256_set1_epi8(0x0F);
-  const __m256i ones = _mm256_set1_epi16(1);
   __m256 acc[MB], corr[MB];
   for (int m = 0; m < MB; ++m) acc[m] = corr[m] = _mm256_setzero_ps();
   alignas(32) float f[MB][8];
@@ -48,8 +54,8 @@ inline void dot_rows_q4(const int8_t* xq, const float* xs, const float* xc, int6
       const int64_t g = g0 + 2 * pair;
       for (int m = 0; m < MB; ++m) {
         const int8_t* x = xq + m * K + 32 * g;
-        __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))), ones);
-        __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(u1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32))), ones);
+        const __m256i p0 = dot32(u0, x);
+        const __m256i p1 = dot32(u1, x + 32);
         acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_broadcast_ss(&f[m][2 * pair]), acc[m]);
         acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_broadcast_ss(&f[m][2 * pair + 1]), acc[m]);
       }
@@ -63,8 +69,8 @@ inline void dot_rows_q4(const int8_t* xq, const float* xs, const float* xc, int6
     const float s0 = _cvtsh_ss(ws[g0]), s1 = _cvtsh_ss(ws[g0 + 1]);
     for (int m = 0; m < MB; ++m) {
       const int8_t* x = xq + m * K + 32 * g0;
-      __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))), ones);
-      __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(u1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32))), ones);
+      const __m256i p0 = dot32(u0, x);
+      const __m256i p1 = dot32(u1, x + 32);
       acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(s0 * xs[m * G + g0]), acc[m]);
       acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(s1 * xs[m * G + g0 + 1]), acc[m]);
       tail[m] += s0 * xc[m * G + g0] + s1 * xc[m * G + g0 + 1];
