@@ -6,9 +6,11 @@
 
 namespace {
 
-// Four accumulators per row at every row count: at one or two rows the widening of the weights, not the weight
-// stream, is the limit, and fewer FMA chains per row were slower there (docs/kernels.md). With 4 x 4 of them
-// in 16-lane registers a block holds at most 4 rows (8 would not fit the 32 registers).
+// Four accumulators per row at every row count (a row's sums must not depend on it): at one or two rows the
+// widening of the weights, not the weight stream, is the limit, and 64 weights per iteration in four chains is
+// what the AVX-512 kernel was measured with there (docs/kernels.md). At AVX-512 a block holds up to 6 rows: 24
+// accumulators and 4 widened vectors take 28 of the 32 registers (blocks of 8 spilled, blocks of 4 widened each
+// weight twice for 8 rows). At AVX2, blocks of 4 rows, as the kernel was before.
 using Int8Avx2 = musicgen::Avx2Dot<int8_t, 4, 4>;
 using Int8Avx512 = musicgen::Avx512Dot<int8_t, 4, 6>;
 
