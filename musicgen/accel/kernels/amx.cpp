@@ -28,8 +28,8 @@ struct alignas(64) TileConfig {
 // significant bits) first.
 // The float32 activations are kept: each is split once per call into three bfloat16 parts, x = hi + mid + lo
 // exactly (8 significant bits each, 24 in all), and the tile unit runs one product per part. Every product of a
-// part and an int8 weight is exact in float32, so the result differs from the AVX-512 kernel's only in the order
-// of the float32 sums, and a request's codes do not depend on which other requests share its batch.
+// part and an int8 or bfloat16 weight is exact in float32, so the result differs from the row kernels' only in
+// the order of the float32 sums (with one part, activations rounded to bfloat16, it did not).
 #define MUSICGEN_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,fma")))
 
 MUSICGEN_AVX512_BF16 inline __m512i row_bf16(const int8_t* w) {   // 32 weights of one row as bfloat16
@@ -213,6 +213,7 @@ void gemv_amx_bf16(const float* xp, int64_t M, int64_t K, const W* wp, const flo
 //   - the next pair is transposed, and the next block of weight rows prefetched, while the tile unit works
 //     (without the prefetch, the strided walk over 16 rows lost to the VNNI kernel).
 // Only the order of the float sums differs from the row kernels. Needs N % 16 == 0 (every MusicGen layer).
+
 // 16 weight rows (leading dimension ld bytes) x 32 bytes, two groups of nibbles -> the B tiles of the two groups,
 // 8 rows x 64 bytes each, as signed codes u - 8.
 __attribute__((target("avx512f,avx512bw,avx512vl")))
