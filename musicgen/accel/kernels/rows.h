@@ -76,6 +76,10 @@ struct Avx2Dot {
   }
 };
 
+// Blocks whose (rows + 1) x A accumulators and weight vectors would not fit the 32 registers run in two passes
+// over the chunk, each with half of every row's accumulators: the first pass the first A / 2 of each 16 A
+// columns, the second the rest (its weights from L1). Every accumulator sees the same products in the same order
+// as in one pass, and the sums combine in the same order, so the result is the same.
 template <typename W, int A, int MaxRows>
 struct Avx512Dot {
   static constexpr int max_rows = MaxRows;
@@ -84,26 +88,60 @@ struct Avx512Dot {
   template <int MB>
   MUSICGEN_AVX512 static void run(const float* x, int64_t ldx, int64_t K, const W* w, float* out, int64_t ld_out,
                                   int64_t ahead_l1, int64_t ahead_l2) {
-    __m512 acc[MB][A];
-    for (int m = 0; m < MB; ++m)
-      for (int a = 0; a < A; ++a) acc[m][a] = _mm512_setzero_ps();
+    constexpr bool two_passes = (MB + 1) * A > 32;
+    __m512 t[MB];   // each row's accumulators summed, in order
     int64_t k = 0;
-    for (; k + 16 * A <= K; k += 16 * A) {
-      prefetch_chunk(w, k, 16 * A, ahead_l1, ahead_l2);
-      __m512 wv[A];
-      for (int a = 0; a < A; ++a) wv[a] = widen16(w + k + 16 * a);
+    if constexpr (!two_passes) {
+      __m512 acc[MB][A];
       for (int m = 0; m < MB; ++m)
-        for (int a = 0; a < A; ++a)
-          acc[m][a] = _mm512_fmadd_ps(wv[a], _mm512_loadu_ps(x + m * ldx + k + 16 * a), acc[m][a]);
-    }
-    for (; k + 16 <= K; k += 16) {
-      const __m512 wv = widen16(w + k);
-      for (int m = 0; m < MB; ++m) acc[m][0] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + m * ldx + k), acc[m][0]);
+        for (int a = 0; a < A; ++a) acc[m][a] = _mm512_setzero_ps();
+      for (; k + 16 * A <= K; k += 16 * A) {
+        prefetch_chunk(w, k, 16 * A, ahead_l1, ahead_l2);
+        __m512 wv[A];
+        for (int a = 0; a < A; ++a) wv[a] = widen16(w + k + 16 * a);
+        for (int m = 0; m < MB; ++m)
+          for (int a = 0; a < A; ++a)
+            acc[m][a] = _mm512_fmadd_ps(wv[a], _mm512_loadu_ps(x + m * ldx + k + 16 * a), acc[m][a]);
+      }
+      for (; k + 16 <= K; k += 16) {
+        const __m512 wv = widen16(w + k);
+        for (int m = 0; m < MB; ++m) acc[m][0] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + m * ldx + k), acc[m][0]);
+      }
+      for (int m = 0; m < MB; ++m) {
+        t[m] = acc[m][0];
+        for (int a = 1; a < A; ++a) t[m] = _mm512_add_ps(t[m], acc[m][a]);
+      }
+    } else {
+      static_assert(A % 2 == 0, "two passes need an even number of accumulators");
+      constexpr int H = A / 2;
+      const int64_t whole = K / (16 * A) * (16 * A);
+      for (int p = 0; p < 2; ++p) {
+        __m512 acc[MB][H];
+        for (int m = 0; m < MB; ++m)
+          for (int a = 0; a < H; ++a) acc[m][a] = _mm512_setzero_ps();
+        for (k = 0; k < whole; k += 16 * A) {
+          if (p == 0) prefetch_chunk(w, k, 16 * A, ahead_l1, ahead_l2);
+          const int64_t kp = k + 16 * H * p;
+          __m512 wv[H];
+          for (int a = 0; a < H; ++a) wv[a] = widen16(w + kp + 16 * a);
+          for (int m = 0; m < MB; ++m)
+            for (int a = 0; a < H; ++a)
+              acc[m][a] = _mm512_fmadd_ps(wv[a], _mm512_loadu_ps(x + m * ldx + kp + 16 * a), acc[m][a]);
+        }
+        if (p == 0)
+          for (; k + 16 <= K; k += 16) {
+            const __m512 wv = widen16(w + k);
+            for (int m = 0; m < MB; ++m)
+              acc[m][0] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + m * ldx + k), acc[m][0]);
+          }
+        for (int m = 0; m < MB; ++m)
+          for (int a = 0; a < H; ++a) t[m] = p == 0 && a == 0 ? acc[m][0] : _mm512_add_ps(t[m], acc[m][a]);
+      }
+      k = whole;
+      while (k + 16 <= K) k += 16;   // where the first pass's 16-column steps ended
     }
     for (int m = 0; m < MB; ++m) {
-      __m512 t = acc[m][0];
-      for (int a = 1; a < A; ++a) t = _mm512_add_ps(t, acc[m][a]);
-      float s = _mm512_reduce_add_ps(t);
+      float s = _mm512_reduce_add_ps(t[m]);
       for (int64_t kk = k; kk < K; ++kk) s += widen1(w[kk]) * x[m * ldx + kk];
       out[m * ld_out] += s;
     }
