@@ -1,4 +1,4 @@
-// The row kernels of int8_gemv and dense_gemv, at AVX2 and AVX-512:
+// The row kernels of dense_gemv (AVX2 and AVX-512) and of int8_gemv at AVX-512 (its AVX2 kernel is in int8.cpp):
 //
 //   y[m, n] = (sum_k x[m, k] * w[n, k]) * scale[n] + bias[n]     x float32 (M, K), w (N, K), scale optional
 //
