@@ -147,6 +147,17 @@ def kernel_or_skip(name: str):
     return kernel
 
 
+@pytest.fixture(autouse=True)
+def kernels_at_their_best():
+    """Tests may cap the kernels' instruction-set level (kernels.limit_isa); every test ends with the cap lifted."""
+    yield
+    import sys
+
+    kernels = sys.modules.get("musicgen.accel.kernels")
+    if kernels is not None:
+        kernels.limit_isa(None)   # builds nothing: where the kernels are not built yet, it only records the cap
+
+
 BACKENDS = ["fused", "reference", "no-kernels"]
 
 

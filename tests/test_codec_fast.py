@@ -6,6 +6,7 @@ import dataclasses
 import pytest
 import torch
 
+from conftest import kernel_or_skip
 from musicgen.accel import codec as codec_fast
 from musicgen.codec import EnCodec
 from musicgen.config import CodecConfig, preset
@@ -161,7 +162,7 @@ def test_native_lstm_equals_torch(bias, batch, with_state):
     with torch.inference_mode():
         out = codec_fast.lstm(lstm, x, state)
         if out is None:
-            pytest.skip("no AVX-512 kernels here: the codec keeps torch's LSTM")
+            kernel_or_skip("lstm_layer")   # no kernels here: the codec keeps torch's LSTM
         y, (h, c) = lstm(x, state)
     assert out[0].shape == y.shape and out[1][0].shape == h.shape
     for ours, ref in ((out[0], y), (out[1][0], h), (out[1][1], c)):

@@ -43,7 +43,7 @@ WINDOW = 100   # frames per window at batch 1 (about 2 s of audio); measured bes
 
 def lstm(module: nn.LSTM, x: torch.Tensor, state=None):
     """What `module(x, state)` returns, (y (T, B, H), (h, c) (layers, B, H)), through the native recurrence
-    (kernels/decoder.cpp `lstm_layer`); None where that does not apply (no AVX-512 kernel, or an LSTM variant
+    (kernels/lstm.cpp `lstm_layer`); None where that does not apply (no kernels, or an LSTM variant
     it does not cover)."""
     native = kernels.lstm_layer()
     if (native is None or x.dim() != 3 or module.batch_first or module.bidirectional or module.proj_size
