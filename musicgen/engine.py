@@ -222,9 +222,12 @@ class Engine:
         if known > 0 or req.offset:
             rows = slice(req.row, req.row + req.rows)
             codes = self._row_layout(req, req.seq[:, :, :known])                 # (rows, K, known)
-            bias = None if req.cond.cross_bias is None else self.cache.bias[rows, ..., :S]
+            kv = bias = None
+            if self.cache.ck:   # the text as the steps read it: the cache's copies, in its dtype
+                kv = [(k[rows, :, :S], v[rows, :, :S]) for k, v in zip(self.cache.ck, self.cache.cv)]
+                bias = self.cache.bias[rows, ..., :S]
             with lm_mod.attention_backends(self.model.device):
-                self.lm(codes, req.cond.cross_kv, bias, prefix=req.cond.prefix, stores=self.cache.stores(rows))
+                self.lm(codes, kv, bias, prefix=req.cond.prefix, stores=self.cache.stores(rows))
         req.pos = known
         self.active.append(req)
 

@@ -70,6 +70,9 @@ def test_fast_generation_is_well_formed_on_every_backend(ckpt_64, any_backend, k
     print(f"{kw} on {any_backend}: greedy agreement with float32 {agree:.2f}")
     assert agree > 0.8          # greedy paths mostly agree with float32 (ties in a tiny random model may differ)
     assert torch.isfinite(m.decode(codes)).all()
+    prompt = torch.randn(2, 1, 6400, generator=torch.Generator().manual_seed(0)) * 0.3     # a continuation:
+    cont = m.generate_codes(PROMPTS, duration=0.5, prompt_audio=prompt, top_k=1)            # its prefill too
+    assert cont.shape == (2, 4, 25) and torch.equal(cont[:, :, :10], m.encode(prompt))
 
 
 def test_int8_layers_replace_every_linear(fast_models):

@@ -186,6 +186,7 @@ def prepare(src: str | Path, out: str | Path, model_name: str, *, segment: float
             min_segment_ratio: float = 0.8, valid_fraction: float = 0.0, batch_size: int = 4, demucs: bool = True,
             device: str | None = None, progress: bool = True) -> dict | None:
     """Encode SRC into DATA (see the module docstring). Returns rank 0's summary (None on other ranks)."""
+    from .. import loading
     from .. import model as model_mod
     from .distributed import setup
 
@@ -204,7 +205,7 @@ def prepare(src: str | Path, out: str | Path, model_name: str, *, segment: float
         raise ValueError(f"{out} exists and is not a folder")
     d = setup(device, timeout_minutes=7 * 24 * 60)   # ranks wait at the end for the slowest one's share
     try:
-        model = model_mod.load(model_name, device=d.device)
+        model = loading.load(model_name, device=d.device)
         if model.cfg.codec.codebook_size > 2**16:
             raise ValueError(f"{model_name}'s codebooks have {model.cfg.codec.codebook_size} entries: codes are stored as uint16")
         meta = dict(format=FORMAT, model=str(model_name), codec=codec_info(model), segment=segment,

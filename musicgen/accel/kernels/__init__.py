@@ -84,8 +84,8 @@ class limit_isa:
 
 
 def _apply_limit() -> None:
-    if _module.cache_info().currsize:   # built (or found unavailable) already; otherwise _module applies it
-        module = _module()
+    if _built.cache_info().currsize:   # built (or found unavailable) already; otherwise _built applies it
+        module = _built()
         if module is not None:
             module.set_isa_limit(LEVELS.index(_limit or LEVELS[-1]))
 
