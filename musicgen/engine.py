@@ -312,8 +312,9 @@ class Reference:
 
     def layers(self, lm, x, pos: torch.Tensor, positions: list[int], cache: Cache) -> torch.Tensor:
         window = max(positions) + 1
-        mask = None
-        if min(positions) != window - 1:
+        if min(positions) == window - 1:                                        # one position for all rows
+            pos, mask = window - 1, None
+        else:
             mask = (torch.arange(window, device=pos.device) <= pos[:, None])[:, None, None]   # (R, 1, 1, W)
         with lm_mod.attention_backends(x.device):                               # the key span changes per step
             return lm.step_layers(x, pos, cache, window, mask)

@@ -91,15 +91,20 @@ class SelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)           # (B, H, T, hd)
         return self.out(y.transpose(1, 2).reshape(B, T, D).to(x.dtype))
 
-    def step(self, x: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, keys: torch.Tensor,
+    def step(self, x: torch.Tensor, rows: torch.Tensor | None, pos: torch.Tensor | int, keys: torch.Tensor,
              values: torch.Tensor, attend: torch.dtype, mask: torch.Tensor | None) -> torch.Tensor:
-        """x (R, 1, D), row r at position pos[r]: writes each row's key and value at its own position of the
-        cache (keys, values: (>= R, H, W, hd) views of the first W positions) and attends over the first W,
-        masked past each row's position by `mask` (R, 1, 1, W) (None: every row sees all W)."""
+        """x (R, 1, D), row r at position pos[r] (an int: every row there; rows: arange(R) otherwise): writes
+        each row's key and value at its own position of the cache (keys, values: (>= R, H, W, hd) views of the
+        first W positions) and attends over the first W, masked past each row's position by `mask`
+        (R, 1, 1, W) (None: every row sees all W)."""
         R, _, D = x.shape
         q, k, v = self.qkv(x).view(R, 1, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (R, H, 1, hd)
-        keys[rows, :, pos] = kv_encode(k[:, :, 0], keys.dtype)                  # (R, H, hd) at (r, :, pos[r])
-        values[rows, :, pos] = kv_encode(v[:, :, 0], values.dtype)
+        if isinstance(pos, int):
+            keys[:R, :, pos] = kv_encode(k[:, :, 0], keys.dtype)                # (R, H, hd) at position pos
+            values[:R, :, pos] = kv_encode(v[:, :, 0], values.dtype)
+        else:
+            keys[rows, :, pos] = kv_encode(k[:, :, 0], keys.dtype)              # (R, H, hd) at (r, :, pos[r])
+            values[rows, :, pos] = kv_encode(v[:, :, 0], values.dtype)
         k, v = kv_read(keys[:R], attend), kv_read(values[:R], attend)           # (R, H, W, hd)
         y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask)
         return self.out(y.transpose(1, 2).reshape(R, 1, D).to(x.dtype))
@@ -217,13 +222,14 @@ class MusicLM(nn.Module):
         x = sum(self.embed[k](tokens[:, k]) for k in range(tokens.shape[1])) * self.embed_scale    # (R, D)
         return (x + self.positions[pos].to(x.dtype))[:, None]
 
-    def step_layers(self, x: torch.Tensor, pos: torch.Tensor, cache, window: int,
+    def step_layers(self, x: torch.Tensor, pos: torch.Tensor | int, cache, window: int,
                     mask: torch.Tensor | None) -> torch.Tensor:
-        """The decoder layers for rows x (R, 1, D) at positions pos (R,) over `cache` (engine.Cache): every
-        row's key and value written at its own position, attention over the first `window` positions under
-        `mask` (R, 1, 1, window) or, with None, all of them. The reference backend of a decoding step."""
+        """The decoder layers for rows x (R, 1, D) at positions pos (R,) (an int: every row at that position)
+        over `cache` (engine.Cache): every row's key and value written at its own position, attention over the
+        first `window` positions under `mask` (R, 1, 1, window) or, with None, all of them. The reference
+        backend of a decoding step."""
         R = x.shape[0]
-        rows = torch.arange(R, device=x.device)
+        rows = None if isinstance(pos, int) else torch.arange(R, device=x.device)
         for i, layer in enumerate(self.layers):
             cross = None if layer.cross_attn is None else (cache.ck[i][:R], cache.cv[i][:R])
             x = layer.step(x, rows, pos, cache.k[i][:, :, :window], cache.v[i][:, :, :window], cache.attend,

@@ -18,11 +18,11 @@ import torch.nn as nn
 
 from . import audiocraft_format
 from . import checkpoint as ckpt
-from .accel import choose_backend
+from .accel import choose_backend, kernels
 from .accel.quant import Int8Linear, quantize_int4, quantize_int8
 from .lm import sinusoids
 from .model import MusicGen
-from .precision import QUANTIZE, Precision, parse_dtype
+from .precision import Precision
 from .tokenizer import TextTokenizer
 
 
@@ -34,14 +34,14 @@ def load(name_or_path: str | os.PathLike = "facebook/musicgen-small", device: st
                 "float16"; the codec stays float32
     quantize    None, "int8" (weight-only, per output channel: the LM and the text encoder) or "int4" (the
                 LM's layers in 4 bits, groups of 32; its output heads and the text encoder in int8): faster
-                on CPU, further from float32 (README, Modes)
+                on CPU, further from float32 (README, Precision and speed). On a CPU without our kernels a
+                quantised model computes in bfloat16 (musicgen/precision.py).
     compile     torch.compile the decoding step's layers (CUDA graphs on a GPU); the first generation of each
                 batch size pays the compile time. On a CPU with the native kernels the fused step runs instead.
     """
-    compute = parse_dtype(dtype)
-    if quantize not in QUANTIZE:
-        raise ValueError(f"unknown quantize {quantize!r}: choose None, 'int8' or 'int4'")
     device = torch.device(device)
+    built = device.type == "cpu" and kernels.int8_gemv() is not None   # our CPU kernels (accel/kernels)
+    compute = Precision.choose(dtype, quantize, device, kernels=built).compute
     folder = ckpt.resolve(name_or_path)
     if audiocraft_format.is_audiocraft(folder):   # state_dict.bin + compression_state_dict.bin (+ t5/)
         cfg, state, text_folder = audiocraft_format.read(folder)
@@ -69,7 +69,7 @@ def load(name_or_path: str | os.PathLike = "facebook/musicgen-small", device: st
             model.text_proj = Int8Linear.from_linear(model.text_proj, compute)
     model.backend = choose_backend(model.lm, device, compile)
     model.backend.choice = (compile,)
-    model.precision = Precision.choose(compute, quantize, device, fused=model.backend.name == "fused")
+    model.precision = Precision.choose(dtype, quantize, device, fused=model.backend.name == "fused", kernels=built)
     return model
 
 

@@ -9,7 +9,10 @@
 
 The codec stays float32 in every mode: it is cheap, and its LSTM and residual sums are where half precision
 audibly hurts. `float32` is the exact path: float32 everywhere, held to the reference by the conformance
-tests. The other modes trade accuracy for speed within tested tolerances (README, Modes):
+tests. The other modes trade accuracy for speed within tested tolerances (README, Precision and speed):
+- quantised models on a CPU without our kernels compute in bfloat16: PyTorch's packed weight-only kernels are
+  fast with bfloat16 activations only, and converting every product's input and output cost more than the
+  products' savings (docs/performance.md, "Without the native kernels");
 - quantised models on CPU keep the text keys/values in bfloat16: attention reads the whole cache every step,
   and at 30 s of float32 that is as much memory traffic as 4-bit weights, while its rounding moves the logits
   far less than the weights' quantisation does;
@@ -44,15 +47,18 @@ class Precision:
         return self.weights == "float32"
 
     @classmethod
-    def choose(cls, dtype: str | torch.dtype, quantize: str | None, device: torch.device,
-               fused: bool = False) -> "Precision":
+    def choose(cls, dtype: str | torch.dtype, quantize: str | None, device: torch.device, fused: bool = False,
+               kernels: bool = True) -> "Precision":
         """The precision of `load(dtype=..., quantize=...)` on `device`; fused: whether the fused CPU step
-        decodes (it reads int8 cache rows)."""
+        decodes (it reads int8 cache rows); kernels: whether our CPU kernels are built (without them a quantised
+        model computes in bfloat16, the activations PyTorch's packed kernels take)."""
         compute = parse_dtype(dtype)
         if quantize not in QUANTIZE:
             raise ValueError(f"unknown quantize {quantize!r}: choose None, 'int8' or 'int4'")
         weights = quantize or {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[compute]
         cpu = device.type == "cpu"
+        if quantize and cpu and not kernels and compute == torch.float32:
+            compute = torch.bfloat16
         text_kv = torch.bfloat16 if quantize and cpu and compute == torch.float32 else compute
         compact = quantize is not None or compute != torch.float32
         self_kv = torch.int8 if cpu and fused and compact else text_kv

@@ -90,20 +90,21 @@ def test_precision_is_one_value_fixed_at_load():
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     f32, bf16, f16, i8 = torch.float32, torch.bfloat16, torch.float16, torch.int8
-    table = [  # dtype, quantize, device, fused -> weights, compute, text_kv, self_kv
-        ("float32", None, cpu, True, "float32", f32, f32, f32),                      # the exact path, fused or not
-        ("float32", None, cpu, False, "float32", f32, f32, f32),
-        ("bfloat16", None, cpu, True, "bfloat16", bf16, bf16, i8),
-        ("float16", None, cpu, False, "float16", f16, f16, f16),
-        ("float32", "int8", cpu, True, "int8", f32, bf16, i8),
-        ("float32", "int4", cpu, False, "int4", f32, bf16, bf16),                    # no kernels: no int8 rows
-        ("float16", "int8", cpu, True, "int8", f16, f16, i8),
-        ("bfloat16", "int8", cuda, False, "int8", bf16, bf16, bf16),
-        ("float32", "int4", cuda, False, "int4", f32, f32, f32),
+    table = [  # dtype, quantize, device, fused, kernels built -> weights, compute, text_kv, self_kv
+        ("float32", None, cpu, True, True, "float32", f32, f32, f32),                # the exact path, fused or not
+        ("float32", None, cpu, False, False, "float32", f32, f32, f32),
+        ("bfloat16", None, cpu, True, True, "bfloat16", bf16, bf16, i8),
+        ("float16", None, cpu, False, True, "float16", f16, f16, f16),
+        ("float32", "int8", cpu, True, True, "int8", f32, bf16, i8),
+        ("float32", "int4", cpu, False, False, "int4", bf16, bf16, bf16),           # PyTorch's packed kernels
+        ("float16", "int8", cpu, True, True, "int8", f16, f16, i8),
+        ("float16", "int8", cpu, False, False, "int8", f16, f16, f16),
+        ("bfloat16", "int8", cuda, False, False, "int8", bf16, bf16, bf16),
+        ("float32", "int4", cuda, False, False, "int4", f32, f32, f32),
     ]
-    for dtype, quantize, device, fused, *want in table:
-        p = Precision.choose(dtype, quantize, device, fused)
-        assert (p.weights, p.compute, p.text_kv, p.self_kv) == tuple(want), (dtype, quantize, device, fused)
+    for dtype, quantize, device, fused, built, *want in table:
+        p = Precision.choose(dtype, quantize, device, fused, kernels=built)
+        assert (p.weights, p.compute, p.text_kv, p.self_kv) == tuple(want), (dtype, quantize, device, fused, built)
     assert Precision.choose("float32", None, cpu).exact and not Precision.choose("float32", "int8", cpu).exact
     with pytest.raises(ValueError, match="quantize"):
         Precision.choose("float32", "int3", cpu)

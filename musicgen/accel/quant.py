@@ -113,7 +113,7 @@ class Int8Linear(QuantizedLinear):
 
     kernel_name = "int8_gemv"
     _quantize = staticmethod(quantize_per_channel)
-    _ones = None   # PyTorch's packed kernel: unit scales in bfloat16 (the float32 scales apply after it)
+    _bf16_scales = None   # PyTorch's packed kernel takes its scales in the activations' dtype
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype=torch.bfloat16, device=None):
         super().__init__()
@@ -125,13 +125,11 @@ class Int8Linear(QuantizedLinear):
         return int8_gemv()
 
     def _packed(self, x2: torch.Tensor) -> torch.Tensor:
-        # aten's int8 weight-only kernel is fast with bfloat16 activations on every CPU; its output is rounded
-        # to bfloat16 before the exact float32 scales multiply it
-        if self._ones is None:
-            self._ones = torch.ones(self.out_features, dtype=torch.bfloat16)
-        y = torch._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), self.weight, self._ones).float()
-        y = y * self.scales.float()
-        return y if self.bias is None else y + self.bias.float()
+        # aten's int8 weight-only kernel is fast with bfloat16 activations (and scales) on every CPU
+        if self._bf16_scales is None:
+            self._bf16_scales = self.scales.to(torch.bfloat16)
+        y = torch._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), self.weight, self._bf16_scales)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def _fallback(self, x2: torch.Tensor) -> torch.Tensor:
         if _prefill_in_bf16(x2):
@@ -238,8 +236,8 @@ class Int4Linear(QuantizedLinear):
             return None
         packed, scales_zeros = self.aten
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), packed, INT4_GROUP,
-                                                       scales_zeros).float()
-        return y if self.bias is None else y + self.bias.float()
+                                                       scales_zeros)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def _fallback(self, x2: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x2.dtype)
