@@ -376,12 +376,16 @@ def load_table(args) -> None:
 def codec_table(args) -> None:
     """EnCodec encode and decode of --seconds of audio per row: ours (musicgen/accel/codec.py), ours through
     the layer modules (`Encoder.reference`, `Decoder.reference`) and transformers' EncodecModel, on the same
-    checkpoint; best of 3."""
+    checkpoint; best of 3. Then what the fast path saves on whole requests of musicgen-small in int4 (the
+    fastest mode, where the codec weighs most): --seconds of audio from text, and a 10 s prompt continued by
+    1 s, each with the fast codec and with the layer modules."""
     import torch
     import musicgen
+    from musicgen.accel import codec as fast_codec
 
     folder = ensure_checkpoint("small", args.cache)        # every MusicGen size has the same codec
-    ours = musicgen.load(folder).codec
+    model = musicgen.load(folder, quantize="int4")
+    ours = model.codec
     from transformers import MusicgenForConditionalGeneration
     theirs = MusicgenForConditionalGeneration.from_pretrained(folder).audio_encoder
     theirs.eval()
@@ -404,6 +408,22 @@ def codec_table(args) -> None:
             rows.append(("musicgen", _best_time(lambda: ours.encode(audio)), _best_time(lambda: ours.decode(codes))))
         for name, enc, dec in rows:
             print(f"| {batch} | {name} | {enc:.2f} | {dec:.2f} | {ref_dec / dec:.1f}× |", flush=True)
+
+    prompt = 0.1 * torch.randn(1, 1, round(PROMPT_SECONDS * model.sample_rate), generator=torch.Generator().manual_seed(0))
+    kw = dict(top_k=250, guidance_scale=3.0, seed=0)
+    requests = {f"{args.seconds:g} s from text": lambda: model.generate(PROMPTS[:1], duration=args.seconds, **kw),
+                f"{PROMPT_SECONDS:g} s prompt continued by 1 s": lambda: model.generate(
+                    PROMPTS[:1], duration=PROMPT_SECONDS + 1, prompt_audio=prompt, **kw)}
+    print("\nwhole requests, small int4, batch 1 (best of 3, seconds)\n")
+    print("| request | codec through the layer modules | fast codec | saved |")
+    print("|---|---|---|---|")
+    enabled = fast_codec.enabled
+    for name, request in requests.items():
+        fast_codec.enabled = lambda x: False
+        slow = _best_time(request)
+        fast_codec.enabled = enabled
+        fast = _best_time(request)
+        print(f"| {name} | {slow:.2f} | {fast:.2f} | {1 - fast / slow:.0%} |", flush=True)
 
 
 def _best_time(fn, repeats: int = 3) -> float:

@@ -1,7 +1,7 @@
 """The native CPU kernels alone, on musicgen-small's layer set, at every instruction-set level this host runs.
 
-    python benchmarks/kernels.py                                     # every kernel, weight dtype, level; 1-16 rows
-    python benchmarks/kernels.py --kernels int4,int8 --rows 2 --levels amx,avx512_vnni --repeat 10
+    python benchmarks/kernel_speed.py                                     # every kernel, weight dtype, level; 1-16 rows
+    python benchmarks/kernel_speed.py --kernels int4,int8 --rows 2 --levels amx,avx512_vnni --repeat 10
 
 One pass is every product of a decoding step of musicgen-small: 24 layers x (qkv 3072x1024, out 1024x1024,
 cross-attention q and out 1024x1024, fc1 4096x1024, fc2 1024x4096), 336 M weights, random (speed does not depend
