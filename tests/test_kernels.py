@@ -6,6 +6,10 @@ be built at all, every test skips (and fails in CI, MUSICGEN_REQUIRE_KERNEL=1)."
 from __future__ import annotations
 
 import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -147,6 +151,26 @@ def test_isa_levels_and_the_limit():
         kernels.limit_isa("sse4")
     with pytest.raises(ValueError, match="int8"):
         kernels.amx_available("fp8")
+
+
+def test_a_killed_build_does_not_hang_the_next_load(tmp_path, monkeypatch):
+    """PyTorch marks a build in progress with a `lock` file and waits, with no limit, for it to go; a killed build
+    leaves it behind (a CI run hung on one). A copy of the built kernels with such a file loads, and the file goes."""
+    import torch.utils.cpp_extension as ext
+
+    kernel_or_skip("int8_gemv")
+    built = Path(ext._get_build_directory("musicgen_kernels", verbose=False))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.delenv("MUSICGEN_NO_KERNELS", raising=False)
+    copy = Path(ext._get_build_directory("musicgen_kernels", verbose=False))
+    shutil.copytree(built, copy, ignore=shutil.ignore_patterns("lock", "*.flock"), dirs_exist_ok=True)
+    (copy / "lock").touch()
+    code = "import sys; from musicgen.accel import kernels; sys.exit(kernels.fused_decoder() is None)"
+    # a rebuild, if the copy needs one, takes a few minutes at most; the bug waits forever
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert "lock file of an unfinished kernel build" in run.stderr
+    assert not (copy / "lock").exists()
 
 
 def awkward_weights(n: int, k: int, seed: int) -> torch.Tensor:
