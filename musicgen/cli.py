@@ -165,7 +165,8 @@ def _validate_sampling(args) -> None:
         raise UsageError(f"--guidance-scale must be >= 0, got {args.guidance_scale:g}")
 
 
-def _device(name: str | None) -> str:
+def resolve_device(name: str | None) -> str:
+    """--device as given, checked (one-line error), or cuda where there is one, else cpu."""
     import torch
 
     if name is None:
@@ -195,7 +196,7 @@ def cmd_generate(args) -> int:
             raise UsageError("--stream writes WAV only; use a .wav output (or -o - for stdout)")
         if str(args.output) == "-" and rows > 1:
             raise UsageError("--stream to stdout takes one prompt")
-    device = _device(args.device)
+    device = resolve_device(args.device)
 
     import musicgen
 
@@ -272,7 +273,7 @@ def cmd_serve(args) -> int:
         raise UsageError(f"the service needs its extra: pip install 'musicgen[serve]' ({e.name} is missing)") from None
     import musicgen
 
-    device = _device(args.device)
+    device = resolve_device(args.device)
     model = musicgen.load(args.model, device=device, dtype=args.dtype, quantize=args.quantize)
     service = Service(model, args.data_dir, model_name=str(args.model), max_batch=args.max_batch,
                       max_queue=args.max_queue, api_key=args.api_key or os.environ.get("MUSICGEN_API_KEY"))

@@ -90,7 +90,9 @@ def cmd_eval(args) -> int:
         if p is not None and not p.exists():
             raise ValueError(f"{p} does not exist")
 
-    _check_device(args.device)
+    from ..cli import resolve_device
+
+    args.device = resolve_device(args.device)
     from . import evaluate, frechet, report as report_mod
 
     progress = not args.quiet
@@ -137,7 +139,7 @@ def _generate(args, progress) -> tuple[Path, dict]:
     if done:
         print(f"{len(done)} clip(s) already in {args.output}: kept", file=sys.stderr)
     device = args.device
-    model = musicgen.load(args.model, device=device or ("cuda" if _cuda() else "cpu"), dtype=args.dtype,
+    model = musicgen.load(args.model, device=device, dtype=args.dtype,
                           quantize=args.quantize)
     if todo:
         generate.run(model, todo, args.output, args.batch_size, args.seed, progress)
@@ -149,22 +151,3 @@ def _generate(args, progress) -> tuple[Path, dict]:
                                      "guidance_scale": generate.GUIDANCE, "seed": args.seed,
                                      "batch_size": args.batch_size, "dtype": args.dtype, "quantize": args.quantize,
                                      "limit": args.limit, "clips": len(keys)}}
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def _check_device(name: str | None) -> None:
-    import torch
-
-    if name is None:
-        return
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but no CUDA device is available")
