@@ -91,8 +91,21 @@ def _hf_greedy(hf_model, inputs, frames, capture):
         del hf_model.audio_encoder.decode
 
 
+@pytest.fixture(scope="module")
+def reference_model(ckpt_dir):
+    """The checkpoint on the reference backend (the PyTorch layer loop), whatever this machine's default."""
+    from musicgen import accel
+
+    with accel.override(backend="reference"):
+        m = musicgen.load(ckpt_dir)
+    assert m.backend.name == "reference"
+    return m
+
+
+@pytest.mark.parametrize("which", ["model", "reference_model"])   # the default backend here, and the reference
 @pytest.mark.parametrize("prompts", [PROMPTS[:1], PROMPTS])
-def test_greedy_generation_matches_transformers(model, hf_model, hf_tokenizer, prompts):
+def test_greedy_generation_matches_transformers(request, which, hf_model, hf_tokenizer, prompts):
+    model = request.getfixturevalue(which)
     duration = 0.3
     frames = round(duration * 50)
     captured = []
