@@ -146,6 +146,31 @@ def test_accumulation_and_activation_checkpointing_change_nothing(crops, ckpt, t
     assert_states_close(final_state(a), final_state(b), atol=1e-5)   # sums in another order: rounding only
 
 
+def test_clipping_inside_the_fused_adamw_equals_clip_grad_norm(crops, ckpt, tmp_path, monkeypatch):
+    """The trainer hands the clipping coefficient to the fused AdamW (`optimizer.grad_scale`) instead of scaling
+    every gradient in place first: the same weights as clip_grad_norm_ and a plain step, with every step clipped
+    (AdamW cancels a constant scale, not one that changes from step to step: no clipping ends elsewhere)."""
+    from musicgen.train import loop
+
+    opts = dict(steps=4, batch_size=4, lr=3e-3, duration=0.5, clip=0.05)
+    init, folds = loop.Trainer.__init__, []
+
+    def spy(self, *a, fold=True, **k):
+        init(self, *a, **k)
+        folds.append(self.fold_clip)
+        self.fold_clip = self.fold_clip and fold
+
+    monkeypatch.setattr(loop.Trainer, "__init__", spy)
+    folded = train(config(crops, ckpt, tmp_path / "folded", **opts))
+    assert folds == [True] and all(m["grad_norm"] > 0.05 for m in metrics(tmp_path / "folded"))
+    monkeypatch.setattr(loop.Trainer, "__init__", lambda self, *a, **k: spy(self, *a, fold=False, **k))
+    plain = train(config(crops, ckpt, tmp_path / "plain", **opts))
+    unclipped = train(config(crops, ckpt, tmp_path / "unclipped", **{**opts, "clip": 1e9}))
+    assert_states_close(final_state(folded), final_state(plain), atol=1e-6)
+    far = max((final_state(folded)[k] - v).abs().max().item() for k, v in final_state(unclipped).items())
+    assert far > 1e-4
+
+
 def test_lora_trains_adapters_only_and_exports_them_merged(crops, ckpt, tmp_path):
     final = train(config(crops, ckpt, tmp_path / "run", steps=6, batch_size=4, lr=1e-2, duration=0.5,
                          lora_rank=4, save_every=6, sample_every=3, sample_prompts=("lofi", "techno"),

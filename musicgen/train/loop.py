@@ -200,6 +200,10 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, partial(lr_factor, warmup=max(1, warmup), steps=cfg.steps))
         self.scaler = torch.amp.GradScaler(d.device.type, enabled=self.dtype == torch.float16)
+        # the fused AdamW applies the clipping coefficient (step()); float16's scaler uses that slot itself, and
+        # FSDP's sharded parameters take no plain tensor beside them
+        fused = self.optimizer.defaults.get("fused")
+        self.fold_clip = bool(fused) and not self.scaler.is_enabled() and not cfg.fsdp and cfg.clip > 0
         self.ema = EMA(self.trained, cfg.ema) if cfg.ema > 0 else None
         self.augment = Augment(cfg_dropout=cfg.cfg_dropout, word_dropout=cfg.word_dropout)
         self.start = 0
@@ -270,9 +274,20 @@ class Trainer:
                 self.scaler.scale(loss).backward()
             sums += part.detach()
         self.scaler.unscale_(self.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_([p for _, p in self.trained], cfg.clip)
+        params = [p for _, p in self.trained]
+        if self.fold_clip:
+            # clipping inside the fused AdamW, which divides each gradient by `grad_scale` as it reads it: this
+            # saves clip_grad_norm_'s pass that multiplies every gradient in place (the same update, to rounding)
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            self.optimizer.grad_scale = torch.clamp((norm + 1e-6) / cfg.clip, min=1.0)
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip)
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        self.scaler.step(self.optimizer)
+        try:
+            self.scaler.step(self.optimizer)
+        finally:
+            if self.fold_clip:
+                del self.optimizer.grad_scale
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.scheduler.get_last_lr()[0]
