@@ -165,23 +165,6 @@ def _validate_sampling(args) -> None:
         raise UsageError(f"--guidance-scale must be >= 0, got {args.guidance_scale:g}")
 
 
-def resolve_device(name: str | None) -> str:
-    """--device as given, checked (one-line error), or cuda where there is one, else cpu."""
-    import torch
-
-    if name is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"unknown device {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"device {name!r} asked for, but no CUDA device is available")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError(f"device {name!r} asked for, but MPS is not available")
-    return name
-
-
 def cmd_generate(args) -> int:
     prompts = _read_prompts(args)
     _validate_sampling(args)
@@ -196,6 +179,8 @@ def cmd_generate(args) -> int:
             raise UsageError("--stream writes WAV only; use a .wav output (or -o - for stdout)")
         if str(args.output) == "-" and rows > 1:
             raise UsageError("--stream to stdout takes one prompt")
+    from .inputs import resolve_device
+
     device = resolve_device(args.device)
 
     import musicgen
@@ -272,6 +257,7 @@ def cmd_serve(args) -> int:
     except ImportError as e:
         raise UsageError(f"the service needs its extra: pip install 'musicgen[serve]' ({e.name} is missing)") from None
     import musicgen
+    from .inputs import resolve_device
 
     device = resolve_device(args.device)
     model = musicgen.load(args.model, device=device, dtype=args.dtype, quantize=args.quantize)

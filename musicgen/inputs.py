@@ -1,4 +1,4 @@
-"""Checking and shaping the inputs of a generation: prompts, batch size, audio rows, sample rates.
+"""Checking and shaping the inputs of a generation: prompts, batch size, audio rows, sample rates, device.
 
 Every error is a ValueError whose message names the argument, so the command line and the service can pass
 it on as it is.
@@ -6,6 +6,23 @@ it on as it is.
 from __future__ import annotations
 
 import torch
+
+
+def resolve_device(name: str | torch.device | None) -> str:
+    """A device name, checked: None -> cuda where there is one, else cpu; an unknown name, or CUDA or MPS asked
+    for where there is none, is a ValueError naming it."""
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    name = str(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but no CUDA device is available")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {name!r} asked for, but MPS is not available")
+    return name
 
 
 def check_batch(prompts, batch_size: int | None, rows: list[int | None]) -> tuple[list[str] | None, int]:

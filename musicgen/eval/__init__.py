@@ -52,12 +52,13 @@ def evaluate(generated, reference=None, captions=None, metrics=DEFAULT_METRICS, 
     import torch
 
     from . import clips as clips_mod, frechet, metrics as m, weights
+    from ..inputs import resolve_device
     from .cache import EmbeddingCache
 
     unknown = [x for x in metrics if x not in m.METRICS]
     if unknown:
         raise ValueError(f"unknown metric {unknown[0]!r}: choose from {', '.join(m.METRICS)}")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device)
     gen = clips_mod.list_clips(generated)
     ref = clips_mod.list_clips(reference) if reference is not None else None
     stats, stats_settings = ({}, None)

@@ -90,7 +90,7 @@ def cmd_eval(args) -> int:
         if p is not None and not p.exists():
             raise ValueError(f"{p} does not exist")
 
-    from ..cli import resolve_device
+    from ..inputs import resolve_device
 
     args.device = resolve_device(args.device)
     from . import evaluate, frechet, report as report_mod

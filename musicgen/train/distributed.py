@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ..inputs import resolve_device
+
 
 @dataclass
 class Dist:
@@ -52,14 +54,8 @@ def setup(device: str | None = None, timeout_minutes: float = 30.0) -> Dist:
     cuda:LOCAL_RANK) or None (CUDA when there is one)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    kind = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(kind)
-    except RuntimeError:
-        raise ValueError(f"unknown device {kind!r}") from None
+    dev = torch.device(resolve_device(device))
     if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {kind!r} asked for, but no CUDA device is available")
         dev = torch.device("cuda", local if dev.index is None else dev.index)
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
