@@ -2,7 +2,7 @@
 
 The functions below return the kernels (or the fused decoder class), or None where they cannot be had: not x86-64
 with AVX2, FMA and F16C, no compiler, a failed build, or MUSICGEN_NO_KERNELS=1. Callers fall back to PyTorch's own
-kernels, so a missing compiler costs speed, never a result. The build takes about a minute once; torch caches it
+kernels, so a missing compiler costs speed, never a result. The build takes a few minutes once; torch caches it
 (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions).
 
 Every kernel runs at every instruction-set level from AVX2 up; each call takes the path of the best level that
@@ -214,7 +214,7 @@ def _built():
 
         build_dir = Path(ext._get_build_directory("musicgen_kernels", verbose=False))
         if not any(build_dir.glob("*.so")):
-            print("musicgen: building the CPU kernels (once, about a minute; quantised decoding runs about twice "
+            print("musicgen: building the CPU kernels (once, a few minutes; quantised decoding runs about twice "
                   "as fast with them)", file=sys.stderr, flush=True)
         sources = sorted(HERE.glob("*.cpp"))
         # torch rebuilds when the sources or the flags change; the headers' hash in the flags covers them too
