@@ -17,6 +17,7 @@ Two entry points, both exact float32 PyTorch (the reference every faster path is
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import torch
@@ -69,6 +70,23 @@ def kv_read(stored: torch.Tensor, attend_dtype: torch.dtype) -> torch.Tensor:
     return kv_dequantize(stored, attend_dtype) if stored.dtype == torch.int8 else stored
 
 
+def layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """What norm(x) computes, without the module call."""
+    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+
+def decode_product(linear: nn.Module, rows: int, dtype: torch.dtype):
+    """How a decoding step multiplies x2 (rows, in) of `dtype` by `linear`: a quantised layer's few-row kernel
+    bound to its weights (accel/quant.py `few_rows`), F.linear for a plain nn.Linear, and the module itself
+    for anything else (a fine-tuning adapter)."""
+    few_rows = getattr(linear, "few_rows", None)
+    if few_rows is not None:
+        return few_rows(rows, dtype)
+    if type(linear) is nn.Linear:
+        return functools.partial(F.linear, weight=linear.weight, bias=linear.bias)
+    return linear
+
+
 class SelfAttention(nn.Module):
     def __init__(self, cfg: LMConfig):
         super().__init__()
@@ -90,24 +108,6 @@ class SelfAttention(nn.Module):
             q = q.to(k.dtype)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)           # (B, H, T, hd)
         return self.out(y.transpose(1, 2).reshape(B, T, D).to(x.dtype))
-
-    def step(self, x: torch.Tensor, rows: torch.Tensor | None, pos: torch.Tensor | int, keys: torch.Tensor,
-             values: torch.Tensor, attend: torch.dtype, mask: torch.Tensor | None) -> torch.Tensor:
-        """x (R, 1, D), row r at position pos[r] (an int: every row there; rows: arange(R) otherwise): writes
-        each row's key and value at its own position of the cache (keys, values: (>= R, H, W, hd) views of the
-        first W positions) and attends over the first W, masked past each row's position by `mask`
-        (R, 1, 1, W) (None: every row sees all W)."""
-        R, _, D = x.shape
-        q, k, v = self.qkv(x).view(R, 1, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (R, H, 1, hd)
-        if isinstance(pos, int):
-            keys[:R, :, pos] = kv_encode(k[:, :, 0], keys.dtype)                # (R, H, hd) at position pos
-            values[:R, :, pos] = kv_encode(v[:, :, 0], values.dtype)
-        else:
-            keys[rows, :, pos] = kv_encode(k[:, :, 0], keys.dtype)              # (R, H, hd) at (r, :, pos[r])
-            values[rows, :, pos] = kv_encode(v[:, :, 0], values.dtype)
-        k, v = kv_read(keys[:R], attend), kv_read(values[:R], attend)           # (R, H, W, hd)
-        y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask)
-        return self.out(y.transpose(1, 2).reshape(R, 1, D).to(x.dtype))
 
 
 class CrossAttention(nn.Module):
@@ -150,8 +150,35 @@ class DecoderLayer(nn.Module):
         return self._rest(x, cross_kv, cross_bias)
 
     def step(self, x, rows, pos, keys, values, attend, mask, cross_kv, cross_bias):
-        x = x + self.self_attn.step(self.norm1(x), rows, pos, keys, values, attend, mask)
-        return self._rest(x, cross_kv, cross_bias)
+        """One decoding step of this layer: x (R, D), row r at position pos[r] (an int: every row there; rows:
+        arange(R) otherwise). Each row's key and value go to its own position of the cache (keys, values:
+        (>= R, H, W, hd) views of the first W positions); attention reads the first W under `mask` (R, 1, 1, W)
+        (None: every row sees all W). The same operations as `forward` on one position, called directly
+        (F.layer_norm, `decode_product`) rather than through the modules: a step is dozens of small calls, and
+        module dispatch was a large share of it."""
+        R, D = x.shape
+        attn = self.self_attn
+        H, hd = attn.heads, attn.head_dim
+        qkv = decode_product(attn.qkv, R, x.dtype)(layer_norm(self.norm1, x))
+        q, k, v = qkv.view(R, 3, H, 1, hd).unbind(1)                           # 3 x (R, H, 1, hd)
+        k, v = k[:, :, 0], v[:, :, 0]                                           # (R, H, hd)
+        if keys.dtype != k.dtype:
+            k, v = kv_encode(k, keys.dtype), kv_encode(v, values.dtype)
+        if rows is None:
+            keys[:R, :, pos], values[:R, :, pos] = k, v
+        else:
+            keys[rows, :, pos], values[rows, :, pos] = k, v                     # at (r, :, pos[r])
+        keys, values = kv_read(keys[:R], attend), kv_read(values[:R], attend)  # (R, H, W, hd)
+        y = F.scaled_dot_product_attention(q.to(keys.dtype), keys, values, attn_mask=mask)
+        x = x + decode_product(attn.out, R, x.dtype)(y.transpose(1, 2).reshape(R, D).to(x.dtype))
+        if self.cross_attn is not None:
+            cross = self.cross_attn
+            q = decode_product(cross.q, R, x.dtype)(layer_norm(self.norm_cross, x)).view(R, H, 1, hd)
+            y = F.scaled_dot_product_attention(q.to(cross_kv[0].dtype), cross_kv[0], cross_kv[1],
+                                               attn_mask=cross_bias)
+            x = x + decode_product(cross.out, R, x.dtype)(y.transpose(1, 2).reshape(R, D).to(x.dtype))
+        h = decode_product(self.fc1, R, x.dtype)(layer_norm(self.norm2, x))
+        return x + decode_product(self.fc2, R, x.dtype)(self.act(h))
 
     def _rest(self, x, cross_kv, cross_bias):
         if self.cross_attn is not None:
@@ -228,13 +255,15 @@ class MusicLM(nn.Module):
         over `cache` (engine.Cache): every row's key and value written at its own position, attention over the
         first `window` positions under `mask` (R, 1, 1, window) or, with None, all of them. The reference
         backend of a decoding step."""
-        R = x.shape[0]
+        R, _, D = x.shape
+        x = x.view(R, D)
         rows = None if isinstance(pos, int) else torch.arange(R, device=x.device)
+        bias = None if cache.bias is None else cache.bias[:R]
         for i, layer in enumerate(self.layers):
             cross = None if layer.cross_attn is None else (cache.ck[i][:R], cache.cv[i][:R])
             x = layer.step(x, rows, pos, cache.k[i][:, :, :window], cache.v[i][:, :, :window], cache.attend,
-                           mask, cross, None if cross is None else cache.bias[:R])
-        return x
+                           mask, cross, bias)
+        return x.view(R, 1, D)
 
 
 def attention_backends(device: torch.device):

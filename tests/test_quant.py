@@ -150,6 +150,36 @@ def test_quantised_layers_multiply_alike_every_way(cls):
     assert 0 < rel < (0.02 if cls is Int8Linear else 0.15)
 
 
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "no-kernels"])
+@pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
+def test_few_rows_product_is_the_layers_own_and_follows_copies(cls, kernels):
+    """The product a decoding step binds (few_rows) computes what the layer's forward computes, in each
+    activation dtype; a copy of the layer with other weights binds its own; autograd and many rows get the module."""
+    import copy
+
+    torch.manual_seed(0)
+    lin, other = torch.nn.Linear(128, 48, bias=False), torch.nn.Linear(128, 48, bias=False)
+    x = torch.randn(2, 128)
+    with accel.override(kernels=kernels):
+        layer = cls.from_linear(lin, torch.float32)
+        with torch.inference_mode():
+            for dtype in (torch.float32, torch.bfloat16):
+                product = layer.few_rows(2, dtype)
+                assert product is not layer and layer.few_rows(2, dtype) is product    # made once
+                torch.testing.assert_close(product(x.to(dtype)), layer(x.to(dtype)), atol=0, rtol=0)
+            layer.few_rows(2, torch.float32)
+            twin = copy.deepcopy(layer)
+            fresh = cls.from_linear(other, torch.float32)
+            twin.weight.copy_(fresh.weight)
+            twin.scales.copy_(fresh.scales)
+            twin.pack()
+            got = twin.few_rows(2, torch.float32)(x)
+            torch.testing.assert_close(got, fresh(x), atol=0, rtol=0)
+            assert (got - layer(x)).abs().max() > 0.01
+            assert layer.few_rows(quant.GEMV_ROWS + 1, torch.float32) is layer
+        assert layer.few_rows(2, torch.float32) is layer                      # autograd: forward's general path
+
+
 def test_aten_int4_layout_only_where_it_applies():
     """Without our kernels, int4 layers keep aten's packed copy where its kernel takes the shape (N % 16 == 0);
     other shapes widen their weight. With our kernels there is no second copy."""

@@ -47,6 +47,8 @@ class QuantizedLinear(nn.Module):
 
     kernel_name = ""
     _f32 = None   # eager mode: (scales, bias) as the kernel takes them, made once
+    _few = None   # (dtype, kernel, weight, product): what few_rows made last
+    _bf16_scales = None   # int8: PyTorch's packed kernel takes its scales in the activations' dtype
 
     def _init_buffers(self, in_features: int, out_features: int, weight: torch.Tensor, scales: torch.Tensor,
                       bias: bool, dtype) -> None:
@@ -74,6 +76,19 @@ class QuantizedLinear(nn.Module):
         """Make what the few-row products need once the weights are in place (PyTorch's packed layout on a CPU
         without our kernels)."""
 
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self._few = self._f32 = self._bf16_scales = None   # made from the old tensors
+        self.pack()   # a move or a copy of the weights: int4's aten layout follows (or goes, off the CPU)
+        return self
+
+    def __getstate__(self):
+        # a copy makes its own products: those made here are bound to this layer's tensors
+        state = super().__getstate__()
+        for name in ("_few", "_f32", "_bf16_scales"):
+            state.pop(name, None)
+        return state
+
     def _eager_kernel(self):
         raise NotImplementedError
 
@@ -81,9 +96,46 @@ class QuantizedLinear(nn.Module):
         """(scales, bias) as the kernel takes them: float32, except int4's float16 group scales."""
         return self.scales.float(), None if self.bias is None else self.bias.float()
 
-    def _packed(self, x2: torch.Tensor) -> torch.Tensor | None:
-        """PyTorch's packed weight-only kernel for a few rows, or None where it does not apply."""
+    def _packed_product(self):
+        """PyTorch's packed weight-only kernel bound to this layer's weights: x2 (M, K) bfloat16 -> (M, N)
+        bfloat16; None where it does not apply."""
         return None
+
+    def _packed(self, x2: torch.Tensor) -> torch.Tensor | None:
+        """x2 (M, K) through `_packed_product` in bfloat16, or None where it does not apply."""
+        product = self._packed_product()
+        return None if product is None else product(x2.to(torch.bfloat16))
+
+    def few_rows(self, rows: int, dtype: torch.dtype):
+        """The product of a decoding step of `rows` rows whose activations are `dtype`, bound to this layer's
+        weights: a callable x2 (rows, K) -> (rows, N) in `dtype` through the kernel that `forward` picks for it,
+        without forward's per-call checks; the module itself where forward's general path applies (more than
+        GEMV_ROWS rows, autograd, a GPU, a compiled graph)."""
+        if rows > GEMV_ROWS or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return self
+        kernel, weight, made = self._eager_kernel(), self.weight, self._few
+        if made is not None and made[0] == dtype and made[1] is kernel and made[2] is weight:
+            return made[3]
+        product = self._make_few_rows(dtype, kernel)
+        self._few = (dtype, kernel, weight, product)   # a copy of the layer (new weights) makes its own
+        return product
+
+    def _make_few_rows(self, dtype: torch.dtype, kernel):
+        if self.weight.device.type != "cpu":
+            return self
+        if kernel is not None:
+            if self._f32 is None:
+                self._f32 = self._kernel_args()
+            weight, args = self.weight, self._f32
+            if dtype == torch.float32:
+                return lambda x2: kernel(x2, weight, *args)
+            return lambda x2: kernel(x2.float(), weight, *args).to(dtype)
+        product = self._packed_product()
+        if product is None:
+            return self
+        if dtype == torch.bfloat16:
+            return product
+        return lambda x2: product(x2.to(torch.bfloat16)).to(dtype)
 
     def _fallback(self, x2: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -113,7 +165,6 @@ class Int8Linear(QuantizedLinear):
 
     kernel_name = "int8_gemv"
     _quantize = staticmethod(quantize_per_channel)
-    _bf16_scales = None   # PyTorch's packed kernel takes its scales in the activations' dtype
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype=torch.bfloat16, device=None):
         super().__init__()
@@ -124,12 +175,16 @@ class Int8Linear(QuantizedLinear):
     def _eager_kernel(self):
         return int8_gemv()
 
-    def _packed(self, x2: torch.Tensor) -> torch.Tensor:
+    def _packed_product(self):
         # aten's int8 weight-only kernel is fast with bfloat16 activations (and scales) on every CPU
         if self._bf16_scales is None:
             self._bf16_scales = self.scales.to(torch.bfloat16)
-        y = torch._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), self.weight, self._bf16_scales)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+        weight, scales, bias = self.weight, self._bf16_scales, self.bias
+
+        def product(x2: torch.Tensor) -> torch.Tensor:
+            y = torch._weight_int8pack_mm(x2.contiguous(), weight, scales)
+            return y if bias is None else y + bias.to(y.dtype)
+        return product
 
     def _fallback(self, x2: torch.Tensor) -> torch.Tensor:
         if _prefill_in_bf16(x2):
@@ -214,7 +269,7 @@ class Int4Linear(QuantizedLinear):
         self.aten = None   # (packed weight, (groups, N, 2) scales and zeros) in aten's int4 layout, or None
 
     def pack(self) -> None:
-        self.aten = None
+        self.aten = self._few = None
         if self.weight.device.type != "cpu" or int4_gemv() is not None or self.out_features % 16:
             return
         codes = unpack_int4_codes(self.weight).to(torch.int32)                  # (N, K) in 1..15
@@ -231,13 +286,16 @@ class Int4Linear(QuantizedLinear):
     def _kernel_args(self) -> tuple:
         return self.scales, None if self.bias is None else self.bias.float()
 
-    def _packed(self, x2: torch.Tensor) -> torch.Tensor | None:
+    def _packed_product(self):
         if self.aten is None:
             return None
-        packed, scales_zeros = self.aten
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), packed, INT4_GROUP,
-                                                       scales_zeros)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+        (packed, scales_zeros), bias = self.aten, self.bias
+        mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+
+        def product(x2: torch.Tensor) -> torch.Tensor:
+            y = mm(x2.contiguous(), packed, INT4_GROUP, scales_zeros)
+            return y if bias is None else y + bias.to(y.dtype)
+        return product
 
     def _fallback(self, x2: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x2.dtype)
@@ -252,11 +310,6 @@ class Int4Linear(QuantizedLinear):
             y = F.linear(x2.to(torch.bfloat16), dequant(self.weight, self.scales, True)).float()
             return y if bias is None else y + bias
         return F.linear(x2, dequant(self.weight, self.scales, x2.dtype == torch.bfloat16).to(x2.dtype), bias)
-
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        self.pack()   # a move or a copy of the weights: aten's layout follows (or goes, off the CPU)
-        return self
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 groups of {INT4_GROUP}"
