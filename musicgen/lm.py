@@ -70,6 +70,18 @@ def kv_read(stored: torch.Tensor, attend_dtype: torch.dtype) -> torch.Tensor:
     return kv_dequantize(stored, attend_dtype) if stored.dtype == torch.int8 else stored
 
 
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+              causal: bool = False) -> torch.Tensor:
+    """F.scaled_dot_product_attention over whole sequences; under CPU autocast (mixed-precision training) in
+    float32. Autocast would run it in 16 bits, and PyTorch's 16-bit flash attention on CPU is several times slower
+    than its float32 one, its backward most of all (docs/training.md); float32 is also the more accurate."""
+    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal,
+                                                  attn_mask=None if mask is None else mask.float())
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+
+
 def layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     """What norm(x) computes, without the module call."""
     return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
@@ -106,7 +118,7 @@ class SelfAttention(nn.Module):
             values[:, :, :T] = kv_encode(v, values.dtype)
             k, v = kv_read(keys[:, :, :T], attend), kv_read(values[:, :, :T], attend)
             q = q.to(k.dtype)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)           # (B, H, T, hd)
+        y = attention(q, k, v, causal=T > 1)                                   # (B, H, T, hd)
         return self.out(y.transpose(1, 2).reshape(B, T, D).to(x.dtype))
 
 
@@ -126,7 +138,7 @@ class CrossAttention(nn.Module):
     def forward(self, x, kv: tuple[torch.Tensor, torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
         B, T, D = x.shape
         q = self.q(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        y = F.scaled_dot_product_attention(q.to(kv[0].dtype), kv[0], kv[1], attn_mask=bias)
+        y = attention(q.to(kv[0].dtype), kv[0], kv[1], bias)
         return self.out(y.transpose(1, 2).reshape(B, T, D).to(x.dtype))
 
 

@@ -76,6 +76,35 @@ def test_loss_and_gradients_equal_transformers(ckpt_dir):
     for ours, theirs in pairs:
         torch.testing.assert_close(ours.weight.grad, theirs, atol=1e-6, rtol=1e-4)
 
+def test_cpu_autocast_attends_in_float32(ckpt_dir, monkeypatch):
+    """Mixed-precision training on CPU runs the products in bfloat16 and attention in float32 (PyTorch's bfloat16
+    flash attention is the slower one there); loss and gradients stay near float32's."""
+    model = musicgen.load(ckpt_dir)
+    net = Network(model).requires_grad_(True)
+    V = model.cfg.lm.vocab_size
+    inputs, targets = delayed_batch(_codes(3, 4, 11, V), torch.tensor([11, 7, 11]), V)
+    states, mask = text_states(model, PROMPTS)
+    seen, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: seen.append((q.dtype, k.dtype, v.dtype)) or sdpa(q, k, v, **kw))
+
+    def grads(dtype):
+        net.zero_grad()
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            logits = net(inputs, states, mask, mask_dtype=dtype)
+        loss, _ = batch_loss(logits, targets)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in net.lm.layers[0].parameters()]
+
+    exact, exact_grads = grads(torch.float32)
+    seen.clear()
+    loss, mixed_grads = grads(torch.bfloat16)
+    assert len(seen) == 2 * len(net.lm.layers) and set(seen) == {(torch.float32,) * 3}
+    assert abs(loss - exact) < 0.02 * exact
+    for g, ref in zip(mixed_grads, exact_grads):
+        assert ((g - ref).norm() / ref.norm()).item() < 0.05
+
+
 def test_melody_loss_equals_transformers(melody_ckpt_dir):
     from transformers import AutoTokenizer, MusicgenMelodyForConditionalGeneration
 
