@@ -171,6 +171,19 @@ def test_clipping_inside_the_fused_adamw_equals_clip_grad_norm(crops, ckpt, tmp_
     assert far > 1e-4
 
 
+def test_the_codec_stays_only_for_samples(crops, ckpt, tmp_path):
+    """A run without samples frees the codec once DATA's fingerprint is checked; a run with samples keeps it."""
+    from musicgen.train.distributed import Dist
+    from musicgen.train.loop import Trainer
+
+    plain = Trainer(config(crops, ckpt, tmp_path / "plain", steps=1), Dist(device=torch.device("cpu")), resume=False)
+    assert plain.model.codec is None
+    assert "codec" not in {n.split(".")[0] for n, _ in plain.net.named_parameters()}
+    sampled = Trainer(config(crops, ckpt, tmp_path / "sampled", steps=1, sample_every=1, sample_prompts=("lofi",)),
+                      Dist(device=torch.device("cpu")), resume=False)
+    assert sampled.model.codec is not None
+
+
 def test_lora_trains_adapters_only_and_exports_them_merged(crops, ckpt, tmp_path):
     final = train(config(crops, ckpt, tmp_path / "run", steps=6, batch_size=4, lr=1e-2, duration=0.5,
                          lora_rank=4, save_every=6, sample_every=3, sample_prompts=("lofi", "techno"),

@@ -146,6 +146,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, d: Dist, resume: bool):
+        from ..checkpoint import release
         from ..engine import Reference
         from ..loading import load
 
@@ -162,6 +163,10 @@ class Trainer:
         self.model = load(cfg.model, device=d.device)
         self.data.check(self.model, cfg.model)
         model, mcfg = self.model, self.model.cfg
+        if not cfg.sample_every:   # only samples decode audio: the codec goes once its fingerprint is checked
+            for t in model.codec.state_dict().values():
+                release(t)
+            model.codec = None
         # samples during training decode through the PyTorch layer loop: the fused CPU step holds the tensors it
         # was built from, and training replaces or wraps them (adapters, FSDP's sharded parameters)
         model.backend = Reference()
