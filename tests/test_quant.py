@@ -124,8 +124,8 @@ def three_ways(layer_cls, lin, x):
         kernel = layer(x) if layer._eager_kernel() is not None else None
         with accel.override(kernels=False):
             unkerneled = layer_cls.from_linear(lin, torch.float32)    # made where the kernels are missing
-            real = unkerneled._packed
-            unkerneled._packed = lambda x2: calls.append(1) or real(x2)
+            real = unkerneled._packed_product
+            unkerneled._packed_product = lambda: (lambda x2, product=real(): calls.append(1) or product(x2))
             packed = unkerneled(x)
             widened = unkerneled._fallback(x.reshape(-1, x.shape[-1])).view_as(packed)
     return kernel, packed, widened, bool(calls)

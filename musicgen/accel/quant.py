@@ -43,12 +43,11 @@ def quantize_per_channel_reference(weight: torch.Tensor) -> tuple[torch.Tensor, 
 class QuantizedLinear(nn.Module):
     """What the int8 and int4 layers share. A few rows on CPU without autograd (decoding) go to a kernel of
     musicgen/accel/kernels where it is built (inside a compiled graph: its custom op), else to PyTorch's packed
-    weight-only kernel (`_packed`, bfloat16 activations); everything else to the subclass's `_fallback`."""
+    weight-only kernel (`_packed_product`, bfloat16 activations): `few_rows` binds the one that applies.
+    Everything else goes to the subclass's `_fallback`."""
 
     kernel_name = ""
-    _f32 = None   # eager mode: (scales, bias) as the kernel takes them, made once
     _few = None   # (dtype, kernel, weight, product): what few_rows made last
-    _bf16_scales = None   # int8: PyTorch's packed kernel takes its scales in the activations' dtype
 
     def _init_buffers(self, in_features: int, out_features: int, weight: torch.Tensor, scales: torch.Tensor,
                       bias: bool, dtype) -> None:
@@ -78,15 +77,14 @@ class QuantizedLinear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
-        self._few = self._f32 = self._bf16_scales = None   # made from the old tensors
+        self._few = None   # made from the old tensors
         self.pack()   # a move or a copy of the weights: int4's aten layout follows (or goes, off the CPU)
         return self
 
     def __getstate__(self):
         # a copy makes its own products: those made here are bound to this layer's tensors
         state = super().__getstate__()
-        for name in ("_few", "_f32", "_bf16_scales"):
-            state.pop(name, None)
+        state.pop("_few", None)
         return state
 
     def _eager_kernel(self):
@@ -101,32 +99,26 @@ class QuantizedLinear(nn.Module):
         bfloat16; None where it does not apply."""
         return None
 
-    def _packed(self, x2: torch.Tensor) -> torch.Tensor | None:
-        """x2 (M, K) through `_packed_product` in bfloat16, or None where it does not apply."""
-        product = self._packed_product()
-        return None if product is None else product(x2.to(torch.bfloat16))
-
     def few_rows(self, rows: int, dtype: torch.dtype):
-        """The product of a decoding step of `rows` rows whose activations are `dtype`, bound to this layer's
-        weights: a callable x2 (rows, K) -> (rows, N) in `dtype` through the kernel that `forward` picks for it,
-        without forward's per-call checks; the module itself where forward's general path applies (more than
-        GEMV_ROWS rows, autograd, a GPU, a compiled graph)."""
-        if rows > GEMV_ROWS or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        """The product of `rows` rows whose activations are `dtype`, bound to this layer's tensors once: a
+        callable x2 (rows, K) -> (rows, N) in `dtype` through our kernel or PyTorch's packed one; the module
+        itself where neither applies (more than GEMV_ROWS rows, autograd, a GPU, no packed layout), which
+        `forward` then computes with `_fallback`. Decoding steps call it directly (lm.decode_product)."""
+        if rows > GEMV_ROWS or torch.is_grad_enabled() or self.weight.device.type != "cpu":
             return self
+        if torch.compiler.is_compiling():   # a compiled step: our kernel as its opaque custom op, nothing kept
+            return self._bind(dtype, kernels.OPS.get(self.kernel_name))
         kernel, weight, made = self._eager_kernel(), self.weight, self._few
         if made is not None and made[0] == dtype and made[1] is kernel and made[2] is weight:
             return made[3]
-        product = self._make_few_rows(dtype, kernel)
+        product = self._bind(dtype, kernel)
         self._few = (dtype, kernel, weight, product)   # a copy of the layer (new weights) makes its own
         return product
 
-    def _make_few_rows(self, dtype: torch.dtype, kernel):
-        if self.weight.device.type != "cpu":
-            return self
+    def _bind(self, dtype: torch.dtype, kernel):
+        """`kernel` (ours, or None: PyTorch's packed one) bound to this layer's tensors for `dtype` activations."""
         if kernel is not None:
-            if self._f32 is None:
-                self._f32 = self._kernel_args()
-            weight, args = self.weight, self._f32
+            weight, args = self.weight, self._kernel_args()
             if dtype == torch.float32:
                 return lambda x2: kernel(x2, weight, *args)
             return lambda x2: kernel(x2.float(), weight, *args).to(dtype)
@@ -143,21 +135,9 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])                                          # (M, K)
-        if x.device.type == "cpu" and x2.shape[0] <= GEMV_ROWS and not torch.is_grad_enabled():
-            if torch.compiler.is_compiling():   # compiled step: the kernel as an opaque custom op
-                kernel, args = kernels.OPS.get(self.kernel_name), self._kernel_args()
-            else:
-                kernel = self._eager_kernel()
-                if kernel is not None and self._f32 is None:
-                    self._f32 = self._kernel_args()
-                args = self._f32
-            if kernel is not None:
-                y = kernel(x2.float(), self.weight, *args)
-                return y.to(x.dtype).view(*shape[:-1], self.out_features)
-            y = self._packed(x2)
-            if y is not None:
-                return y.to(x.dtype).view(*shape[:-1], self.out_features)
-        return self._fallback(x2).view(*shape[:-1], self.out_features)
+        product = self.few_rows(x2.shape[0], x2.dtype) if x.device.type == "cpu" else self
+        y = self._fallback(x2) if product is self else product(x2)
+        return y.view(*shape[:-1], self.out_features)
 
 
 class Int8Linear(QuantizedLinear):
@@ -177,9 +157,7 @@ class Int8Linear(QuantizedLinear):
 
     def _packed_product(self):
         # aten's int8 weight-only kernel is fast with bfloat16 activations (and scales) on every CPU
-        if self._bf16_scales is None:
-            self._bf16_scales = self.scales.to(torch.bfloat16)
-        weight, scales, bias = self.weight, self._bf16_scales, self.bias
+        weight, scales, bias = self.weight, self.scales.to(torch.bfloat16), self.bias
 
         def product(x2: torch.Tensor) -> torch.Tensor:
             y = torch._weight_int8pack_mm(x2.contiguous(), weight, scales)
