@@ -106,6 +106,47 @@ def test_bad_input_is_one_line_and_exit_2(sets, capsys, args, message):
     assert rc == 2 and message in err and err.count("\n") == 1 and err.startswith("musicgen: error: ")
 
 
+class RunsCode:
+    """Unpickling this runs a shell command: what a hostile weights file can hold."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_weights_that_pickle_code_are_refused_and_numpy_numbers_load(sets, capsys):
+    """Weight files are read with weights_only=True: one that pickles a callable is refused before anything
+    runs; training state kept as NumPy numbers (as laion_clap's file keeps it) loads."""
+    import numpy as np
+    import torch
+
+    from musicgen.eval.weights import read_state
+
+    marker = sets / "ran"
+    hostile = sets / "hostile"
+    (hostile / "roberta-base").mkdir(parents=True)
+    for name in ("config.json", "vocab.json", "merges.txt"):
+        (hostile / "roberta-base" / name).write_text("{}")
+    torch.save({"state_dict": {}, "epoch": RunsCode(marker)}, hostile / "music_audioset_epoch_15_esc_90.14.pt")
+    rc = main(["eval", str(sets / "gen"), "--reference", str(sets / "ref"), "--metrics", "clap", "--weights",
+               str(hostile), "--no-cache", "-q"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "refusing to load" in err and "posix.system" in err and err.count("\n") == 1
+    assert not marker.exists()
+
+    state = {"epoch": np.int64(15), "state_dict": {"w": torch.ones(2)},
+             "optimizer": {"state": {0: {"step": np.float64(3)}}, "param_groups": [{"lr": np.float32(1e-4)}]},
+             "metrics": np.array([0.5, 0.9])}
+    torch.save(state, sets / "trained.pt")
+    loaded = read_state(sets / "trained.pt")
+    assert loaded["epoch"] == 15 and torch.equal(loaded["state_dict"]["w"], torch.ones(2))
+    assert loaded["optimizer"]["param_groups"][0]["lr"] == np.float32(1e-4)
+    assert np.array_equal(loaded["metrics"], [0.5, 0.9])
+
+
 def test_generate_then_evaluate_and_resume(tmp_path, ckpt_dir, capsys, monkeypatch):
     """One clip per caption, as long as its reference clip; --limit for a quick run; a second run keeps the clips
     already there and generates the rest."""

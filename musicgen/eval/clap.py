@@ -208,6 +208,7 @@ def load(path, text_folder, device: str = "cpu", fingerprint: str = "") -> ClapE
     text_folder = Path(text_folder)
     from .weights import read_state
 
+    state = read_state(path)   # first: a file that is refused costs no model; laion_clap's NumPy numbers load
     model = CLAP(text=RobertaConfig.from_file(text_folder / "config.json"))
-    load_state(model, read_state(path, weights_only=False))   # laion_clap's files also pickle training state
+    load_state(model, state)
     return ClapEmbedder(model, Tokenizer(text_folder), fingerprint, device)

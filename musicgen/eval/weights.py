@@ -68,15 +68,41 @@ def _download(url: str, path: Path, progress: bool) -> None:
         raise
 
 
-def read_state(path: str | os.PathLike, weights_only: bool = True) -> dict:
-    """torch.load on CPU; a file that is not a PyTorch checkpoint is one ValueError line."""
+def _numpy_globals() -> list:
+    """What a pickled NumPy scalar or array needs: training scripts (laion_clap's among them) store epochs,
+    metrics and learning rates as NumPy numbers beside the weights. Rebuilding them runs no code of the
+    file's choosing; an array of Python objects still needs globals beyond these, which stay refused."""
+    import numpy as np
+
+    core = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+    allowed = [np.ndarray, np.dtype]
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):   # pickles made by NumPy 1 and 2
+        allowed += [(core.scalar, f"{module}.scalar"), (core._reconstruct, f"{module}._reconstruct")]
+    allowed += sorted({type(np.dtype(c)) for c in "?bBhHiIlLqQefdgFDGSUVOMm"}, key=lambda t: t.__name__)
+    return allowed
+
+
+def read_state(path: str | os.PathLike) -> dict:
+    """torch.load on CPU with weights_only=True: tensors, plain containers and NumPy numbers, nothing that can
+    run code. A file that is not a PyTorch checkpoint, or that holds anything else, is one ValueError line."""
     import pickle
 
     import torch
 
     try:
-        state = torch.load(path, map_location="cpu", weights_only=weights_only)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as e:
+        with torch.serialization.safe_globals(_numpy_globals()):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch names the first global it refused ("Unsupported global: GLOBAL x.y", "unsupported GLOBAL x.y")
+        words = str(e).split()
+        found = [words[i + 1] for i, w in enumerate(words[:-1]) if w == "GLOBAL"]
+        if found:
+            raise ValueError(f"refusing to load {path}: it pickles objects other than weights, such as "
+                             f"{found[0]}") from None
+        raise ValueError(f"cannot read {path}: not a PyTorch checkpoint (UnpicklingError)") from None
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror or e}") from None
+    except Exception as e:   # not a zip or pickle at all: torch fails in many ways (RuntimeError, KeyError, ...)
         raise ValueError(f"cannot read {path}: not a PyTorch checkpoint ({type(e).__name__})") from None
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds no state dict")
