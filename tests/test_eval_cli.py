@@ -176,6 +176,32 @@ def test_generate_then_evaluate_and_resume(tmp_path, ckpt_dir, capsys, monkeypat
     assert {m["path"]: m["caption"] for m in manifest}["yt2.wav"] == "epic orchestra"
 
 
+def test_a_resumed_generation_makes_the_clips_of_an_uninterrupted_one(tmp_path, ckpt_dir, monkeypatch):
+    """Batches are formed over every caption: a run that finds some clips already written (a killed run) writes
+    the others exactly as an uninterrupted run would, although their batch is not the one it would form alone."""
+    import musicgen
+    from musicgen.eval import clips, generate
+
+    monkeypatch.setenv("MUSICGEN_NO_KERNELS", "1")
+    for i in range(3):
+        es.write(tmp_path / "ref", f"yt{i}.wav", es.tone(0.5, 32000, 300 + 100 * i, seed=i))
+    captions = {"yt0": "lofi beat", "yt1": "calm guitar", "yt2": "epic orchestra"}
+    reference = clips.list_clips(tmp_path / "ref")
+    model = musicgen.load(ckpt_dir, device="cpu")
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    items, done, _ = generate.plan(captions, reference, whole, None)
+    assert len(items) == 3 and not done
+    generate.run(model, items, whole, batch_size=2, seed=0, progress=False)
+    resumed.mkdir()
+    (resumed / "yt0.wav").write_bytes((whole / "yt0.wav").read_bytes())   # what a run killed after one clip left
+    items, done, _ = generate.plan(captions, reference, resumed, None)
+    assert [key for key, _ in done] == ["yt0"]
+    generate.run(model, items, resumed, batch_size=2, seed=0, progress=False)
+    for name in ("yt1.wav", "yt2.wav"):
+        a, b = sf.read(str(whole / name))[0], sf.read(str(resumed / name))[0]
+        assert a.shape == b.shape and (a == b).all(), name
+
+
 def test_generate_with_a_melody_model_adds_chroma(tmp_path, melody_ckpt_dir, tiny_embedders, capsys, monkeypatch):
     """A melody checkpoint is conditioned on each reference clip and scored with chroma as well."""
     monkeypatch.setenv("MUSICGEN_NO_KERNELS", "1")

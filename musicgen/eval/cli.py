@@ -130,20 +130,20 @@ def _generate(args, progress) -> tuple[Path, dict]:
     captions = clips.read_captions(args.captions)
     reference = clips.list_clips(args.reference)
     args.output.mkdir(parents=True, exist_ok=True)
-    todo, done, missing = generate.plan(captions, reference, args.output, args.limit)
+    items, done, missing = generate.plan(captions, reference, args.output, args.limit)
     if missing:
         print(f"{len(missing)} caption(s) have no reference clip and are not generated (e.g. {missing[0]})",
               file=sys.stderr)
-    if not todo and not done:
+    if not items:
         raise ValueError("no caption has a reference clip with the same name")
     if done:
         print(f"{len(done)} clip(s) already in {args.output}: kept", file=sys.stderr)
     device = args.device
     model = musicgen.load(args.model, device=device, dtype=args.dtype,
                           quantize=args.quantize)
-    if todo:
-        generate.run(model, todo, args.output, args.batch_size, args.seed, progress)
-    keys = [(t[1], t[2]) for t in todo] + done
+    if len(done) < len(items):
+        generate.run(model, items, args.output, args.batch_size, args.seed, progress)
+    keys = [(t[1], t[2]) for t in items]
     manifest = args.output / "generated.jsonl"
     report_mod.atomic_write(manifest, "".join(json.dumps({"path": f"{k}.wav", "caption": c}) + "\n" for k, c in keys))
     return manifest, {"melody": model.cfg.melody is not None,
