@@ -286,6 +286,20 @@ def test_zero_length_short_and_silent_clips_are_listed(tmp_path, embedders):
     assert report.values["fad"]["clips"] == 4 and math.isfinite(report.values["fad"]["value"])
 
 
+def test_a_clip_of_one_sample_is_skipped_by_every_metric(tmp_path, embedders):
+    """One sample at 48 kHz leaves no sample at VGGish's 16 kHz and no chroma frame: the clip is listed as
+    skipped, and every metric is computed over the others."""
+    for which, seed in (("gen", 1), ("ref", 2)):
+        es.make_set(tmp_path / which, 3, 2.0, seed=seed)
+        es.write(tmp_path / which, "tiny.wav", np.full((1, 1), 0.5, np.float32), 48000)
+    report, _ = run(tmp_path / "gen", tmp_path / "ref", ["fad", "kl", "chroma"], embedders)
+    skipped = {(s["key"], s["set"], s["metric"]) for s in report.skipped}
+    assert {("tiny", "generated", m) for m in ("fad", "kl", "chroma")} <= skipped
+    assert ("tiny", "reference", "fad") in skipped
+    assert all(report.values[m]["clips"] == 3 for m in ("fad", "kl", "chroma"))
+    assert all(math.isfinite(report.values[m]["value"]) for m in ("fad", "kl", "chroma"))
+
+
 def test_mismatched_sample_rates_are_converted_per_clip(tmp_path, embedders):
     """A reference at 48 kHz scores as the same clip converted to 32 kHz beforehand would (to resampling
     precision): each clip is converted at its own rate, nothing assumes one rate per set."""

@@ -98,7 +98,11 @@ class Runner:
                     continue
                 if cut is not None:
                     wav = wav[:, : max(1, round(cut * sr))]
-                parts = prepare(convert_audio(wav, sr, embedder.sample_rate))
+                mono = convert_audio(wav, sr, embedder.sample_rate)
+                if mono.numel() == 0:   # a few samples at a high rate can leave none at the embedder's
+                    self.report.skip(clip, which, metric, f"too short: no sample left at {embedder.sample_rate} Hz")
+                    continue
+                parts = prepare(mono)
                 group.append((clip, which, key))
                 inputs += parts
                 counts.append(len(parts))
@@ -274,7 +278,10 @@ def chroma(pairs: list[tuple[Clip, Clip]], report: Report, progress: bool = True
         xg = convert_audio(wg[:, : round(d * sg)], sg, CHROMA_SAMPLE_RATE)
         xr = convert_audio(wr[:, : round(d * sr)], sr, CHROMA_SAMPLE_RATE)
         n = min(xg.shape[-1], xr.shape[-1])
-        s, t = chroma_similarity(xg[:n], xr[:n])
+        s, t = chroma_similarity(xg[:n], xr[:n]) if n else (0.0, 0)
+        if t == 0:
+            report.skip(g, "generated", "chroma", "pair too short for one chroma frame")
+            continue
         total, frames, n_pairs = total + s, frames + t, n_pairs + 1
         report.cell(g.key, "chroma", s / t)
     if frames == 0:
