@@ -222,3 +222,46 @@ def test_train_errors_are_one_line_and_lose_nothing(data, ckpt_dir, other_codec_
     capsys.readouterr()
     err = _one_line_error(capsys, ["train", out, "-o", tmp_path / "r6", "--resume", "--lr", "0.5"])
     assert "was started with --lr at its default" in err
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("--valid-every", "0", "--valid-every must be at least 1"),
+    ("--sample-every", "-1", "--sample-every must be 0 (off) or more"),
+    ("--sample-duration", "0", "--sample-duration must be positive"),
+    ("--lr", "-1e-4", "--lr must be positive"),
+    ("--warmup", "-5", "--warmup must be 0 or more"),
+    ("--weight-decay", "nan", "--weight-decay must be 0 or more"),
+    ("--lora-alpha", "0", "--lora-alpha must be positive"),
+])
+def test_train_options_are_checked_before_anything_starts(data, ckpt_dir, tmp_path, capsys, option, value, message):
+    run = tmp_path / "run"
+    err = _one_line_error(capsys, ["train", data[0], "--model", ckpt_dir, "-o", run, "--steps", "2",
+                                   "--batch-size", "2", f"{option}={value}"])
+    assert message in err and not run.exists()
+
+
+def test_resume_can_drop_fsdp_and_grad_checkpoint_and_quiet(tmp_path):
+    """Options that do not change the weights a run ends with may change on --resume, switches included: a run
+    started with --fsdp (torchrun) can go on in one process with --no-fsdp, and -q holds for one session."""
+    import json
+    from dataclasses import asdict
+
+    from musicgen.cli import build_parser
+    from musicgen.train.cli import train_config
+    from musicgen.train.loop import TrainConfig
+
+    data, run = tmp_path / "data", tmp_path / "run"
+    data.mkdir()
+    run.mkdir()
+    saved = TrainConfig(data=str(data.resolve()), model="m", run=str(run), fsdp=True, grad_checkpoint=True,
+                        progress=False)
+    (run / "config.json").write_text(json.dumps(asdict(saved)))
+
+    def config(*flags):
+        return train_config(build_parser().parse_args(["train", str(data), "-o", str(run), "--resume", *flags]))
+    kept = config()
+    assert kept.fsdp and kept.grad_checkpoint and kept.progress
+    dropped = config("--no-fsdp", "--no-grad-checkpoint", "-q")
+    assert not dropped.fsdp and not dropped.grad_checkpoint and not dropped.progress
+    assert config("--fsdp").fsdp and not TrainConfig(data="d", model="m", run="r").fsdp
+

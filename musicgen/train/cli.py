@@ -9,6 +9,7 @@ Nothing here imports torch, so that `musicgen --help` stays fast; bad options en
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -49,10 +50,11 @@ def add_parsers(sub) -> None:
     t.add_argument("--lora-rank", type=int, help="train rank-R adapters instead of every weight")
     t.add_argument("--lora-alpha", type=float, help="adapter scale alpha/R (default alpha = R)")
     t.add_argument("--ema", type=float, help="keep an EMA of the weights with this decay; final/ takes it")
-    t.add_argument("--grad-checkpoint", action="store_true", default=None,
+    t.add_argument("--grad-checkpoint", action=argparse.BooleanOptionalAction, default=None,
                    help="activation checkpointing: recompute layers in backward, for longer crops or batches")
-    t.add_argument("--fsdp", action="store_true", default=None,
-                   help="shard weights, gradients and optimizer state over ranks (torchrun)")
+    t.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=None,
+                   help="shard weights, gradients and optimizer state over ranks (torchrun; --no-fsdp on "
+                        "--resume continues a sharded run on one process or with DDP)")
     t.add_argument("--cfg-dropout", type=float, help="probability of the null condition (default 0.3)")
     t.add_argument("--word-dropout", type=float, help="probability of dropping each caption word (default 0.3)")
     t.add_argument("--seed", type=int, help="seed of data order, crops, dropouts and adapters (default 0)")
@@ -84,23 +86,30 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .loop import TrainConfig, resume_config, train
+    from .loop import train
 
-    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
-    # absolute paths: RUN/config.json must still name them when the run is resumed from another folder
-    given.update(data=str(args.data.resolve()), run=str(args.output), progress=False if args.quiet else None)
-    if given.get("model") and Path(given["model"]).expanduser().exists():
-        given["model"] = str(Path(given["model"]).expanduser().resolve())
-    if args.sample_prompts is not None:
-        given["sample_prompts"] = tuple(args.sample_prompts)
-    if args.resume:
-        cfg = resume_config(args.output, given)
-    else:
-        given["model"] = given.get("model") or DEFAULT_MODEL
-        cfg = TrainConfig(**{k: v for k, v in given.items() if v is not None})
+    cfg = train_config(args)
     final = train(cfg, resume=args.resume)
     import os
 
     if os.environ.get("RANK", "0") == "0":
         print(final)
     return 0
+
+
+def train_config(args):
+    """The TrainConfig that `musicgen train` ARGS ask for: RUN's saved options on --resume, with those given
+    here where they may change (a flag left out keeps the saved value; -q applies to this session only)."""
+    from .loop import TrainConfig, resume_config
+
+    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    # absolute paths: RUN/config.json must still name them when the run is resumed from another folder
+    given.update(data=str(args.data.resolve()), run=str(args.output), progress=not args.quiet)
+    if given.get("model") and Path(given["model"]).expanduser().exists():
+        given["model"] = str(Path(given["model"]).expanduser().resolve())
+    if args.sample_prompts is not None:
+        given["sample_prompts"] = tuple(args.sample_prompts)
+    if args.resume:
+        return resume_config(args.output, given)
+    given["model"] = given.get("model") or DEFAULT_MODEL
+    return TrainConfig(**{k: v for k, v in given.items() if v is not None})

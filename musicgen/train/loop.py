@@ -242,13 +242,25 @@ class Trainer:
             raise ValueError(f"--ema is a decay in [0, 1), got {cfg.ema:g}")
         if cfg.lora_rank < 0:
             raise ValueError(f"--lora-rank must be positive, got {cfg.lora_rank}")
+        if cfg.sample_every < 0:
+            raise ValueError(f"--sample-every must be 0 (off) or more, got {cfg.sample_every}")
         if cfg.fsdp and (cfg.ema or cfg.sample_every):
             raise ValueError("--fsdp keeps no whole copy of the weights on a rank: --ema and --sample-every need one "
                              "(sample from an export instead)")
         if cfg.sample_every and not cfg.sample_prompts:
             raise ValueError("--sample-every needs --sample-prompt")
-        if cfg.save_every < 1 or cfg.keep < 1:
-            raise ValueError("--save-every and --keep must be at least 1")
+        if cfg.save_every < 1 or cfg.keep < 1 or cfg.valid_every < 1:
+            raise ValueError("--save-every, --keep and --valid-every must be at least 1")
+        if not cfg.sample_duration > 0:
+            raise ValueError(f"--sample-duration must be positive, got {cfg.sample_duration:g}")
+        if cfg.lr is not None and not cfg.lr > 0:
+            raise ValueError(f"--lr must be positive, got {cfg.lr:g}")
+        if cfg.warmup is not None and cfg.warmup < 0:
+            raise ValueError(f"--warmup must be 0 or more, got {cfg.warmup}")
+        if not cfg.weight_decay >= 0:
+            raise ValueError(f"--weight-decay must be 0 or more, got {cfg.weight_decay:g}")
+        if cfg.lora_alpha is not None and not cfg.lora_alpha > 0:
+            raise ValueError(f"--lora-alpha must be positive, got {cfg.lora_alpha:g}")
 
     # -- one step -----------------------------------------------------------------------------------------
     def _logits(self, batch, module) -> tuple[torch.Tensor, torch.Tensor]:
