@@ -13,6 +13,7 @@ from musicgen.audio import convert_channels, load_audio, resample
 from musicgen.cli import main
 from musicgen.train import encode, prepare
 from musicgen.train.dataset import Augment, CodesData, augment_caption
+from musicgen.train.encode import validation_files
 from train_common import one_thread  # noqa: F401  (autouse)
 from train_common import write_clips
 
@@ -48,7 +49,7 @@ def data(songs, ckpt_dir, tmp_path_factory):
 
 def test_codes_are_what_inference_encodes(songs, data, model):
     out, summary = data
-    assert summary["files"] == 4 and summary["valid_files"] == 1
+    assert summary["files"] == 4 and 1 <= summary["valid_files"] <= 3
     d = CodesData(out)
     entries = d.splits["train"] + d.splits["valid"]
     by_source = {}
@@ -85,7 +86,23 @@ def test_bad_files_are_listed_and_skipped(songs, data):
 def test_validation_holds_out_whole_files(data):
     d = CodesData(data[0])
     train, valid = {e["source"] for e in d.splits["train"]}, {e["source"] for e in d.splits["valid"]}
-    assert len(valid) == 1 and not train & valid
+    assert not train & valid and len(train | valid) == 4
+    assert valid == validation_files(sorted(train | valid), 0.25) and data[1]["valid_files"] == len(valid)
+
+
+def test_validation_split_is_stable_as_files_come_and_go():
+    """A file's split depends on its own path only: adding files moves none of the others (picking the first n
+    by hash moved one out of validation for most additions). The share follows the fraction; a set too small
+    for it still holds out one file and keeps one to train on."""
+    names = [f"songs/track{i:04d}.wav" for i in range(4000)]
+    valid = validation_files(names, 0.05)
+    assert 0.04 < len(valid) / len(names) < 0.06
+    for extra in ("songs/new_a.wav", "songs/new_b.flac", "songs/zz.mp3"):
+        grown = validation_files(names + [extra], 0.05)
+        assert grown - {extra} == valid
+    assert validation_files(names[:3000], 0.05) == {n for n in valid if n in set(names[:3000])}
+    assert len(validation_files(names[:2], 0.05)) == 1 and len(validation_files(names[:2], 0.99)) == 1
+    assert validation_files(names[:1], 0.5) == set() and validation_files(names, 0.0) == set()
 
 
 def test_prepare_resumes_where_a_kill_left_it(songs, ckpt_dir, tmp_path, monkeypatch):
@@ -191,8 +208,10 @@ def test_prepare_errors_are_one_line(ckpt_dir, tmp_path, capsys):
     assert "does not exist" in _one_line_error(capsys, ["prepare", tmp_path / "nope", "-o", tmp_path / "d"])
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "x.wav").write_bytes(b"garbage")
-    assert "no usable audio" in _one_line_error(capsys, ["prepare", tmp_path / "bad", "-o", tmp_path / "d2",
-                                                          "--model", ckpt_dir, "-q"])
+    err = _one_line_error(capsys, ["prepare", tmp_path / "bad", "-o", tmp_path / "d2", "--model", ckpt_dir, "-q"])
+    assert "no usable audio" in err and "see " in err
+    report = (tmp_path / "d2" / "report.txt").read_text()   # the report the error points to lists the file
+    assert "skipped 1 files" in report and "x.wav: cannot read" in report
     assert "--valid-fraction" in _one_line_error(capsys, ["prepare", tmp_path / "bad", "-o", tmp_path / "d3",
                                                            "--valid-fraction", "1.5"])
 

@@ -261,6 +261,22 @@ def _settle_meta(out: Path, meta: dict) -> None:
         write_atomic(path, json.dumps(meta, indent=2) + "\n")
 
 
+def validation_files(sources: list[str], fraction: float) -> set[str]:
+    """The files held out for validation: whole files (no song in both splits), each one whose path hashes
+    under `fraction` of the hash range, so that adding or removing files never moves the others. A set too
+    small for any hash to fall under the fraction still holds out one file (the lowest hash), and one always
+    stays to train on."""
+    if not fraction > 0 or len(sources) < 2:
+        return set()
+    by_hash = sorted(sources, key=lambda s: hashlib.sha1(s.encode()).hexdigest())
+    valid = {s for s in sources if int(hashlib.sha1(s.encode()).hexdigest()[:12], 16) < fraction * 16 ** 12}
+    if not valid:
+        valid = {by_hash[0]}
+    if len(valid) == len(sources):
+        valid.discard(by_hash[-1])
+    return valid
+
+
 def write_index(out: Path, sources: list[Source], valid_fraction: float) -> dict:
     """Merge every part's lines into DATA/index.jsonl (the files SRC lists now) and write DATA/report.txt."""
     wanted = {s.key for s in sources}
@@ -271,15 +287,13 @@ def write_index(out: Path, sources: list[Source], valid_fraction: float) -> dict
                 records[line["source"]] = dict(line, part=p.stem)
     used = sorted((r for r in records.values() if not r.get("skipped")), key=lambda r: r["source"])
     skipped = sorted((r for r in records.values() if r.get("skipped")), key=lambda r: r["source"])
+    skipped_lines = [f"skipped {len(skipped)} files:"] + [f"  {r['source']}: {r['skipped']}" for r in skipped]
     if not used:
+        if skipped:
+            write_atomic(out / "report.txt", "no usable audio\n" + "\n".join(skipped_lines) + "\n")
         raise ValueError(f"no usable audio: all {len(skipped)} files were skipped (see {out / 'report.txt'})"
                          if skipped else "no usable audio")
-    # the validation files: a fixed share of files (whole files, so no song is in both splits), picked by a
-    # hash of their path, so that adding files does not move the others
-    valid = set()
-    if valid_fraction > 0 and len(used) > 1:
-        n = min(len(used) - 1, max(1, round(valid_fraction * len(used))))
-        valid = {r["source"] for r in sorted(used, key=lambda r: hashlib.sha1(r["source"].encode()).hexdigest())[:n]}
+    valid = validation_files([r["source"] for r in used], valid_fraction)
     lines, frames = [], {"train": 0, "valid": 0}
     for r in used:
         split = "valid" if r["source"] in valid else "train"
@@ -298,7 +312,7 @@ def write_index(out: Path, sources: list[Source], valid_fraction: float) -> dict
               f"{summary['valid_hours'] * 60:.1f} min held out ({len(valid)} files)"]
     if valid_fraction > 0 and not valid:
         report.append("no validation split: it needs at least 2 usable files")
-    report += [f"skipped {len(skipped)} files:"] + [f"  {k}: {why}" for k, why in summary["skipped"]]
+    report += skipped_lines
     report += [f"{len(uncaptioned)} files have no caption (kept: they train the unconditional, null condition):"]
     report += [f"  {k}" for k in uncaptioned]
     write_atomic(out / "report.txt", "\n".join(report) + "\n")
