@@ -153,16 +153,25 @@ def test_isa_levels_and_the_limit():
         kernels.amx_available("fp8")
 
 
+def test_each_installed_copy_builds_in_its_own_folder(monkeypatch, tmp_path):
+    """Two copies of the package (two environments, a checkout beside an install) sharing one build folder would
+    rebuild the kernels, minutes each time, whenever the other had loaded them."""
+    name = kernels.build_name()
+    assert name == kernels.build_name() and name.startswith("musicgen_kernels_")
+    monkeypatch.setattr(kernels, "HERE", tmp_path)
+    assert kernels.build_name() != name
+
+
 def test_a_killed_build_does_not_hang_the_next_load(tmp_path, monkeypatch):
     """PyTorch marks a build in progress with a `lock` file and waits, with no limit, for it to go; a killed build
     leaves it behind (a CI run hung on one). A copy of the built kernels with such a file loads, and the file goes."""
     import torch.utils.cpp_extension as ext
 
     kernel_or_skip("int8_gemv")
-    built = Path(ext._get_build_directory("musicgen_kernels", verbose=False))
+    built = Path(ext._get_build_directory(kernels.build_name(), verbose=False))
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     monkeypatch.delenv("MUSICGEN_NO_KERNELS", raising=False)
-    copy = Path(ext._get_build_directory("musicgen_kernels", verbose=False))
+    copy = Path(ext._get_build_directory(kernels.build_name(), verbose=False))
     shutil.copytree(built, copy, ignore=shutil.ignore_patterns("lock", "*.flock"), dirs_exist_ok=True)
     (copy / "lock").touch()
     code = "import sys; from musicgen.accel import kernels; sys.exit(kernels.fused_decoder() is None)"

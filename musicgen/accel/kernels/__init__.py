@@ -203,6 +203,16 @@ def _build_lock(build_dir: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def build_name() -> str:
+    """The kernels' build folder under torch's extension folder, one per installed copy of the package (and torch
+    version): two copies sharing one folder (two environments, a checkout beside an install) would rebuild it
+    each time the other had loaded, since torch rebuilds whenever the source paths differ."""
+    import torch
+
+    where = hashlib.sha256(f"{HERE.resolve()}|{torch.__version__}".encode()).hexdigest()[:10]
+    return f"musicgen_kernels_{where}"
+
+
 @functools.lru_cache(maxsize=1)
 def _built():
     if os.environ.get("MUSICGEN_NO_KERNELS", "") not in ("", "0") or not _cpu_has_avx2_fma():
@@ -212,7 +222,8 @@ def _built():
     try:
         import torch.utils.cpp_extension as ext
 
-        build_dir = Path(ext._get_build_directory("musicgen_kernels", verbose=False))
+        name = build_name()
+        build_dir = Path(ext._get_build_directory(name, verbose=False))
         if not any(build_dir.glob("*.so")):
             print("musicgen: building the CPU kernels (once, a few minutes; quantised decoding runs about twice "
                   "as fast with them)", file=sys.stderr, flush=True)
@@ -222,7 +233,7 @@ def _built():
         # loops on 64-byte lines: where a kernel's loop fell moved its speed by up to 10 % (docs/kernels.md)
         flags = ["-O3", "-mavx2", "-mfma", "-mf16c", "-falign-loops=64", "-fopenmp", f"-DMUSICGEN_HEADERS={headers}"]
         with _build_lock(build_dir):
-            module = ext.load("musicgen_kernels", [str(p) for p in sources], extra_cflags=flags,
+            module = ext.load(name, [str(p) for p in sources], extra_cflags=flags,
                               extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # no ninja, compiler error, ...: PyTorch's kernels still work
         print(f"musicgen: CPU kernels unavailable ({type(e).__name__}: {str(e).splitlines()[0][:200]}); decoding "
