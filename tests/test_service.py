@@ -180,6 +180,43 @@ def test_continuation_upload(server, model):
     assert bad.status_code == 422
 
 
+def test_uploads_are_bounded_before_decoding_and_odd_parts_are_422(server, monkeypatch):
+    """A few KB of compressed silence can hold hours: a continuation longer than the requested duration is
+    refused before the codec sees it. A request sent as a file part is read; audio sent as a text field, a 422."""
+    client, service = server
+    encoded = []
+    real_encode = service.model.encode
+    monkeypatch.setattr(service.model, "encode", lambda audio: encoded.append(audio.shape) or real_encode(audio))
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros(20 * 60 * 8000, np.int16), 8000, format="FLAC")     # 20 minutes of silence
+    assert len(buf.getvalue()) < 200_000
+    r = client.post("/v1/generate", data={"request": '{"prompt": "jazz", "duration": 1}'},
+                    files={"continuation": ("long.flac", buf.getvalue(), "audio/flac")})
+    assert r.status_code == 422 and "longer than 1 s" in r.json()["detail"] and not encoded
+    r = client.post("/v1/generate", files={"request": ("job.json", b'{"prompt": "jazz", "duration": 0.2, "top_k": 1}',
+                                                       "application/json")})
+    assert r.status_code == 202, r.text
+    wait(client, r.json()["id"])
+    r = client.post("/v1/generate", files={"request": (None, '{"prompt": "jazz"}'), "continuation": (None, "hello")})
+    assert r.status_code == 422 and "file part" in r.json()["detail"]
+
+
+def test_continuation_with_channels_the_model_cannot_take_is_422(tmp_path, spm_model):
+    """Six channels for a stereo model: a 422 naming the upload, not a 500."""
+    from fastapi import HTTPException
+
+    import musicgen
+    from conftest import build_hf_model, save_checkpoint
+    from musicgen.serve.service import Service
+
+    stereo = musicgen.load(save_checkpoint(build_hf_model(seed=1, stereo=True), tmp_path / "ckpt", spm_model))
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros((3200, 6), np.float32), 32000, format="WAV", subtype="FLOAT")
+    with pytest.raises(HTTPException) as e:
+        Service(stereo, tmp_path / "data")._encode_prompt_audio(buf.getvalue(), 1.0)
+    assert e.value.status_code == 422 and "continuation: cannot turn 6-channel audio into 2" in e.value.detail
+
+
 def test_full_queue_answers_429(model, tmp_path):
     with running_server(model, tmp_path, max_batch=1, max_queue=1) as (url, _):
         with httpx.Client(base_url=url, timeout=60) as client:

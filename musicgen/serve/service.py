@@ -209,29 +209,34 @@ class Service:
                 "max_batch": self.scheduler.max_batch, "max_queue": self.max_queue,
                 "continuation": True, "melody": self.model.supports_melody, "auth": self.api_key is not None}
 
-    async def prefix_from_upload(self, upload) -> torch.Tensor:
-        data = await upload.read(MAX_UPLOAD + 1)
-        if len(data) > MAX_UPLOAD:
-            raise HTTPException(413, f"continuation audio is larger than {MAX_UPLOAD // 2 ** 20} MiB")
-        return await run_in_threadpool(self._encode_prompt_audio, data)
+    async def prefix_from_upload(self, upload, duration: float) -> torch.Tensor:
+        """Continuation audio, which must be shorter than the requested `duration` -> its codes (K, P)."""
+        data = await _upload_bytes(upload, "continuation")
+        return await run_in_threadpool(self._encode_prompt_audio, data, duration)
 
     async def melody_from_upload(self, upload) -> torch.Tensor:
-        data = await upload.read(MAX_UPLOAD + 1)
-        if len(data) > MAX_UPLOAD:
-            raise HTTPException(413, f"melody audio is larger than {MAX_UPLOAD // 2 ** 20} MiB")
+        data = await _upload_bytes(upload, "melody")
         return await run_in_threadpool(self._prepare_melody, data)
 
     def _prepare_melody(self, data: bytes) -> torch.Tensor:
-        """An uploaded reference tune -> mono 32 kHz samples (drums and bass removed when Demucs is installed)."""
-        wav, sr = _read_upload(data, "melody")
+        """An uploaded reference tune -> mono 32 kHz samples (drums and bass removed when Demucs is installed).
+        The LM sees the chroma of its first `chroma_length` frames (30 s): twice that is read, which leaves the
+        source separation its context, and a longer tune is cut there rather than decoded whole."""
+        from ..chroma import CHROMA_SAMPLE_RATE
+
+        mc = self.model.cfg.melody
+        wav, sr = _read_upload(data, "melody", 2 * mc.chroma_length * mc.hop_length / CHROMA_SAMPLE_RATE, cut=True)
         try:
             return self.model._melodies(torch.from_numpy(np.ascontiguousarray(wav.T)), sr, 1, demucs=True)[0]
         except ValueError as e:
             raise HTTPException(422, f"melody: {e}") from None
 
-    def _encode_prompt_audio(self, data: bytes) -> torch.Tensor:
-        wav, sr = _read_upload(data, "continuation")
-        audio = convert_channels(torch.from_numpy(np.ascontiguousarray(wav.T)), self.model.audio_channels)
+    def _encode_prompt_audio(self, data: bytes, duration: float) -> torch.Tensor:
+        wav, sr = _read_upload(data, "continuation", duration)
+        try:
+            audio = convert_channels(torch.from_numpy(np.ascontiguousarray(wav.T)), self.model.audio_channels)
+        except ValueError as e:
+            raise HTTPException(422, f"continuation: {e}") from None
         audio = resample(audio, sr, self.model.sample_rate)
         return self.model.encode(audio[None])[0].cpu()                                   # (K, P)
 
@@ -246,13 +251,33 @@ def _parse_request(raw: str | bytes) -> GenerateRequest:
     return GenerateRequest.model_validate(obj)
 
 
-def _read_upload(data: bytes, what: str):
+async def _upload_bytes(part, what: str) -> bytes:
+    """A multipart file part's bytes, at most MAX_UPLOAD of them."""
+    if isinstance(part, str):
+        raise HTTPException(422, f"{what}: send the audio as a file part (curl -F '{what}=@song.wav'), not as text")
+    data = await part.read(MAX_UPLOAD + 1)
+    if len(data) > MAX_UPLOAD:
+        raise HTTPException(413, f"{what} audio is larger than {MAX_UPLOAD // 2 ** 20} MiB")
+    return data
+
+
+def _read_upload(data: bytes, what: str, max_seconds: float, cut: bool = False):
+    """Decode uploaded audio -> (float32 (samples, channels), rate), reading no more than `max_seconds` of it:
+    a few KB of compressed silence can hold hours, so the length is bounded before decoding, not after. Longer
+    audio is cut there (`cut`) or refused."""
     import soundfile as sf
 
     try:
-        wav, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        with sf.SoundFile(io.BytesIO(data)) as f:
+            sr = f.samplerate
+            limit = int(max_seconds * sr) + 1
+            wav = f.read(limit, dtype="float32", always_2d=True)
     except Exception:
         raise HTTPException(422, f"{what}: not an audio file this server can read") from None
+    if wav.shape[0] >= limit:
+        if not cut:
+            raise HTTPException(422, f"{what} audio is longer than {max_seconds:g} s (the requested duration)")
+        wav = wav[:limit - 1]
     if wav.shape[0] == 0:
         raise HTTPException(422, f"{what}: the audio file is empty")
     if not np.isfinite(wav).all():
@@ -313,9 +338,12 @@ def create_app(service: Service) -> FastAPI:
                 form = await request.form()
                 if "melody" in form and not service.model.supports_melody:
                     raise HTTPException(422, "melody conditioning needs a melody checkpoint; this one has none")
-                body = _parse_request(form.get("request") or "{}")
+                raw = form.get("request") or "{}"
+                if not isinstance(raw, str):   # sent as a file part (curl -F request=@job.json)
+                    raw = await raw.read(MAX_UPLOAD + 1)
+                body = _parse_request(raw)
                 if form.get("continuation") is not None:
-                    prefix = await service.prefix_from_upload(form["continuation"])
+                    prefix = await service.prefix_from_upload(form["continuation"], body.duration)
                 if form.get("melody") is not None:
                     melody = await service.melody_from_upload(form["melody"])
             else:
