@@ -132,7 +132,18 @@ def _read_prompts(args) -> list[str] | None:
 
 
 def _output_paths(args, count: int) -> list[Path]:
+    """The files to write (none for -o -, standard output), checked before anything is generated."""
     out: Path = args.output
+    if str(out) == "-":
+        if not args.stream:
+            raise UsageError("-o - writes to standard output, which needs --stream")
+        if (args.format or "wav") != "wav":
+            raise UsageError("--stream writes WAV only")
+        if count > 1:
+            raise UsageError("--stream to stdout takes one prompt")
+        return []
+    if out.is_dir():
+        raise UsageError(f"output {out} is a folder")
     fmt = (args.format or out.suffix.lstrip(".") or "wav").lower()
     if fmt not in FORMATS:
         raise UsageError(f"unknown output format {fmt!r} (from {out}): choose one of {', '.join(FORMATS)}")
@@ -163,6 +174,8 @@ def _validate_sampling(args) -> None:
         raise UsageError(f"--temperature must be >= 0, got {args.temperature:g}")
     if args.guidance_scale < 0:
         raise UsageError(f"--guidance-scale must be >= 0, got {args.guidance_scale:g}")
+    if args.seed is not None and not 0 <= args.seed < 2 ** 63:
+        raise UsageError(f"--seed must be in 0 .. 2**63 - 1, got {args.seed}")
 
 
 def cmd_generate(args) -> int:
@@ -174,11 +187,8 @@ def cmd_generate(args) -> int:
         raise UsageError(f"--batch-size {args.batch_size} does not match the {len(prompts)} prompt(s)")
     rows = len(prompts) if prompts is not None else (args.batch_size or 1)
     paths = _output_paths(args, rows)
-    if args.stream:   # checked before the model loads
-        if any(p.suffix.lower() != ".wav" for p in paths) and str(args.output) != "-":
-            raise UsageError("--stream writes WAV only; use a .wav output (or -o - for stdout)")
-        if str(args.output) == "-" and rows > 1:
-            raise UsageError("--stream to stdout takes one prompt")
+    if args.stream and any(p.suffix.lower() != ".wav" for p in paths):   # checked before the model loads
+        raise UsageError("--stream writes WAV only; use a .wav output (or -o - for stdout)")
     from .inputs import resolve_device
 
     device = resolve_device(args.device)
@@ -213,35 +223,42 @@ def cmd_convert(args) -> int:
 
 
 def _generate_streaming(model, prompts, paths, args, rows: int, extra: dict) -> int:
+    """Write WAV while it is generated. The outputs are opened only once the first chunk exists, so that a
+    request the model refuses (too long, a melody for a text model, ...) leaves existing files as they were;
+    an interrupted stream leaves a valid WAV of what was written."""
+    import itertools
+
     from .audio import pcm16, wav_header
 
-    to_stdout = str(args.output) == "-"
-    outs = [sys.stdout.buffer] if to_stdout else [open(p, "wb") for p in paths]
-    header = wav_header(model.sample_rate, model.audio_channels)
-    for f in outs:
-        f.write(header)
-    written = 0
     chunks = model.stream(prompts, duration=args.duration, chunk_seconds=1.0, top_k=args.top_k, top_p=args.top_p,
                           temperature=args.temperature, guidance_scale=args.guidance_scale, seed=args.seed,
                           batch_size=rows, **extra)
-    for chunk in chunks:                                  # (B, channels, samples)
-        for f, wav in zip(outs, chunk):
-            f.write(pcm16(wav))
-            f.flush()
-        written += chunk.shape[-1]
+    first = next(chunks, None)                            # (B, channels, samples): the checks have run
+    outs = [open(p, "wb") for p in paths] if paths else [sys.stdout.buffer]
+    header = wav_header(model.sample_rate, model.audio_channels)
+    written = 0
+    try:
+        for f in outs:
+            f.write(header)
+        for chunk in itertools.chain([] if first is None else [first], chunks):
+            for f, wav in zip(outs, chunk):
+                f.write(pcm16(wav))
+                f.flush()
+            written += chunk.shape[-1]
+            if not args.quiet:
+                print(f"\rstreamed {written / model.sample_rate:.1f} s", end="", file=sys.stderr, flush=True)
         if not args.quiet:
-            print(f"\rstreamed {written / model.sample_rate:.1f} s", end="", file=sys.stderr, flush=True)
-    if not args.quiet:
-        print(file=sys.stderr)
-    if not to_stdout:
-        for f, path in zip(outs, paths):                  # now the length is known: fix the header's sizes
+            print(file=sys.stderr)
+    finally:
+        for f in outs if paths else []:                  # now the length is known: fix the header's sizes
             data = written * model.audio_channels * 2
             f.seek(4)
             f.write((36 + data).to_bytes(4, "little"))
             f.seek(40)
             f.write(data.to_bytes(4, "little"))
             f.close()
-            print(path)
+    for path in paths:
+        print(path)
     return 0
 
 

@@ -72,6 +72,11 @@ def test_refuses_to_overwrite_without_force(ckpt_dir, tmp_path, capsys):
     (["generate", "x", "--model", "no/such/thing"], "unknown model"),
     (["generate", "x", "--model", "/tmp/definitely-not-here"], "unknown model"),
     (["frobnicate"], "invalid choice"),
+    (["generate", "x", "-o", "-"], "needs --stream"),
+    (["generate", "x", "--stream", "-o", "-", "--format", "flac"], "--stream writes WAV only"),
+    (["generate", "x", "--seed", "99999999999999999999999"], "--seed must be in"),
+    (["generate", "x", "--seed", "-1"], "--seed must be in"),
+    (["generate", "x", "-o", "."], "output . is a folder"),
 ])
 def test_errors_are_one_line_without_traceback(args, message, tmp_path):
     r = run(*args, cwd=tmp_path)
@@ -180,3 +185,40 @@ def test_stream_works_without_the_service_extra(ckpt_dir, tmp_path, monkeypatch)
     audio, sr = sf.read(out)
     assert sr == 32000 and len(audio) == 16000
     assert not any(n.startswith("musicgen.serve") for n in sys.modules)
+
+
+def test_a_refused_stream_leaves_the_output_alone(ckpt_dir, tmp_path, capsys):
+    """--stream opens its outputs only once the model has accepted the request: a refusal (here a continuation
+    longer than --duration) keeps an existing file, even with --force, and creates none."""
+    import numpy as np
+
+    keep = tmp_path / "keep.wav"
+    keep.write_bytes(b"keep me")
+    long = tmp_path / "long.wav"
+    sf.write(long, np.zeros(2 * 32000, np.float32), 32000)
+    base = ["generate", "lofi", "--model", str(ckpt_dir), "-d", "1", "-q", "--continue", str(long), "--stream"]
+    assert main(base + ["-o", str(keep), "-f"]) == 2
+    assert "longer than" in capsys.readouterr().err and keep.read_bytes() == b"keep me"
+    assert main(base + ["-o", str(tmp_path / "new.wav")]) == 2 and not (tmp_path / "new.wav").exists()
+
+
+def test_an_interrupted_stream_leaves_a_valid_wav(ckpt_dir, tmp_path, monkeypatch, capsys):
+    """Ctrl-C in the middle of --stream: exit 130, and the file is a WAV of what was streamed (its header
+    sizes fixed), not one whose header claims more than it holds."""
+    import musicgen.model
+
+    real = musicgen.model.MusicGen.stream
+
+    def interrupted(self, *a, **kw):
+        chunks = real(self, *a, **kw)
+        yield next(chunks)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(musicgen.model.MusicGen, "stream", interrupted)
+    out = tmp_path / "s.wav"
+    assert main(["generate", "lofi", "-d", "3", "--stream", "--model", str(ckpt_dir), "-o", str(out), "-q"]) == 130
+    audio, sr = sf.read(out)
+    assert sr == 32000 and 0 < len(audio) < 3 * 32000
+    data = out.read_bytes()
+    assert len(data) == 44 + 2 * len(audio)
+    assert int.from_bytes(data[4:8], "little") == len(data) - 8 and int.from_bytes(data[40:44], "little") == len(data) - 44
+
