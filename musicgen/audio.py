@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .files import as_created
+
 FORMATS = {"wav": ("WAV", "PCM_16"), "flac": ("FLAC", "PCM_16"), "ogg": ("OGG", "VORBIS"),
            "mp3": ("MP3", "MPEG_LAYER_III")}
 STRATEGIES = ("loudness", "peak", "clip", "none")
@@ -203,6 +205,7 @@ def save_audio(path: str | os.PathLike, audio, sample_rate: int, strategy: str =
     os.close(fd)
     try:
         sf.write(tmp, data.T.astype(np.float32), sample_rate, format=major, subtype=subtype)
+        as_created(tmp)                                   # mkstemp's file is private (0600)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -15,6 +15,7 @@ import torch
 from . import audiocraft_format as acf
 from . import checkpoint as ckpt
 from .audiocraft_xp import codec_xp
+from .files import as_created
 
 TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -73,6 +74,7 @@ def save_audiocraft(model, dst: Path, text_folder: Path) -> None:
     t5.mkdir(exist_ok=True)
     text = {k.removeprefix("text_encoder."): v for k, v in state.items() if k.startswith("text_encoder.")}
     save_file(text, str(t5 / "model.safetensors"), metadata={"format": "pt"})
+    as_created(t5 / "model.safetensors")                  # safetensors writes it private (0600)
     (t5 / "config.json").write_text(json.dumps(_t5_config(model), indent=2))
     _copy_tokenizer(text_folder, t5)
 
@@ -127,6 +129,7 @@ def save_hf(model, dst: Path, text_folder: Path) -> None:
         else:
             out[name] = t   # text_encoder.* keeps its name
     save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    as_created(dst / "model.safetensors")                 # safetensors writes it private (0600)
     cfg = model.cfg
     c = cfg.codec
     bandwidth = c.num_codebooks * c.frame_rate * math.ceil(math.log2(c.codebook_size)) / 1000

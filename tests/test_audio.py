@@ -137,3 +137,21 @@ def test_load_errors(tmp_path):
         load_audio(tmp_path / "bad.wav")
     with pytest.raises(ValueError, match="does not exist"):
         load_audio(tmp_path / "missing.wav")
+
+
+def test_written_files_get_the_mode_open_gives(tmp_path):
+    """Audio and evaluation reports are written through a private temporary file (mkstemp: 0600) and renamed;
+    the result has the mode a file created with open() would have: 0666 less the umask."""
+    import os
+
+    from musicgen.eval.report import atomic_write
+
+    mask = os.umask(0o027)
+    try:
+        save_audio(tmp_path / "a.wav", torch.zeros(1, 3200), 32000, strategy="none")
+        atomic_write(tmp_path / "r.json", "{}")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "a.wav").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o640
+

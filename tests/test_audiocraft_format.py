@@ -389,7 +389,14 @@ def test_settings_that_contradict_the_weights_are_named(tmp_path, hf_model, ckpt
 
 
 def test_convert_both_ways(tmp_path, hf_model, ckpt_dir, hf_tokenizer, model):
-    assert main(["convert", str(ckpt_dir), str(tmp_path / "ac")]) == 0
+    mask = os.umask(0o027)
+    try:
+        assert main(["convert", str(ckpt_dir), str(tmp_path / "ac")]) == 0
+    finally:
+        os.umask(mask)
+    # the weights with the mode open() gives under the umask, although safetensors writes its files 0600
+    weights = [p for p in (tmp_path / "ac").rglob("*") if p.suffix in (".safetensors", ".bin")]
+    assert len(weights) == 3 and all(p.stat().st_mode & 0o777 == 0o640 for p in weights)
     ac = musicgen.load(tmp_path / "ac")
     assert_logits_equal(ac, hf_model, hf_tokenizer)
     assert main(["convert", str(tmp_path / "ac"), str(tmp_path / "hf")]) == 0

@@ -90,6 +90,8 @@ def save_stats(path, stats: dict[str, Gaussian], settings: dict) -> None:
     import tempfile
     from pathlib import Path
 
+    from ..files import as_created
+
     path = Path(path)
     arrays = {"settings": np.array(json.dumps(settings, sort_keys=True))}
     for name, g in stats.items():
@@ -98,6 +100,7 @@ def save_stats(path, stats: dict[str, Gaussian], settings: dict) -> None:
     os.close(fd)
     try:
         np.savez(tmp, **arrays)
+        as_created(tmp)                                   # mkstemp's file is private (0600)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -11,6 +11,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from ..files import as_created
 from .metrics import Report
 
 LABELS = {"fad": "FAD (VGGish)", "fad-clap": "FAD (CLAP)", "kl": "KL (PaSST)", "clap": "CLAP score",
@@ -38,6 +39,7 @@ def atomic_write(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        as_created(tmp)                                   # mkstemp's file is private (0600)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
