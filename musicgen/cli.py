@@ -270,6 +270,7 @@ def cmd_serve(args) -> int:
     try:
         import uvicorn
 
+        from .serve.jobs import JobStore
         from .serve.service import Service, create_app
     except ImportError as e:
         raise UsageError(f"the service needs its extra: pip install 'musicgen[serve]' ({e.name} is missing)") from None
@@ -277,11 +278,39 @@ def cmd_serve(args) -> int:
     from .inputs import resolve_device
 
     device = resolve_device(args.device)
-    model = musicgen.load(args.model, device=device, dtype=args.dtype, quantize=args.quantize)
-    service = Service(model, args.data_dir, model_name=str(args.model), max_batch=args.max_batch,
-                      max_queue=args.max_queue, api_key=args.api_key or os.environ.get("MUSICGEN_API_KEY"))
-    uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="info")
+    # what can fail without the model is tried before it loads: the address, then the job database
+    sock = _listen(args.host, args.port)
+    try:
+        store = JobStore(args.data_dir)
+        model = musicgen.load(args.model, device=device, dtype=args.dtype, quantize=args.quantize)
+        service = Service(model, args.data_dir, model_name=str(args.model), max_batch=args.max_batch,
+                          max_queue=args.max_queue, api_key=args.api_key or os.environ.get("MUSICGEN_API_KEY"),
+                          store=store)
+        server = uvicorn.Server(uvicorn.Config(create_app(service), host=args.host, port=args.port,
+                                               log_level="info"))
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
     return 0
+
+
+def _listen(host: str, port: int):
+    """A socket bound to host:port and listening, as uvicorn would make it (SO_REUSEADDR), or one UsageError."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as e:
+        raise UsageError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        raise UsageError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
 
 
 def cmd_eval(args) -> int:

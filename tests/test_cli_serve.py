@@ -87,3 +87,24 @@ def test_serve_errors_are_one_line(args, message):
     r = musicgen("serve", *args)
     assert r.returncode == 2
     assert message in r.stderr.decode() and len(r.stderr.decode().strip().splitlines()) == 1
+
+
+def test_serve_checks_its_address_and_database_before_the_model(tmp_path):
+    """A corrupt job database and a port in use are one line each (exit 2), found before the model loads: the
+    model named here does not exist, and that is not what is reported."""
+    import socket
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "jobs.sqlite3").write_text("not a database " * 20)
+    r = musicgen("serve", "--model", "/tmp/definitely-not-here", "--data-dir", str(bad), "--port", str(free_port()))
+    err = r.stderr.decode().strip()
+    assert r.returncode == 2 and len(err.splitlines()) == 1 and "is not a musicgen job database" in err, err
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        r = musicgen("serve", "--model", "/tmp/definitely-not-here", "--data-dir", str(tmp_path / "d"),
+                     "--port", str(busy.getsockname()[1]))
+    err = r.stderr.decode().strip()
+    assert r.returncode == 2 and len(err.splitlines()) == 1 and "cannot listen on 127.0.0.1:" in err, err
+

@@ -39,9 +39,15 @@ class JobStore:
         self.root = Path(data_dir)
         for sub in ("audio", "codes"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.root / "jobs.sqlite3", check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(SCHEMA)
+        path = self.root / "jobs.sqlite3"
+        try:
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(SCHEMA)
+            self._db.execute("SELECT id, status, progress, request, error, created, updated FROM jobs LIMIT 1")
+        except sqlite3.DatabaseError as e:
+            raise ValueError(f"{path} is not a musicgen job database ({e}): move it away or use another "
+                             f"--data-dir") from None
         self._lock = threading.Lock()
 
     def add(self, job_id: str, request: dict) -> None:

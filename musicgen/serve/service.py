@@ -70,9 +70,9 @@ class Service:
     """The model, the scheduler thread, the job store and the live requests, shared by all routes."""
 
     def __init__(self, model, data_dir: str | Path, model_name: str = "", max_batch: int = 8, max_queue: int = 32,
-                 api_key: str | None = None):
+                 api_key: str | None = None, store: JobStore | None = None):
         self.model, self.model_name = model, model_name
-        self.store = JobStore(data_dir)
+        self.store = store if store is not None else JobStore(data_dir)
         self.scheduler = Scheduler(model, max_batch=max_batch)
         self.max_queue, self.api_key = max_queue, api_key or None
         self.live: dict[str, Request] = {}
