@@ -14,6 +14,7 @@ ends the program with one line on stderr and exit status 2; nothing is overwritt
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import sys
@@ -271,7 +272,7 @@ def cmd_serve(args) -> int:
         import uvicorn
 
         from .serve.jobs import JobStore
-        from .serve.service import Service, create_app
+        from .serve.service import RedactTokens, Service, create_app
     except ImportError as e:
         raise UsageError(f"the service needs its extra: pip install 'musicgen[serve]' ({e.name} is missing)") from None
     import musicgen
@@ -288,6 +289,7 @@ def cmd_serve(args) -> int:
                           store=store)
         server = uvicorn.Server(uvicorn.Config(create_app(service), host=args.host, port=args.port,
                                                log_level="info"))
+        logging.getLogger("uvicorn.access").addFilter(RedactTokens())   # after Config has set up logging
         server.run(sockets=[sock])
     finally:
         sock.close()

@@ -110,6 +110,30 @@ def test_client_leaving_a_stream_cancels_the_job(server):
     assert j["status"] == "cancelled" and j["progress"] < 1.0
 
 
+def test_a_stream_may_leave_the_job_running(server):
+    """?cancel_on_leave=false (what the web page asks for): the listener leaving does not stop the job."""
+    client, _ = server
+    job = client.post("/v1/generate", json=dict(prompt="rock", duration=9.0, **FAST)).json()["id"]
+    with client.stream("GET", f"/v1/jobs/{job}/stream?cancel_on_leave=false") as r:
+        for piece in r.iter_bytes():
+            if piece:
+                break
+    assert wait(client, job, timeout=60)["status"] == "done"
+
+
+def test_access_log_lines_hide_the_api_key():
+    import logging
+
+    from musicgen.serve.service import RedactTokens
+
+    record = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
+                               ("127.0.0.1:5", "GET", "/v1/jobs/ab/stream?cancel_on_leave=false&access_token=s3cret",
+                                "1.1", 200), None)
+    assert RedactTokens().filter(record)
+    line = record.getMessage()
+    assert "s3cret" not in line and "access_token=***" in line and "cancel_on_leave=false" in line
+
+
 def test_delete_cancels(server):
     client, _ = server
     job = client.post("/v1/generate", json=dict(prompt="rock", duration=9.0, **FAST)).json()["id"]

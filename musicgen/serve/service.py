@@ -4,14 +4,16 @@
     GET    /v1/jobs                recent jobs, newest first (the page's history)
     GET    /v1/jobs/{id}           state, progress, request, error (?wait=S: long poll until finished)
     GET    /v1/jobs/{id}/audio     the result file (wav / flac / ogg / mp3), loudness-normalised
-    GET    /v1/jobs/{id}/stream    16-bit WAV sent while it is generated (chunked; the client leaving cancels)
+    GET    /v1/jobs/{id}/stream    16-bit WAV sent while it is generated (chunked; the client leaving cancels,
+                                   unless ?cancel_on_leave=false)
     DELETE /v1/jobs/{id}           cancel
     GET    /v1/model, /health, /docs, /openapi.json, and the web page at /
 
 All generation goes through one `Scheduler` (continuous batching over the decoding engine) on one thread. Job state lives in
 SQLite and results in files named by job id (`JobStore`), so a restart keeps finished results and queues
 unfinished jobs again with their recorded seed. With an API key (`--api-key` or MUSICGEN_API_KEY) every /v1
-route wants `Authorization: Bearer <key>` (or `?access_token=<key>`, for <audio src=...>).
+route wants `Authorization: Bearer <key>` (or `?access_token=<key>`, for <audio src=...>; `musicgen serve`
+keeps the token out of its access log).
 """
 from __future__ import annotations
 
@@ -20,7 +22,9 @@ import contextlib
 import hmac
 import io
 import json
+import logging
 import queue
+import re
 import secrets
 import threading
 import uuid
@@ -285,6 +289,18 @@ def _read_upload(data: bytes, what: str, max_seconds: float, cut: bool = False):
     return wav, sr
 
 
+class RedactTokens(logging.Filter):
+    """Hide `access_token=` values in uvicorn's access log lines (the page's <audio> URLs carry the key)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(_TOKEN.sub(r"\1***", a) if isinstance(a, str) else a for a in record.args)
+        return True
+
+
+_TOKEN = re.compile(r"(access_token=)[^&\s]*")
+
+
 def create_app(service: Service) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -384,20 +400,22 @@ def create_app(service: Service) -> FastAPI:
                             filename=f"musicgen-{id[:8]}.{fmt}")
 
     @app.get("/v1/jobs/{id}/stream", dependencies=[Depends(auth)])
-    def stream(id: str = Depends(job_id)):
+    def stream(id: str = Depends(job_id), cancel_on_leave: bool = Query(True, description=
+               "cancel the job when the client leaves before the end (the web page keeps it: false)")):
         rec = service.job(id)
         live = service.live.get(id)
         if live is None and rec["status"] != "done":
             raise HTTPException(409, f"job {id} is {rec['status']}")
         codes = None if live is not None else torch.from_numpy(np.load(service.store.path(id, "codes", "npy")))
-        return StreamingResponse(_wav_stream(service, live, codes), media_type="audio/wav",
+        return StreamingResponse(_wav_stream(service, live, codes, cancel_on_leave), media_type="audio/wav",
                                  headers={"Cache-Control": "no-store"})
 
     return app
 
 
-async def _wav_stream(service: Service, live: Request | None, codes: torch.Tensor | None):
-    """A WAV header of unknown length, then 16-bit PCM as frames complete; leaving early cancels the job."""
+async def _wav_stream(service: Service, live: Request | None, codes: torch.Tensor | None, cancel_on_leave: bool):
+    """A WAV header of unknown length, then 16-bit PCM as frames complete; leaving early cancels the job
+    unless `cancel_on_leave` is False."""
     model = service.model
     yield wav_header(model.sample_rate, model.audio_channels)
     decoder = MultiChannelDecoder(model.codec, model.audio_channels)
@@ -427,5 +445,5 @@ async def _wav_stream(service: Service, live: Request | None, codes: torch.Tenso
             else:
                 await asyncio.sleep(0.05)
     finally:
-        if not finished and live is not None and not live.done.is_set():
+        if cancel_on_leave and not finished and live is not None and not live.done.is_set():
             service.scheduler.cancel(live)                           # the listener left: stop the work
