@@ -177,6 +177,12 @@ def _validate_sampling(args) -> None:
         raise UsageError(f"--guidance-scale must be >= 0, got {args.guidance_scale:g}")
     if args.seed is not None and not 0 <= args.seed < 2 ** 63:
         raise UsageError(f"--seed must be in 0 .. 2**63 - 1, got {args.seed}")
+    from .config import MAX_DURATION   # torch-free, as everything before the model loads
+
+    if args.duration > MAX_DURATION and not 0 < args.extend_stride < MAX_DURATION:
+        raise UsageError(f"--extend-stride must be in (0, {MAX_DURATION:g}) seconds, got {args.extend_stride:g}")
+    if args.stream and args.duration > MAX_DURATION:
+        raise UsageError(f"--stream covers one {MAX_DURATION:g} s window: ask for at most {MAX_DURATION:g} s")
 
 
 def cmd_generate(args) -> int:

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 import math
 
+MAX_DURATION = 30.0   # seconds: the context MusicGen was trained on; longer runs slide a window over it
+
 
 # EnCodec's convolutions pad the signal's ends in one of these modes; each looks only at samples near the end it
 # pads, which the windowed fast codec and the streaming decoder rely on (circular padding would not)

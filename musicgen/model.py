@@ -23,7 +23,7 @@ from . import conditions
 from . import lm as lm_mod
 from .audio import convert_channels, resample
 from .codec import EnCodec
-from .config import MusicGenConfig
+from .config import MAX_DURATION, MusicGenConfig
 from .delay import build_pattern
 from .engine import Engine, Reference, Request
 from .inputs import check_batch, per_row, rate, rows_of
@@ -34,7 +34,6 @@ from .sampling import SamplingParams
 from .t5 import T5Encoder
 from .tokenizer import TextTokenizer
 
-MAX_DURATION = 30.0   # seconds: the context MusicGen was trained on; longer runs slide a window over it
 EXTEND_STRIDE = 18.0  # seconds the window advances in long-form generation (audiocraft's extend_stride)
 
 

@@ -77,6 +77,8 @@ def test_refuses_to_overwrite_without_force(ckpt_dir, tmp_path, capsys):
     (["generate", "x", "--seed", "99999999999999999999999"], "--seed must be in"),
     (["generate", "x", "--seed", "-1"], "--seed must be in"),
     (["generate", "x", "-o", "."], "output . is a folder"),
+    (["generate", "x", "-d", "40", "--extend-stride", "35"], "--extend-stride must be in (0, 30)"),
+    (["generate", "x", "-d", "40", "--stream"], "--stream covers one 30 s window"),
 ])
 def test_errors_are_one_line_without_traceback(args, message, tmp_path):
     r = run(*args, cwd=tmp_path)
