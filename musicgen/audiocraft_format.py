@@ -206,5 +206,10 @@ def read(folder: Path):
     text = {("text_encoder." + k): v for k, v in ckpt.read_weights(t5).items()}
     text = ckpt.map_hf_state(text)
     xp, codec_xp = xpcfg.xp_config(lm_pkg, folder / LM_FILE), xpcfg.xp_config(codec_pkg, folder / CODEC_FILE)
-    cfg = config_from(lm, codec, xp, codec_xp, text_cfg, folder.name, str(folder / CODEC_FILE))
+    try:
+        cfg = config_from(lm, codec, xp, codec_xp, text_cfg, folder.name, str(folder / CODEC_FILE))
+    except CheckpointError:
+        raise
+    except (ValueError, TypeError, ZeroDivisionError) as e:   # xp.cfg values of the wrong kind
+        raise CheckpointError(f"{folder / LM_FILE}: {e}") from None
     return cfg, {**lm, **codec, **text}, t5

@@ -112,12 +112,14 @@ def read_config(folder: Path) -> tuple[MusicGenConfig, dict]:
         raw = json.loads(f.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{f} is not valid JSON: {e}") from e
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{f} is not a MusicGen config (a JSON object)")
     model_type = raw.get("model_type")
     if model_type not in (None, "musicgen", "musicgen_melody"):
         raise CheckpointError(f"{folder} holds a {model_type!r} model, not a MusicGen checkpoint")
     try:
         return MusicGenConfig.from_hf(raw, name=folder.name), raw
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, IndexError, ZeroDivisionError) as e:   # values of the wrong kind
         raise CheckpointError(f"{f}: {e}") from e
 
 

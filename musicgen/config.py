@@ -61,6 +61,13 @@ class CodecConfig:
         ratios = tuple(d.get("upsampling_ratios", (8, 5, 4, 2)))
         codebook_size = d.get("codebook_size", 1024)
         bandwidths = d.get("target_bandwidths", (1.5, 3.0, 6.0, 12.0, 24.0))
+        for name, value in (("sampling_rate", sr), ("codebook_size", codebook_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"audio_encoder {name} must be a positive integer, got {value!r}")
+        if not bandwidths or not all(isinstance(b, (int, float)) and b > 0 for b in bandwidths):
+            raise ValueError(f"audio_encoder target_bandwidths must be positive numbers, got {bandwidths!r}")
+        if not ratios or not all(isinstance(r, int) and r > 0 for r in ratios):
+            raise ValueError(f"audio_encoder upsampling_ratios must be positive integers, got {ratios!r}")
         frame_rate = math.ceil(sr / math.prod(ratios))
         nbits = math.ceil(math.log2(codebook_size))
         # transformers' EnCodec encodes at target_bandwidths[0]; MusicGen's codec has exactly one bandwidth
@@ -203,6 +210,8 @@ class MusicGenConfig:
         for part in ("text_encoder", "audio_encoder", "decoder"):
             if part not in d:
                 raise ValueError(f"config.json has no '{part}' section: not a MusicGen checkpoint")
+            if not isinstance(d[part], dict):
+                raise ValueError(f"config.json's '{part}' is not a mapping")
         lm = LMConfig.from_hf(d["decoder"])
         melody = None
         if d.get("model_type") == "musicgen_melody":
@@ -214,6 +223,21 @@ class MusicGenConfig:
         return cfg
 
     def validate(self) -> None:
+        for where, part, names in (
+                ("decoder", self.lm, ("vocab_size", "dim", "num_layers", "num_heads", "ffn_dim", "num_codebooks",
+                                      "audio_channels", "max_position_embeddings")),
+                ("text_encoder", self.text, ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads")),
+                ("audio_encoder", self.codec, ("sample_rate", "num_filters", "hidden_size", "codebook_size",
+                                               "num_codebooks"))):
+            for name in names:
+                value = getattr(part, name)
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise ValueError(f"{where} {name} must be a positive integer, got {value!r}")
+        if not self.codec.ratios or any(isinstance(r, bool) or not isinstance(r, int) or r < 1
+                                        for r in self.codec.ratios):
+            raise ValueError(f"audio_encoder upsampling ratios must be positive integers, got {self.codec.ratios!r}")
+        if self.lm.dim % self.lm.num_heads:
+            raise ValueError(f"decoder hidden size {self.lm.dim} does not split into {self.lm.num_heads} heads")
         per_channel = self.lm.num_codebooks // self.lm.audio_channels
         if per_channel != self.codec.num_codebooks:
             raise ValueError(f"decoder has {self.lm.num_codebooks} codebooks for {self.lm.audio_channels} channel(s) "

@@ -20,6 +20,7 @@ from . import audiocraft_format
 from . import checkpoint as ckpt
 from .accel import choose_backend, kernels
 from .accel.quant import Int8Linear, quantize_int4, quantize_int8
+from .inputs import resolve_device
 from .lm import sinusoids
 from .model import MusicGen
 from .precision import Precision
@@ -39,7 +40,7 @@ def load(name_or_path: str | os.PathLike = "facebook/musicgen-small", device: st
     compile     torch.compile the decoding step's layers (CUDA graphs on a GPU); the first generation of each
                 batch size pays the compile time. On a CPU with the native kernels the fused step runs instead.
     """
-    device = torch.device(device)
+    device = torch.device(resolve_device(device))   # an unknown or missing device: one ValueError line
     built = device.type == "cpu" and kernels.int8_gemv() is not None   # our CPU kernels (accel/kernels)
     compute = Precision.choose(dtype, quantize, device, kernels=built).compute
     folder = ckpt.resolve(name_or_path)
@@ -56,6 +57,8 @@ def load(name_or_path: str | os.PathLike = "facebook/musicgen-small", device: st
     _rebuild_buffers(model)
     model.eval().requires_grad_(False)
     model.to(device)
+    # the codec runs in float32 whatever the file stores (a checkpoint saved in float16 or bfloat16)
+    model.codec._apply(functools.partial(_convert, dtype=torch.float32))
     for part in (model.lm, model.text_encoder, model.text_proj, model.chroma_proj):
         if part is not None:
             part._apply(functools.partial(_convert, dtype=compute))   # part.to(dtype), releasing as it goes

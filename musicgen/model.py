@@ -12,6 +12,8 @@ musicgen/longform.py). `stream` runs the same loop and decodes audio as frames c
 """
 from __future__ import annotations
 
+import numbers
+import operator
 import sys
 from typing import Sequence
 
@@ -106,7 +108,10 @@ class MusicGen(nn.Module):
         """Prompts -> (states (B, S, C), mask (B, S)); padded positions are zeroed as in transformers."""
         if self.tokenizer is None:
             raise RuntimeError("this model was built without a tokenizer; load it from a checkpoint folder")
-        ids, mask = self.tokenizer(list(prompts))
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise ValueError("give at least one prompt")
+        ids, mask = self.tokenizer(prompts)
         ids, mask = ids.to(self.device), mask.to(self.device)
         with lm_mod.attention_backends(self.device):                           # a new text length per request
             states = self.text_encoder(ids, mask)                              # (B, S, d_model)
@@ -118,10 +123,15 @@ class MusicGen(nn.Module):
     @torch.inference_mode()
     def encode(self, audio: torch.Tensor) -> torch.Tensor:
         """(B, channels, samples) at model.sample_rate -> codes (B, K, frames); stereo codebooks interleaved."""
+        audio = torch.as_tensor(audio)
+        if not audio.is_floating_point():
+            raise ValueError(f"audio must hold float samples (in [-1, 1]), got {audio.dtype}")
         if audio.dim() != 3:
             raise ValueError(f"audio must be (batch, channels, samples), got shape {tuple(audio.shape)}")
         if audio.shape[1] != self.audio_channels:
             raise ValueError(f"this model takes {self.audio_channels}-channel audio, got {audio.shape[1]} channels")
+        if audio.shape[-1] == 0:
+            return torch.zeros(audio.shape[0], self.cfg.lm.num_codebooks, 0, dtype=torch.long, device=self.device)
         audio = audio.to(self.codec_device, torch.float32)
         if self.audio_channels == 1:
             return self.codec.encode(audio)
@@ -131,11 +141,9 @@ class MusicGen(nn.Module):
     @torch.inference_mode()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """codes (B, K, frames) -> float32 audio (B, channels, frames * hop)."""
-        K = self.cfg.lm.num_codebooks
-        if codes.dim() != 3 or codes.shape[1] != K:
-            raise ValueError(f"codes must be (batch, {K}, frames), got shape {tuple(codes.shape)}")
-        if codes.numel() and (codes.min() < 0 or codes.max() >= self.cfg.codec.codebook_size):
-            raise ValueError(f"codes must lie in [0, {self.cfg.codec.codebook_size})")
+        codes = self._check_codes(codes, "codes")
+        if codes.shape[-1] == 0:
+            return torch.zeros(codes.shape[0], self.audio_channels, 0, device=self.codec_device)
         codes = codes.to(self.codec_device)
         if self.audio_channels == 1:
             return self.codec.decode(codes)
@@ -143,6 +151,18 @@ class MusicGen(nn.Module):
         B = codes.shape[0]
         audio = self.codec.decode(torch.cat([codes[:, 0::2], codes[:, 1::2]], dim=0))
         return torch.cat([audio[:B], audio[B:]], dim=1)
+
+    def _check_codes(self, codes, what: str) -> torch.Tensor:
+        """Codes as the codec and the LM take them: an integer tensor (B, K, frames) in [0, codebook_size)."""
+        codes = torch.as_tensor(codes)
+        K, size = self.cfg.lm.num_codebooks, self.cfg.codec.codebook_size
+        if codes.dim() != 3 or codes.shape[1] != K:
+            raise ValueError(f"{what} must be (batch, {K}, frames), got shape {tuple(codes.shape)}")
+        if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
+            raise ValueError(f"{what} must be integers, got {codes.dtype}")
+        if codes.numel() and (codes.min() < 0 or codes.max() >= size):
+            raise ValueError(f"{what} must lie in [0, {size})")
+        return codes
 
     @property
     def codec_device(self) -> torch.device:
@@ -186,17 +206,25 @@ class MusicGen(nn.Module):
         window_frames = round(MAX_DURATION * self.frame_rate)
         if frames <= window_frames:
             return window(known, frames, melodies)
-        if not 0 < extend_stride < MAX_DURATION:
-            raise ValueError(f"extend_stride must be in (0, {MAX_DURATION:g}) seconds, got {extend_stride!r}")
-        return generate_long(window, known, frames, window_frames, round(extend_stride * self.frame_rate),
+        stride = round(extend_stride * self.frame_rate) if isinstance(extend_stride, numbers.Real) else 0
+        if not 0 < stride < window_frames:
+            raise ValueError(f"extend_stride must be in (0, {MAX_DURATION:g}) seconds, at least one frame and less "
+                             f"than the window, got {extend_stride!r}")
+        return generate_long(window, known, frames, window_frames, stride,
                              melodies, chroma_mod.CHROMA_SAMPLE_RATE / self.frame_rate,
                              round(MAX_DURATION * chroma_mod.CHROMA_SAMPLE_RATE))
 
     def stream(self, prompts: Sequence[str] | str | None = None, duration: float = 8.0, chunk_seconds: float = 1.0,
                **options):
         """Yield float32 audio (B, channels, samples) while it is generated, about `chunk_seconds` at a time;
-        joined, it equals `generate` with the same arguments up to float rounding (see musicgen.streaming)."""
+        joined, it equals `generate` with the same arguments up to float rounding (see musicgen.streaming).
+        A stream covers one 30 s window: the options are generate_codes' except extend_stride and progress."""
         from .streaming import stream
+
+        for name in ("extend_stride", "progress"):
+            if name in options:
+                raise ValueError(f"stream() takes no {name}: it covers one {MAX_DURATION:g} s window and reports "
+                                 f"its progress by yielding")
         return stream(self, prompts, duration, chunk_seconds, **options)
 
     @torch.inference_mode()
@@ -243,14 +271,18 @@ class MusicGen(nn.Module):
         params = SamplingParams(top_k=top_k, top_p=top_p, temperature=temperature, guidance_scale=guidance_scale)
         params.validate()
         frames = self.frames_for(duration)
+        seed = check_seed(seed)
+        if prompt_codes is not None:
+            self._check_codes(prompt_codes, "prompt_codes")
         prompts, B = check_batch(prompts, batch_size, [rows_of(melody), rows_of(prompt_audio),
                                                        None if prompt_codes is None else prompt_codes.shape[0],
                                                        None if melodies is None else len(melodies)])
+        # a prompt may fill the duration, and at most one window (audiocraft refuses longer ones too)
+        limit = min(frames, round(MAX_DURATION * self.frame_rate))
         known = (prompt_codes.to(self.device) if prompt_codes is not None
-                 else self._prompt_codes(prompt_audio, prompt_sample_rate, B))  # (B, K, P)
-        if known.shape[2] > frames:
-            raise ValueError(f"the audio prompt ({known.shape[2] / self.frame_rate:g} s) is longer than the "
-                             f"duration to generate ({duration:g} s)")
+                 else self._prompt_codes(prompt_audio, prompt_sample_rate, B, limit))  # (B, K, P)
+        if known.shape[2] > limit:
+            raise _long_prompt(known.shape[2] / self.frame_rate, duration)
         if melodies is None:
             melodies = self._melodies(melody, melody_sample_rate, B, demucs)   # B mono 32 kHz waves, or None
         elif not self.supports_melody:
@@ -259,7 +291,7 @@ class MusicGen(nn.Module):
             params = SamplingParams(top_k=top_k, top_p=top_p, temperature=temperature, guidance_scale=1.0)
         states, mask = (self.encode_text(prompts) if prompts is not None
                         else conditions.null_text(B, self.cfg.lm.dim, self.device, self.dtype))
-        generator = None if seed is None else torch.Generator(device=self.device).manual_seed(int(seed))
+        generator = None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
         return dict(frames=frames, known=known, melodies=melodies, params=params, states=states, mask=mask,
                     generator=generator)
 
@@ -275,13 +307,17 @@ class MusicGen(nn.Module):
         seq = build_pattern(known, frames, self.cfg.lm.special_token, self.audio_channels)   # (B, K, L)
         return Request(seq, cond, params, job["generator"], frames=frames, channels=self.audio_channels)
 
-    def _prompt_codes(self, audio, sample_rate: int | None, batch: int) -> torch.Tensor:
-        """Continuation prompt -> its codes (B, K, P); P = 0 without a prompt."""
+    def _prompt_codes(self, audio, sample_rate: int | None, batch: int, limit: int) -> torch.Tensor:
+        """Continuation prompt -> its codes (B, K, P); P = 0 without a prompt. One longer than `limit` frames
+        is refused before it is resampled and encoded (a wrong sample rate can make it hours long)."""
         K = self.cfg.lm.num_codebooks
         if audio is None:
             return torch.zeros(batch, K, 0, dtype=torch.long, device=self.device)
         waves = per_row(audio, batch, "prompt_audio")
         sr = self.sample_rate if sample_rate is None else rate(sample_rate, "prompt_sample_rate")
+        seconds = max(w.shape[-1] for w in waves) / sr
+        if seconds * self.frame_rate > limit + 1:
+            raise _long_prompt(seconds, limit / self.frame_rate)
         # like audiocraft's convert_audio: down-mix or duplicate channels, resample to the codec rate
         waves = [resample(convert_channels(w, self.audio_channels), sr, self.sample_rate) for w in waves]
         length = min(w.shape[-1] for w in waves)
@@ -308,6 +344,26 @@ class MusicGen(nn.Module):
         out = [chroma_mod.fit_length(chroma_mod.chromagram(w[None].to(self.device), mc), mc.chroma_length)
                for w in melodies]
         return torch.cat(out)
+
+
+def _long_prompt(seconds: float, limit_seconds: float) -> ValueError:
+    return ValueError(f"the audio prompt ({seconds:g} s) is longer than the duration to generate or the "
+                      f"{MAX_DURATION:g} s window ({min(limit_seconds, MAX_DURATION):g} s)")
+
+
+def check_seed(seed) -> int | None:
+    """None, or an integer in 0 .. 2**63 - 1 (what torch.Generator takes, and the service's range)."""
+    if seed is None:
+        return None
+    try:
+        if isinstance(seed, bool):
+            raise TypeError
+        value = operator.index(seed)   # ints and NumPy integers; not floats, which would be truncated
+    except TypeError:
+        raise ValueError(f"seed must be an integer, got {seed!r}") from None
+    if not 0 <= value < 2 ** 63:
+        raise ValueError(f"seed must be in 0 .. 2**63 - 1, got {value}")
+    return value
 
 
 def _progress(total: int, enabled: bool):
