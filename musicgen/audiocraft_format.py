@@ -14,6 +14,7 @@ writes one).
 """
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import torch
 
 from . import audiocraft_xp as xpcfg
 from .checkpoint import CheckpointError
+from .chroma import CHROMA_SAMPLE_RATE
 from .config import CodecConfig, LMConfig, MelodyConfig, MusicGenConfig, T5Config
 
 LM_FILE, CODEC_FILE, T5_FOLDER = "state_dict.bin", "compression_state_dict.bin", "t5"
@@ -157,9 +159,34 @@ def config_from(lm: dict, codec: dict, xp: dict, codec_xp: dict, text: T5Config,
             raise CheckpointError(f"{where}: xp.cfg's {xpcfg.XP_NAMES[field]} means {field} = {value!r}, but the "
                                   f"weights have {shapes[field]!r}")
     codec_cfg = CodecConfig(**{**shapes, **settings}, num_codebooks=K // channels)
-    cfg = MusicGenConfig(codec=codec_cfg, text=text, lm=lm_cfg, name=name, melody=MelodyConfig() if melody else None)
+    cfg = MusicGenConfig(codec=codec_cfg, text=text, lm=lm_cfg, name=name,
+                         melody=melody_config(xp) if melody else None)
     cfg.validate()
     return cfg
+
+
+def melody_config(xp: dict) -> MelodyConfig:
+    """The chroma conditioner of a melody xp.cfg. audiocraft's ChromaStemConditioner sees `duration` =
+    dataset.segment_duration seconds: its chroma is 1 + int(duration * rate) // hop frames (a centred STFT), hop
+    a quarter of the 2**radix2_exp window. Missing values are the published model's (30 s: 235 frames)."""
+    base = MelodyConfig()
+    stem = ((xp.get("conditioners") or {}).get("self_wav") or {}).get("chroma_stem") or {}
+    duration = (xp.get("dataset") or {}).get("segment_duration")
+    n_fft = 2 ** int(stem.get("radix2_exp", 14))
+    if n_fft != base.n_fft:
+        raise ValueError(f"chroma window 2**{stem.get('radix2_exp')}: only 2**14 (musicgen-melody's) is supported")
+    length = base.chroma_length if duration is None else 1 + int(float(duration) * CHROMA_SAMPLE_RATE) // (n_fft // 4)
+    return MelodyConfig(num_chroma=int(stem.get("n_chroma", base.num_chroma)), chroma_length=length)
+
+
+def melody_xp(melody: MelodyConfig) -> dict:
+    """What `melody_config` reads back as `melody`: the segment duration half a hop past the last frame's start,
+    so that float rounding cannot move the frame count."""
+    duration = ((melody.chroma_length - 1) * melody.hop_length + melody.hop_length // 2) / CHROMA_SAMPLE_RATE
+    return {"dataset": {"segment_duration": duration},
+            "conditioners": {"self_wav": {"model": "chroma_stem", "chroma_stem": {
+                "sample_rate": CHROMA_SAMPLE_RATE, "n_chroma": melody.num_chroma,
+                "radix2_exp": int(math.log2(melody.n_fft)), "argmax": True}}}}
 
 
 def _codec_shapes(codec: dict, where: str) -> dict:

@@ -63,6 +63,8 @@ def save_audiocraft(model, dst: Path, text_folder: Path) -> None:
     xp = dict(sample_rate=cfg.sample_rate, channels=cfg.audio_channels,
               transformer_lm=dict(dim=cfg.lm.dim, num_heads=cfg.lm.num_heads, num_layers=cfg.lm.num_layers,
                                   n_q=cfg.lm.num_codebooks, card=cfg.lm.vocab_size, activation=cfg.lm.activation))
+    if cfg.melody is not None:
+        xp.update(acf.melody_xp(cfg.melody))
     import yaml
 
     torch.save({"best_state": lm, "xp.cfg": yaml.safe_dump(xp), "exported": True}, dst / acf.LM_FILE)

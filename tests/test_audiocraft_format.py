@@ -493,3 +493,18 @@ def test_bad_audiocraft_files(tmp_path, hf_model, ckpt_dir, content, message):
     with pytest.raises(CheckpointError, match=message):
         musicgen.load(folder)
     assert not marker.exists()
+
+
+def test_a_converted_melody_model_keeps_its_chroma_length(melody_ckpt_dir, melody_model, tmp_path):
+    """The chroma window travels in xp.cfg as audiocraft keeps it (dataset.segment_duration, read as its
+    ChromaStemConditioner reads it): a custom melody model converted both ways keeps its codes."""
+    from musicgen.audiocraft_format import melody_config
+
+    assert main(["convert", str(melody_ckpt_dir), str(tmp_path / "ac")]) == 0
+    ac = musicgen.load(tmp_path / "ac")
+    assert ac.cfg.melody == melody_model.cfg.melody and melody_model.cfg.melody.chroma_length != 235
+    tune = torch.sin(torch.arange(16000) / 16000 * 2 * torch.pi * 330.0)[None]
+    kw = dict(duration=0.3, top_k=1, melody=tune, melody_sample_rate=16000, demucs=False)
+    assert torch.equal(ac.generate_codes(["folk"], **kw), melody_model.generate_codes(["folk"], **kw))
+    assert melody_config({"dataset": {"segment_duration": 30}}).chroma_length == 235   # musicgen-melody's
+    assert melody_config({}).chroma_length == 235
