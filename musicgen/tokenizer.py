@@ -44,10 +44,7 @@ class TextTokenizer:
         if pad_id is None:
             pad_id = 0
 
-        def encode_batch(texts: list[str]) -> list[list[int]]:
-            return [e.ids for e in tok.encode_batch(texts)]
-
-        return cls(encode_batch, pad_id, str(path))
+        return cls(_JsonEncoder(tok), pad_id, str(path))
 
     @classmethod
     def _from_sentencepiece(cls, path: Path) -> "TextTokenizer":
@@ -58,13 +55,8 @@ class TextTokenizer:
             sp.Load(str(path))
         except Exception as e:  # noqa: BLE001 - sentencepiece raises OSError or RuntimeError
             raise ValueError(f"cannot read tokenizer {path}: {e}") from e
-        eos = sp.eos_id() if sp.eos_id() >= 0 else 1
         pad = sp.pad_id() if sp.pad_id() >= 0 else 0
-
-        def encode_batch(texts: list[str]) -> list[list[int]]:
-            return [ids + [eos] for ids in sp.encode(texts)]
-
-        return cls(encode_batch, pad, str(path))
+        return cls(_SentencePieceEncoder(sp), pad, str(path))
 
     def __call__(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """texts -> (ids (B, L) long, mask (B, L) long), right-padded to the longest."""
@@ -76,6 +68,36 @@ class TextTokenizer:
             ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
             mask[i, :len(s)] = 1
         return ids, mask
+
+
+class _JsonEncoder:
+    """texts -> ids with a `tokenizers` Tokenizer (which pickles itself: a model can be copied or pickled)."""
+
+    def __init__(self, tok):
+        self.tok = tok
+
+    def __call__(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch(texts)]
+
+
+class _SentencePieceEncoder:
+    """texts -> ids + </s> with sentencepiece; pickled as its serialised model."""
+
+    def __init__(self, sp):
+        self.sp = sp
+        self.eos = sp.eos_id() if sp.eos_id() >= 0 else 1
+
+    def __call__(self, texts: list[str]) -> list[list[int]]:
+        return [ids + [self.eos] for ids in self.sp.encode(texts)]
+
+    def __getstate__(self):
+        return {"proto": self.sp.serialized_model_proto(), "eos": self.eos}
+
+    def __setstate__(self, state):
+        import sentencepiece as spm
+
+        self.sp = spm.SentencePieceProcessor(model_proto=state["proto"])
+        self.eos = state["eos"]
 
 
 def _pad_token(folder: Path) -> str | None:

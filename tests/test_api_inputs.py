@@ -114,3 +114,17 @@ def test_a_config_that_is_not_an_object_is_one_checkpoint_error(ckpt_dir, tmp_pa
     (folder / "config.json").write_text("[1, 2]")
     with pytest.raises(CheckpointError, match="not a MusicGen config"):
         musicgen.load(folder)
+
+
+def test_a_model_pickles_and_its_copy_generates_the_same(model, spm_model):
+    """pickle (torch.save(model), multiprocessing) works: the tokenizers pickle as their data, not as closures."""
+    import pickle
+
+    from musicgen.tokenizer import TextTokenizer
+
+    copy = pickle.loads(pickle.dumps(model))
+    assert torch.equal(copy.generate_codes(["lofi"], duration=0.2, seed=1),
+                       model.generate_codes(["lofi"], duration=0.2, seed=1))
+    sp = TextTokenizer._from_sentencepiece(spm_model)
+    ids, mask = pickle.loads(pickle.dumps(sp))(["lofi beat", "a"])
+    assert torch.equal(ids, sp(["lofi beat", "a"])[0]) and torch.equal(mask, sp(["lofi beat", "a"])[1])
