@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import pickle
 import re
+import zipfile
 from pathlib import Path
 
 import torch
@@ -53,10 +54,12 @@ def read_package(f: Path) -> dict:
     """A torch-saved dict, loaded with weights_only=True and SAFE_GLOBALS; omegaconf objects become records."""
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
-            pkg = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            pkg = torch.load(f, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(f))  # legacy: whole
     except pickle.UnpicklingError as e:
         m = re.search(r"GLOBAL ([\w.]+) (was not an allowed global|whose module)", str(e))
         why = m.group(1) if m else re.sub(r"(?s).*WeightsUnpickler error: ", "", str(e)).splitlines()[0]
+        if not m and not zipfile.is_zipfile(f):   # not a pickle at all
+            raise CheckpointError(f"{f} is not a torch checkpoint ({describe(f)}): {why}") from None
         raise CheckpointError(f"{f} holds objects other than tensors, plain containers and an omegaconf config; "
                               f"refusing to unpickle it ({why})") from None
     except Exception as e:

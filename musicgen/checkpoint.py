@@ -14,6 +14,7 @@ import mmap
 import os
 import re
 import sys
+import zipfile
 from pathlib import Path
 
 import torch
@@ -148,7 +149,8 @@ def _read_one(f: Path, load_file) -> dict[str, torch.Tensor]:
         if f.suffix == ".safetensors":
             state = load_file(str(f))
         else:
-            state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            # mapped where the file is torch's zip format; the legacy format (torch < 1.6) is read whole
+            state = torch.load(f, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(f))
     except Exception as e:  # safetensors / pickle errors have many types; name the file instead
         raise CheckpointError(f"cannot read weights from {f}: {e}") from e
     _register_file_mapping(f, state)

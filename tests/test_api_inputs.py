@@ -128,3 +128,13 @@ def test_a_model_pickles_and_its_copy_generates_the_same(model, spm_model):
     sp = TextTokenizer._from_sentencepiece(spm_model)
     ids, mask = pickle.loads(pickle.dumps(sp))(["lofi beat", "a"])
     assert torch.equal(ids, sp(["lofi beat", "a"])[0]) and torch.equal(mask, sp(["lofi beat", "a"])[1])
+
+
+def test_weights_in_torch_legacy_format_load(ckpt_dir, model, tmp_path):
+    """A pytorch_model.bin written by torch < 1.6 (not a zip) cannot be memory-mapped: it is read whole."""
+    folder = shutil.copytree(ckpt_dir, tmp_path / "legacy")
+    state = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    torch.save(state, folder / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    legacy = musicgen.load(folder)
+    assert torch.equal(legacy.generate_codes(["a"], duration=0.2, seed=0), model.generate_codes(["a"], duration=0.2, seed=0))
