@@ -9,8 +9,9 @@ those products alone, with random weights at the model's shapes and nothing betw
 - int4: `aten._weight_int4pack_mm_for_cpu` (groups of 32, bfloat16 activations), as quant.py calls it;
 - int8: `aten._weight_int8pack_mm` (per-channel scales, bfloat16 activations), as quant.py calls it;
 - float32: `F.linear` (MKL), the exact path.
-"from memory" uses a distinct weight per layer, as a step does; "in cache" repeats one layer's weights, which
-then sit in the CPU's caches: where the two are close, the kernel is bound by its arithmetic, not by memory.
+"from memory" uses a distinct weight per layer, as a step does, and GB/s is the rate it reads them at (codes
+and scales); "in cache" repeats one layer's weights, which then sit in the CPU's caches: where the two are
+close, the kernel is bound by its arithmetic, not by memory.
 """
 from __future__ import annotations
 
@@ -57,15 +58,18 @@ def main() -> None:
 
     print(f"{args.layers} layers of width {D}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"ms per step of products")
-    print("| weights | rows | from memory | in cache |")
-    print("|---|---:|---:|---:|")
+    print("| weights | rows | from memory | GB/s | in cache |")
+    print("|---|---:|---:|---:|---:|")
     with torch.inference_mode():
         for name, (make, dtype, product) in kinds.items():
             distinct = [((n, k), make(n, k)) for _ in range(args.layers) for n, k in shapes]
             one = [((n, k), make(n, k)) for n, k in shapes] * args.layers
+            size = sum(t.numel() * t.element_size() for _, w in distinct
+                       for t in (w if isinstance(w, tuple) else (w,)))
             for rows in (int(r) for r in args.rows.split(",")):
                 xs = {k: torch.randn(rows, k, dtype=dtype) for k in (D, 4 * D)}
-                print(f"| {name} | {rows} | {timed(product, distinct, xs):.1f} | {timed(product, one, xs):.1f} |",
+                ms = timed(product, distinct, xs)
+                print(f"| {name} | {rows} | {ms:.1f} | {size / ms / 1e6:.1f} | {timed(product, one, xs):.1f} |",
                       flush=True)
             del distinct, one
 
