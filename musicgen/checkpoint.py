@@ -97,6 +97,9 @@ def _download(repo_id: str) -> Path:
             for shard in sorted(set(json.loads(got.read_text())["weight_map"].values())):
                 fetch(shard)
         return folder
+    if _offline():
+        raise CheckpointError(f"{repo_id}'s weights are not in the Hugging Face cache and HF_HUB_OFFLINE is set: "
+                              f"download it once with the network on")
     raise CheckpointError(f"{repo_id} has none of the weight files {', '.join(WEIGHT_FILES)}")
 
 

@@ -5,6 +5,9 @@ it on as it is.
 """
 from __future__ import annotations
 
+import operator
+import os
+
 import torch
 
 
@@ -31,11 +34,18 @@ def check_batch(prompts, batch_size: int | None, rows: list[int | None]) -> tupl
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     sizes = {n for n in rows if n is not None}
     if prompts is not None:
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        elif isinstance(prompts, (list, tuple)):
+            prompts = list(prompts)
+        else:
+            raise ValueError(f"prompts must be a string or a list of strings, got {type(prompts).__name__}")
         if not prompts:
             raise ValueError("give at least one prompt, or prompts=None for generation without text")
         for i, p in enumerate(prompts):
-            if not isinstance(p, str) or not p.strip():
+            if not isinstance(p, str):
+                raise ValueError(f"prompt {i} must be a string, got {type(p).__name__}")
+            if not p.strip():
                 raise ValueError(f"prompt {i} is empty")
         sizes.add(len(prompts))
     if batch_size is not None:
@@ -45,8 +55,10 @@ def check_batch(prompts, batch_size: int | None, rows: list[int | None]) -> tupl
     return prompts, (sizes.pop() if sizes else 1)
 
 
-def rows_of(audio) -> int | None:
+def rows_of(audio, what: str = "audio") -> int | None:
     """Rows an audio argument fixes: a list's length or a 3-d tensor's batch; None for one shared signal."""
+    if isinstance(audio, (list, tuple)) and audio and all(isinstance(a, (int, float)) for a in audio):
+        raise ValueError(f"{what} is a list of numbers: pass a tensor or array (samples,), or a list of one per row")
     if isinstance(audio, (list, tuple)):
         return len(audio)
     if isinstance(audio, torch.Tensor) and audio.dim() == 3:
@@ -56,6 +68,10 @@ def rows_of(audio) -> int | None:
 
 def per_row(audio, batch: int, what: str) -> list[torch.Tensor]:
     """(samples,), (channels, samples) for every row, (B, channels, samples) or a list of rows -> B tensors."""
+    if isinstance(audio, (str, os.PathLike)):
+        raise ValueError(f"{what} takes samples, not a file name: read {str(audio)!r} with musicgen.load_audio "
+                         f"and pass its samples and rate")
+    rows_of(audio, what)
     if isinstance(audio, (list, tuple)):
         items = [torch.as_tensor(a, dtype=torch.float32) for a in audio]
     else:
@@ -84,6 +100,12 @@ def per_row(audio, batch: int, what: str) -> list[torch.Tensor]:
 
 
 def rate(value, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        value = operator.index(value)   # ints and NumPy integers
+    except TypeError:
+        raise ValueError(f"{what} must be a positive integer (Hz), got {value!r}") from None
+    if value <= 0:
         raise ValueError(f"{what} must be a positive integer (Hz), got {value!r}")
     return value

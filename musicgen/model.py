@@ -274,7 +274,7 @@ class MusicGen(nn.Module):
         seed = check_seed(seed)
         if prompt_codes is not None:
             self._check_codes(prompt_codes, "prompt_codes")
-        prompts, B = check_batch(prompts, batch_size, [rows_of(melody), rows_of(prompt_audio),
+        prompts, B = check_batch(prompts, batch_size, [rows_of(melody, "melody"), rows_of(prompt_audio, "prompt_audio"),
                                                        None if prompt_codes is None else prompt_codes.shape[0],
                                                        None if melodies is None else len(melodies)])
         # a prompt may fill the duration, and at most one window (audiocraft refuses longer ones too)

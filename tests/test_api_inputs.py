@@ -138,3 +138,37 @@ def test_weights_in_torch_legacy_format_load(ckpt_dir, model, tmp_path):
     torch.save(state, folder / "pytorch_model.bin", _use_new_zipfile_serialization=False)
     legacy = musicgen.load(folder)
     assert torch.equal(legacy.generate_codes(["a"], duration=0.2, seed=0), model.generate_codes(["a"], duration=0.2, seed=0))
+
+
+def test_inputs_of_the_wrong_kind_are_named(model):
+    cases = [(dict(prompts=5), "prompts must be a string or a list of strings"),
+             (dict(prompts=[b"lofi"]), "prompt 0 must be a string"),
+             (dict(prompts=["a"], prompt_audio="song.wav"), "takes samples, not a file name"),
+             (dict(prompts=["a"], prompt_audio=[0.0] * 3200), "is a list of numbers")]
+    for kw, message in cases:
+        with pytest.raises(ValueError, match=message):
+            model.generate_codes(duration=0.2, **kw)
+    a = model.generate_codes(["a"], duration=0.2, seed=0, prompt_audio=torch.zeros(1, 3200),
+                             prompt_sample_rate=np.int64(16000))
+    b = model.generate_codes(["a"], duration=0.2, seed=0, prompt_audio=torch.zeros(1, 3200), prompt_sample_rate=16000)
+    assert torch.equal(a, b)
+
+
+def test_offline_with_only_the_config_cached_says_so(tmp_path, monkeypatch):
+    """HF_HUB_OFFLINE and a cache that holds a repo's config.json but not its weights: the error says the weights
+    are not cached, not that the repo has none."""
+    import huggingface_hub as hub
+    from huggingface_hub.utils import LocalEntryNotFoundError
+
+    from musicgen import checkpoint
+
+    (tmp_path / "config.json").write_text("{}")
+
+    def cached_only_config(repo_id, filename, **kw):
+        if filename == "config.json":
+            return str(tmp_path / "config.json")
+        raise LocalEntryNotFoundError(f"{filename} is not cached")
+    monkeypatch.setattr(hub, "hf_hub_download", cached_only_config)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointError, match="weights are not in the Hugging Face cache and HF_HUB_OFFLINE"):
+        checkpoint.resolve("facebook/musicgen-small")
