@@ -267,7 +267,7 @@ def test_resume_can_drop_fsdp_and_grad_checkpoint_and_quiet(tmp_path):
 
     from musicgen.cli import build_parser
     from musicgen.train.cli import train_config
-    from musicgen.train.loop import TrainConfig
+    from musicgen.train.options import TrainConfig
 
     data, run = tmp_path / "data", tmp_path / "run"
     data.mkdir()

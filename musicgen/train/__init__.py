@@ -6,7 +6,7 @@ after `musicgen convert`) generates from.
          --network.py--> frozen T5 -> projections -> MusicLM logits
          --loss.py-->    cross-entropy per codebook on the delayed grid
          --loop.py-->    AdamW, cosine schedule, clipping, autocast, accumulation, DDP / FSDP (distributed.py),
-                         LoRA (lora.py), checkpoints and metrics (state.py)
+                         LoRA (lora.py), checkpoints and metrics (state.py); its options in options.py
          --export.py-->  RUN/final: a Hugging Face checkpoint folder, adapters merged
 
     from musicgen.train import prepare, train, TrainConfig
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import importlib
 
-_EXPORTS = {"prepare": "encode", "train": "loop", "TrainConfig": "loop"}
+_EXPORTS = {"prepare": "encode", "train": "loop", "TrainConfig": "options"}
 
 
 def __getattr__(name: str):

@@ -100,7 +100,7 @@ def cmd_train(args) -> int:
 def train_config(args):
     """The TrainConfig that `musicgen train` ARGS ask for: RUN's saved options on --resume, with those given
     here where they may change (a flag left out keeps the saved value; -q applies to this session only)."""
-    from .loop import TrainConfig, resume_config
+    from .options import TrainConfig, resume_config
 
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     # absolute paths: RUN/config.json must still name them when the run is resumed from another folder

@@ -21,7 +21,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
@@ -32,69 +32,7 @@ from .dataset import Augment, CodesData
 from .distributed import Dist, setup, sync_gradients, wrap
 from .loss import codebook_sums, delayed_batch
 from .network import Network, text_states
-
-PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class TrainConfig:
-    data: str                                # folder written by `musicgen prepare`
-    model: str                               # checkpoint to start from (hub id or folder)
-    run: str                                 # output folder
-    steps: int = 1000
-    batch_size: int = 8                      # the global batch, split over ranks and accumulation micro-batches
-    accumulate: int = 1                      # micro-batches per rank and step
-    lr: float | None = None                  # peak learning rate; None: 1e-5 (full), 1e-4 (LoRA)
-    warmup: int | None = None                # linear warm-up steps; None: 5 % of steps
-    weight_decay: float = 0.1                # on matrices and embeddings, not on norms and biases
-    clip: float = 1.0                        # gradient norm clipping
-    duration: float | None = None            # seconds of each random crop; None: the data's segment
-    precision: str | None = None             # float32, bfloat16, float16 (autocast); None: bfloat16 on CUDA
-    lora_rank: int = 0                       # 0: full fine-tuning
-    lora_alpha: float | None = None          # adapter scale alpha / rank; None: alpha = rank
-    ema: float = 0.0                         # EMA decay of the trained weights (0: off); the export takes the EMA
-    grad_checkpoint: bool = False            # recompute each decoder layer in backward (activation checkpointing)
-    fsdp: bool = False                       # shard parameters, gradients and optimizer state over ranks
-    cfg_dropout: float = 0.3                 # probability of the null condition (classifier-free guidance)
-    word_dropout: float = 0.3
-    seed: int = 0
-    save_every: int = 500                    # checkpoint every N steps (and at the end)
-    keep: int = 3                            # checkpoints kept
-    valid_every: int = 100                   # validation loss every N steps (when DATA has a validation split)
-    sample_every: int = 0                    # samples every N steps from sample_prompts (0: off)
-    sample_prompts: tuple = ()
-    sample_duration: float = 8.0
-    device: str | None = None                # cpu, cuda (each rank its LOCAL_RANK); None: CUDA when available
-    progress: bool = True
-
-
-# options a resumed run may change: none of them changes the weights it ends with
-FREE_ON_RESUME = ("save_every", "keep", "valid_every", "sample_every", "sample_prompts", "sample_duration", "device",
-                  "progress", "accumulate", "grad_checkpoint", "fsdp")
-
-
-def resume_config(run: str | Path, given: dict) -> TrainConfig:
-    """RUN's own options, with the `given` ones (those set on the command line) where they may change."""
-    path = Path(run) / "config.json"
-    if not path.is_file():
-        raise ValueError(f"nothing to resume: {run} has no config.json (start it without --resume)")
-    saved = json.loads(path.read_text())
-    for key, value in given.items():
-        if value is None or key in ("run",):
-            continue
-        old = saved.get(key)
-        same = (list(value) == list(old or ())) if key == "sample_prompts" else value == old
-        if not same and key not in FREE_ON_RESUME:
-            if key in ("data", "model"):
-                same = Path(str(value)).expanduser().resolve() == Path(str(old)).expanduser().resolve()
-            if not same:
-                flag = "--" + key.replace("_", "-")
-                raise ValueError(f"{run} was started with {flag} {'at its default' if old is None else old}; --resume "
-                                 f"continues it with its own options (leave out {flag}, or train into a new RUN)")
-        saved[key] = value
-    saved["sample_prompts"] = tuple(saved.get("sample_prompts") or ())
-    return TrainConfig(**{f.name: saved[f.name] for f in fields(TrainConfig) if f.name in saved})
-
+from .options import PRECISIONS, TrainConfig, check_options
 
 def lr_factor(i: int, warmup: int, steps: int) -> float:
     """Learning-rate multiplier for the (i+1)-th step: linear warm-up, then cosine down to a tenth."""
@@ -152,7 +90,7 @@ class Trainer:
 
         self.cfg, self.d = cfg, d
         self.run_dir = Path(cfg.run)
-        self._check_options()
+        check_options(cfg, d.world)
         found = st.checkpoints(self.run_dir) if resume else []
         if resume and not (self.run_dir / "config.json").is_file():
             raise ValueError(f"nothing to resume in {self.run_dir}")
@@ -221,46 +159,6 @@ class Trainer:
             write_atomic(self.run_dir / "config.json", json.dumps(asdict(cfg), indent=2) + "\n")
         d.barrier()
         self.metrics = st.Metrics(self.run_dir, d.main, self.start)
-
-    def _check_options(self) -> None:
-        cfg, d = self.cfg, self.d
-        if cfg.steps < 1:
-            raise ValueError(f"--steps must be at least 1, got {cfg.steps}")
-        if cfg.batch_size < 1 or cfg.accumulate < 1:
-            raise ValueError("--batch-size and --accumulate must be at least 1")
-        if cfg.batch_size % (d.world * cfg.accumulate):
-            raise ValueError(f"--batch-size {cfg.batch_size} does not split over {d.world} rank(s) x "
-                             f"{cfg.accumulate} micro-batch(es)")
-        if cfg.precision is not None and cfg.precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {cfg.precision!r}: choose float32, bfloat16 or float16")
-        if cfg.duration is not None and not cfg.duration > 0:
-            raise ValueError(f"--duration must be positive, got {cfg.duration:g}")
-        for name in ("cfg_dropout", "word_dropout"):
-            if not 0 <= getattr(cfg, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(cfg, name):g}")
-        if not 0 <= cfg.ema < 1:
-            raise ValueError(f"--ema is a decay in [0, 1), got {cfg.ema:g}")
-        if cfg.lora_rank < 0:
-            raise ValueError(f"--lora-rank must be positive, got {cfg.lora_rank}")
-        if cfg.sample_every < 0:
-            raise ValueError(f"--sample-every must be 0 (off) or more, got {cfg.sample_every}")
-        if cfg.fsdp and (cfg.ema or cfg.sample_every):
-            raise ValueError("--fsdp keeps no whole copy of the weights on a rank: --ema and --sample-every need one "
-                             "(sample from an export instead)")
-        if cfg.sample_every and not cfg.sample_prompts:
-            raise ValueError("--sample-every needs --sample-prompt")
-        if cfg.save_every < 1 or cfg.keep < 1 or cfg.valid_every < 1:
-            raise ValueError("--save-every, --keep and --valid-every must be at least 1")
-        if not cfg.sample_duration > 0:
-            raise ValueError(f"--sample-duration must be positive, got {cfg.sample_duration:g}")
-        if cfg.lr is not None and not cfg.lr > 0:
-            raise ValueError(f"--lr must be positive, got {cfg.lr:g}")
-        if cfg.warmup is not None and cfg.warmup < 0:
-            raise ValueError(f"--warmup must be 0 or more, got {cfg.warmup}")
-        if not cfg.weight_decay >= 0:
-            raise ValueError(f"--weight-decay must be 0 or more, got {cfg.weight_decay:g}")
-        if cfg.lora_alpha is not None and not cfg.lora_alpha > 0:
-            raise ValueError(f"--lora-alpha must be positive, got {cfg.lora_alpha:g}")
 
     # -- one step -----------------------------------------------------------------------------------------
     def _logits(self, batch, module) -> tuple[torch.Tensor, torch.Tensor]:
