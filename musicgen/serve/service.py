@@ -13,14 +13,13 @@ All generation goes through one `Scheduler` (continuous batching over the decodi
 SQLite and results in files named by job id (`JobStore`), so a restart keeps finished results and queues
 unfinished jobs again with their recorded seed. With an API key (`--api-key` or MUSICGEN_API_KEY) every /v1
 route wants `Authorization: Bearer <key>` (or `?access_token=<key>`, for <audio src=...>; `musicgen serve`
-keeps the token out of its access log).
+keeps the token out of its access log). Uploads and the WAV stream are in media.py.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import hmac
-import io
 import json
 import logging
 import queue
@@ -38,15 +37,14 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ..audio import convert_channels, pcm16, resample, save_audio, wav_header
+from ..audio import convert_channels, resample, save_audio
 from ..engine import Request
 from .jobs import FINISHED, JobStore
 from .scheduler import Scheduler, job_request
 from ..accel.quant import parameter_count
-from ..streaming import MultiChannelDecoder
+from .media import MAX_UPLOAD, read_upload, upload_bytes, wav_stream
 
 MEDIA = {"wav": "audio/wav", "flac": "audio/flac", "ogg": "audio/ogg", "mp3": "audio/mpeg"}
-MAX_UPLOAD = 20 * 2 ** 20           # bytes of continuation audio accepted
 WEB = Path(__file__).with_name("web")
 
 
@@ -215,11 +213,11 @@ class Service:
 
     async def prefix_from_upload(self, upload, duration: float) -> torch.Tensor:
         """Continuation audio, which must be shorter than the requested `duration` -> its codes (K, P)."""
-        data = await _upload_bytes(upload, "continuation")
+        data = await upload_bytes(upload, "continuation")
         return await run_in_threadpool(self._encode_prompt_audio, data, duration)
 
     async def melody_from_upload(self, upload) -> torch.Tensor:
-        data = await _upload_bytes(upload, "melody")
+        data = await upload_bytes(upload, "melody")
         return await run_in_threadpool(self._prepare_melody, data)
 
     def _prepare_melody(self, data: bytes) -> torch.Tensor:
@@ -229,14 +227,14 @@ class Service:
         from ..chroma import CHROMA_SAMPLE_RATE
 
         mc = self.model.cfg.melody
-        wav, sr = _read_upload(data, "melody", 2 * mc.chroma_length * mc.hop_length / CHROMA_SAMPLE_RATE, cut=True)
+        wav, sr = read_upload(data, "melody", 2 * mc.chroma_length * mc.hop_length / CHROMA_SAMPLE_RATE, cut=True)
         try:
             return self.model._melodies(torch.from_numpy(np.ascontiguousarray(wav.T)), sr, 1, demucs=True)[0]
         except ValueError as e:
             raise HTTPException(422, f"melody: {e}") from None
 
     def _encode_prompt_audio(self, data: bytes, duration: float) -> torch.Tensor:
-        wav, sr = _read_upload(data, "continuation", duration)
+        wav, sr = read_upload(data, "continuation", duration)
         try:
             audio = convert_channels(torch.from_numpy(np.ascontiguousarray(wav.T)), self.model.audio_channels)
         except ValueError as e:
@@ -253,40 +251,6 @@ def _parse_request(raw: str | bytes) -> GenerateRequest:
     except (ValueError, UnicodeDecodeError) as e:
         raise HTTPException(422, f"the request is not valid JSON: {e}") from None
     return GenerateRequest.model_validate(obj)
-
-
-async def _upload_bytes(part, what: str) -> bytes:
-    """A multipart file part's bytes, at most MAX_UPLOAD of them."""
-    if isinstance(part, str):
-        raise HTTPException(422, f"{what}: send the audio as a file part (curl -F '{what}=@song.wav'), not as text")
-    data = await part.read(MAX_UPLOAD + 1)
-    if len(data) > MAX_UPLOAD:
-        raise HTTPException(413, f"{what} audio is larger than {MAX_UPLOAD // 2 ** 20} MiB")
-    return data
-
-
-def _read_upload(data: bytes, what: str, max_seconds: float, cut: bool = False):
-    """Decode uploaded audio -> (float32 (samples, channels), rate), reading no more than `max_seconds` of it:
-    a few KB of compressed silence can hold hours, so the length is bounded before decoding, not after. Longer
-    audio is cut there (`cut`) or refused."""
-    import soundfile as sf
-
-    try:
-        with sf.SoundFile(io.BytesIO(data)) as f:
-            sr = f.samplerate
-            limit = int(max_seconds * sr) + 1
-            wav = f.read(limit, dtype="float32", always_2d=True)
-    except Exception:
-        raise HTTPException(422, f"{what}: not an audio file this server can read") from None
-    if wav.shape[0] >= limit:
-        if not cut:
-            raise HTTPException(422, f"{what} audio is longer than {max_seconds:g} s (the requested duration)")
-        wav = wav[:limit - 1]
-    if wav.shape[0] == 0:
-        raise HTTPException(422, f"{what}: the audio file is empty")
-    if not np.isfinite(wav).all():
-        raise HTTPException(422, f"{what}: the audio holds NaN or infinite samples")
-    return wav, sr
 
 
 class RedactTokens(logging.Filter):
@@ -407,43 +371,7 @@ def create_app(service: Service) -> FastAPI:
         if live is None and rec["status"] != "done":
             raise HTTPException(409, f"job {id} is {rec['status']}")
         codes = None if live is not None else torch.from_numpy(np.load(service.store.path(id, "codes", "npy")))
-        return StreamingResponse(_wav_stream(service, live, codes, cancel_on_leave), media_type="audio/wav",
+        return StreamingResponse(wav_stream(service, live, codes, cancel_on_leave), media_type="audio/wav",
                                  headers={"Cache-Control": "no-store"})
 
     return app
-
-
-async def _wav_stream(service: Service, live: Request | None, codes: torch.Tensor | None, cancel_on_leave: bool):
-    """A WAV header of unknown length, then 16-bit PCM as frames complete; leaving early cancels the job
-    unless `cancel_on_leave` is False."""
-    model = service.model
-    yield wav_header(model.sample_rate, model.audio_channels)
-    decoder = MultiChannelDecoder(model.codec, model.audio_channels)
-    finished = False
-    try:
-        if codes is not None:                                        # already done: stream the stored codes
-            audio = await run_in_threadpool(decoder.push, codes[None], True)
-            yield pcm16(audio[0])
-            finished = True
-            return
-        sent = 0
-        while True:
-            done = live.done.is_set()
-            ready = live.complete_frames
-            if live.status in ("cancelled", "failed"):
-                return
-            if ready > sent or (done and not finished):
-                last = done and ready >= live.frames
-                chunk = live.codes_between(sent, ready)
-                audio = await run_in_threadpool(decoder.push, chunk, last)
-                sent = ready
-                if audio.shape[-1]:
-                    yield pcm16(audio[0])
-                if last:
-                    finished = True
-                    return
-            else:
-                await asyncio.sleep(0.05)
-    finally:
-        if cancel_on_leave and not finished and live is not None and not live.done.is_set():
-            service.scheduler.cancel(live)                           # the listener left: stop the work
