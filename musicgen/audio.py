@@ -67,7 +67,9 @@ def loudness(audio, sample_rate: int) -> float:
     T = a.shape[1] / sample_rate
     blocks = int(np.round((T - BLOCK_SECONDS) / (BLOCK_SECONDS * 0.25))) + 1
     starts = [int(BLOCK_SECONDS * j * 0.25 * sample_rate) for j in range(blocks)]
-    ends = [int(BLOCK_SECONDS * (j * 0.25 + 1) * sample_rate) for j in range(blocks)]
+    # the block count is rounded, so the last block may run past the end: as in pyloudnorm, it then holds the
+    # samples there are, over a whole block's length
+    ends = [min(int(BLOCK_SECONDS * (j * 0.25 + 1) * sample_rate), a.shape[1]) for j in range(blocks)]
     power = np.concatenate([np.zeros((a.shape[0], 1)), np.cumsum(weighted ** 2, axis=1)], axis=1)
     z = (power[:, ends] - power[:, starts]) / (BLOCK_SECONDS * sample_rate)             # (channels, blocks)
     gains = np.array([1.0, 1.0, 1.0, 1.41, 1.41][:a.shape[0]] + [1.0] * (a.shape[0] - 5))[:, None]

@@ -36,7 +36,8 @@ def test_loudness_strategy_gives_minus_14_lufs(tmp_path, level, channels):
 
 
 @pytest.mark.parametrize("rate", [16000, 32000, 44100, 48000])
-@pytest.mark.parametrize("channels, seconds", [(1, 10.0), (2, 3.3), (1, 0.45), (5, 2.0)])
+@pytest.mark.parametrize("channels, seconds", [(1, 10.0), (2, 3.3), (1, 0.45), (5, 2.0),
+                                               (1, 2.76), (2, 0.66), (1, 10.16)])   # a last block past the end
 def test_loudness_equals_pyloudnorm(rate, channels, seconds):
     """Our BS.1770 meter (FFT-applied K-weighting, gating) against pyloudnorm's, on noise with a stretch 60 dB
     quieter (under the absolute gate) and one 30 dB quieter (under the relative gate), and on tones across the
