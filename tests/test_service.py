@@ -241,6 +241,41 @@ def test_continuation_with_channels_the_model_cannot_take_is_422(tmp_path, spm_m
     assert e.value.status_code == 422 and "continuation: cannot turn 6-channel audio into 2" in e.value.detail
 
 
+def test_a_full_disk_fails_jobs_cleanly_and_the_service_recovers(model, tmp_path):
+    """Writes that fail (a full disk: the result file and then the database) fail that job, reported from
+    memory; the thread that finishes jobs lives on, so once space is back the next job completes. A job that
+    cannot even be stored is a 503."""
+    import sqlite3
+
+    with running_server(model, tmp_path, max_batch=2) as (url, service):
+        with httpx.Client(base_url=url, timeout=60) as client:
+            real_update, real_add = service.store.update, service.store.add
+            full = {"on": True}
+
+            def update(job_id, **fields):
+                if full["on"] and fields.get("status") in ("done", "failed"):
+                    raise sqlite3.OperationalError("database or disk is full")
+                return real_update(job_id, **fields)
+
+            def add(job_id, request):
+                if full["on"]:
+                    raise sqlite3.OperationalError("database or disk is full")
+                return real_add(job_id, request)
+            service.store.update, service.store.add = update, add
+            service.store.add = real_add
+            job = client.post("/v1/generate", json=dict(prompt="lofi", duration=0.3, **FAST)).json()["id"]
+            j = wait(client, job)
+            assert j["status"] == "failed" and "disk is full" in j["error"]
+            service.store.add = add
+            r = client.post("/v1/generate", json=dict(prompt="lofi", duration=0.3, **FAST))
+            assert r.status_code == 503 and "cannot store the job" in r.json()["detail"]
+            full["on"] = False
+            service.store.add = real_add
+            job = client.post("/v1/generate", json=dict(prompt="jazz", duration=0.3, **FAST)).json()["id"]
+            assert wait(client, job)["status"] == "done"
+            assert all(t.is_alive() for t in service._threads)
+
+
 def test_full_queue_answers_429(model, tmp_path):
     with running_server(model, tmp_path, max_batch=1, max_queue=1) as (url, _):
         with httpx.Client(base_url=url, timeout=60) as client:

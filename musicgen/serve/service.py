@@ -44,6 +44,7 @@ from .scheduler import Scheduler, job_request
 from ..accel.quant import parameter_count
 from .media import MAX_UPLOAD, read_upload, upload_bytes, wav_stream
 
+log = logging.getLogger("musicgen.serve")
 MEDIA = {"wav": "audio/wav", "flac": "audio/flac", "ogg": "audio/ogg", "mp3": "audio/mpeg"}
 WEB = Path(__file__).with_name("web")
 
@@ -78,6 +79,7 @@ class Service:
         self.scheduler = Scheduler(model, max_batch=max_batch)
         self.max_queue, self.api_key = max_queue, api_key or None
         self.live: dict[str, Request] = {}
+        self.unsaved: dict[str, dict] = {}   # job states the database could not take (a full disk)
         self.finished: queue.Queue = queue.Queue()
         self.max_frames = model.lm.positions.shape[0] - model.cfg.lm.num_codebooks
         if model.cfg.lm.prefix_conditioning:   # the chroma frames and the text come first
@@ -113,11 +115,14 @@ class Service:
         if req.seed is None:
             req = req.model_copy(update={"seed": secrets.randbelow(2 ** 31)})
         job_id = uuid.uuid4().hex
-        if prefix is not None:
-            np.save(self.store.path(job_id, "codes", "prefix.npy"), prefix.numpy().astype(np.int64))
-        if melody is not None:
-            np.save(self.store.path(job_id, "codes", "melody.npy"), melody.numpy().astype(np.float32))
-        self.store.add(job_id, req.model_dump())
+        try:
+            if prefix is not None:
+                np.save(self.store.path(job_id, "codes", "prefix.npy"), prefix.numpy().astype(np.int64))
+            if melody is not None:
+                np.save(self.store.path(job_id, "codes", "melody.npy"), melody.numpy().astype(np.float32))
+            self.store.add(job_id, req.model_dump())
+        except Exception as e:   # a full disk or a data folder gone: nothing is queued
+            raise HTTPException(503, f"cannot store the job ({type(e).__name__}: {e}); try again later") from None
         self._enqueue(job_id, req, prefix, melody)
         return job_id
 
@@ -138,7 +143,10 @@ class Service:
 
     def _on_step(self, r: Request) -> None:
         if r.steps == 1:
-            self.store.update(r.tag["job_id"], status="running")
+            try:
+                self.store.update(r.tag["job_id"], status="running")
+            except Exception as e:   # a full disk: the job goes on; its state is kept in memory meanwhile
+                log.warning("cannot record job %s as running: %s", r.tag["job_id"], e)
 
     def _finisher(self) -> None:
         """Decode and write finished jobs off the decoding thread, so the batch keeps stepping. Jobs that
@@ -149,20 +157,30 @@ class Service:
                 batch.append(self.finished.get())
             if None in batch:
                 return
-            done = [r for r in batch if r.status == "done"]
-            for frames in sorted({r.frames for r in done}):
-                group = [r for r in done if r.frames == frames]
-                try:
-                    audio = self.model.decode(torch.cat([r.codes for r in group]))     # (g, channels, samples)
-                except Exception as e:
-                    audio = [None] * len(group)
-                    for r in group:
-                        r.error = f"{type(e).__name__}: {e}"
-                for r, wav in zip(group, audio):
-                    self._write(r, wav)
-            for r in batch:
-                if r.status != "done":
-                    self._write(r, None)
+            try:
+                self._finish(batch)
+            except Exception:   # the thread must outlive any one batch, or no job would finish again
+                log.exception("finishing jobs %s failed", [r.tag["job_id"] for r in batch])
+                for r in batch:
+                    self.unsaved.setdefault(r.tag["job_id"], {"status": "failed", "error": "could not be saved"})
+                    self.live.pop(r.tag["job_id"], None)
+
+    def _finish(self, batch: list[Request]) -> None:
+        """Decode the batch's finished jobs together and write every job's result or state."""
+        done = [r for r in batch if r.status == "done"]
+        for frames in sorted({r.frames for r in done}):
+            group = [r for r in done if r.frames == frames]
+            try:
+                audio = self.model.decode(torch.cat([r.codes for r in group]))     # (g, channels, samples)
+            except Exception as e:
+                audio = [None] * len(group)
+                for r in group:
+                    r.error = f"{type(e).__name__}: {e}"
+            for r, wav in zip(group, audio):
+                self._write(r, wav)
+        for r in batch:
+            if r.status != "done":
+                self._write(r, None)
 
     def _write(self, r: Request, audio: torch.Tensor | None) -> None:
         job_id, fmt = r.tag["job_id"], r.tag["format"]
@@ -174,8 +192,13 @@ class Service:
             else:
                 status = r.status if r.status != "done" else "failed"
                 self.store.update(job_id, status=status, progress=r.progress, error=r.error)
-        except Exception as e:
-            self.store.update(job_id, status="failed", error=f"{type(e).__name__}: {e}")
+        except Exception as e:   # the files or the database cannot be written (a full disk, ...)
+            error = f"{type(e).__name__}: {e}"
+            log.warning("job %s failed: %s", job_id, error)
+            try:
+                self.store.update(job_id, status="failed", error=error)
+            except Exception:   # the database too: report the failure from memory until a restart
+                self.unsaved[job_id] = {"status": "failed", "error": error}
         finally:
             self.live.pop(job_id, None)
 
@@ -183,6 +206,8 @@ class Service:
         rec = self.store.get(job_id)
         if rec is None:
             raise HTTPException(404, f"no job {job_id}")
+        if job_id in self.unsaved and rec["status"] not in FINISHED:
+            rec.update(self.unsaved[job_id])
         live = self.live.get(job_id)
         if live is not None and rec["status"] not in FINISHED:
             rec["progress"] = live.progress
