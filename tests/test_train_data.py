@@ -283,4 +283,24 @@ def test_resume_can_drop_fsdp_and_grad_checkpoint_and_quiet(tmp_path):
     dropped = config("--no-fsdp", "--no-grad-checkpoint", "-q")
     assert not dropped.fsdp and not dropped.grad_checkpoint and not dropped.progress
     assert config("--fsdp").fsdp and not TrainConfig(data="d", model="m", run="r").fsdp
+    # a RUN copied or moved elsewhere goes on where it is now, not in the folder it was started in
+    moved = tmp_path / "moved"
+    run.rename(moved)
+    resumed = train_config(build_parser().parse_args(["train", str(data), "-o", str(moved), "--resume"]))
+    assert resumed.run == str(moved)
+
+
+def test_one_training_per_run(data, ckpt_dir, tmp_path, capsys):
+    """A training holds RUN while it writes there: a second one on the same RUN is refused in one line."""
+    from musicgen.train import state
+
+    run = tmp_path / "run"
+    held = state.lock_run(run)
+    args = ["train", data[0], "--model", ckpt_dir, "-o", run, "--steps", "1", "--batch-size", "2", "-q"]
+    try:
+        assert "is in use by another training" in _one_line_error(capsys, args)
+        assert [p.name for p in run.iterdir()] == [".lock"]
+    finally:
+        held.close()
+    assert main([str(a) for a in args]) == 0 and (run / "final").is_dir()
 

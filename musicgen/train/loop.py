@@ -76,9 +76,13 @@ def checkpoint_layers(lm) -> None:
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
     """Run (or resume) the training `cfg` describes; returns RUN/final."""
     d = setup(cfg.device)
+    trainer = None
     try:
-        return Trainer(cfg, d, resume).run()
+        trainer = Trainer(cfg, d, resume)
+        return trainer.run()
     finally:
+        if trainer is not None:
+            trainer.close()
         d.close()
 
 
@@ -94,7 +98,7 @@ class Trainer:
         found = st.checkpoints(self.run_dir) if resume else []
         if resume and not (self.run_dir / "config.json").is_file():
             raise ValueError(f"nothing to resume in {self.run_dir}")
-        if not resume and self.run_dir.exists() and any(self.run_dir.iterdir()):
+        if not resume and self.run_dir.exists() and any(p.name != st.LOCK for p in self.run_dir.iterdir()):
             raise ValueError(f"{self.run_dir} exists; pass --resume to continue it, or choose a new -o RUN")
         d.barrier()   # every rank has looked at RUN before rank 0 writes into it
         self.data = CodesData(cfg.data)
@@ -150,15 +154,23 @@ class Trainer:
         self.ema = EMA(self.trained, cfg.ema) if cfg.ema > 0 else None
         self.augment = Augment(cfg_dropout=cfg.cfg_dropout, word_dropout=cfg.word_dropout)
         self.start = 0
-        if found:
-            self._restore(found[-1][1])
-        elif d.main and not (self.run_dir / "config.json").is_file():
-            from .encode import write_atomic
+        # one training per RUN, from here on where RUN is written: a second one (started at the same moment,
+        # or a run resumed twice) is refused instead of interleaving checkpoints and metrics
+        self._lock = st.lock_run(self.run_dir) if d.main else None
+        try:
+            if d.main and not resume and any(p.name != st.LOCK for p in self.run_dir.iterdir()):
+                raise ValueError(f"{self.run_dir} exists; pass --resume to continue it, or choose a new -o RUN")
+            if found:
+                self._restore(found[-1][1])
+            elif d.main and not (self.run_dir / "config.json").is_file():
+                from .encode import write_atomic
 
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_atomic(self.run_dir / "config.json", json.dumps(asdict(cfg), indent=2) + "\n")
-        d.barrier()
-        self.metrics = st.Metrics(self.run_dir, d.main, self.start)
+                write_atomic(self.run_dir / "config.json", json.dumps(asdict(cfg), indent=2) + "\n")
+            d.barrier()
+            self.metrics = st.Metrics(self.run_dir, d.main, self.start)
+        except BaseException:
+            self.close()
+            raise
 
     # -- one step -----------------------------------------------------------------------------------------
     def _logits(self, batch, module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -281,6 +293,12 @@ class Trainer:
         self.start = int(payload["step"])
 
     # -- the run -------------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Let RUN go: another training may write it now."""
+        if getattr(self, "_lock", None) is not None:
+            self._lock.close()
+            self._lock = None
+
     def run(self) -> Path:
         from tqdm import tqdm
 

@@ -48,11 +48,14 @@ FREE_ON_RESUME = ("save_every", "keep", "valid_every", "sample_every", "sample_p
 
 
 def resume_config(run: str | Path, given: dict) -> TrainConfig:
-    """RUN's own options, with the `given` ones (those set on the command line) where they may change."""
+    """RUN's own options, with the `given` ones (those set on the command line) where they may change. The run
+    goes on in `run` (where config.json was found), wherever it was started: a RUN folder may be moved or
+    copied and resumed there."""
     path = Path(run) / "config.json"
     if not path.is_file():
         raise ValueError(f"nothing to resume: {run} has no config.json (start it without --resume)")
     saved = json.loads(path.read_text())
+    saved["run"] = str(run)
     for key, value in given.items():
         if value is None or key in ("run",):
             continue

@@ -8,6 +8,7 @@ and the loss curve.
                                     tokens_per_s, audio_s_per_s, and valid_loss / valid_codebook_losses when
                                     computed
     RUN/loss.png                    the loss curves at the end (needs matplotlib: the `train` extra)
+    RUN/.lock                       held (flock) by the training that writes RUN, so a second one is refused
 
 A checkpoint is written to a temporary file, flushed to disk and renamed into place, so a run killed at any
 moment leaves whole checkpoints only; metrics lines past the checkpoint a run resumes from are dropped, so the
@@ -25,6 +26,25 @@ from pathlib import Path
 import torch
 
 _NAME = re.compile(r"^step_(\d+)\.pt$")
+LOCK = ".lock"
+
+
+def lock_run(run: Path):
+    """Hold an exclusive lock on RUN for as long as the returned file stays open (the OS drops it when the
+    process dies, so a killed run leaves no stale lock). None where flock does not exist (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    run = Path(run)
+    run.mkdir(parents=True, exist_ok=True)
+    f = open(run / LOCK, "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise ValueError(f"{run} is in use by another training; wait for it to end, or choose another -o RUN") from None
+    return f
 
 
 def checkpoints(run: Path) -> list[tuple[int, Path]]:
