@@ -298,6 +298,8 @@ def test_a_clip_of_one_sample_is_skipped_by_every_metric(tmp_path, embedders):
     assert ("tiny", "reference", "fad") in skipped
     assert all(report.values[m]["clips"] == 3 for m in ("fad", "kl", "chroma"))
     assert all(math.isfinite(report.values[m]["value"]) for m in ("fad", "kl", "chroma"))
+    from musicgen.eval.audio import fad_waveform
+    assert fad_waveform(torch.zeros(0)).shape == (0,)
 
 
 def test_mismatched_sample_rates_are_converted_per_clip(tmp_path, embedders):

@@ -34,6 +34,8 @@ def convert_audio(wav: torch.Tensor, from_rate: int, to_rate: int) -> torch.Tens
 def fad_waveform(mono: torch.Tensor) -> torch.Tensor:
     """(samples,) -> the same after the trip through audiocraft's FAD files: peak at -1 dBFS, then 16-bit PCM.
     A silent clip stays silent (audiocraft would divide by its zero peak)."""
+    if mono.numel() == 0:
+        return mono
     peak = mono.abs().max()
     if peak > 0:
         mono = mono * (PEAK / peak)
