@@ -17,14 +17,13 @@ import functools
 import math
 import os
 import struct
-import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .files import as_created
+from .files import write_atomically
 
 FORMATS = {"wav": ("WAV", "PCM_16"), "flac": ("FLAC", "PCM_16"), "ogg": ("OGG", "VORBIS"),
            "mp3": ("MP3", "MPEG_LAYER_III")}
@@ -203,15 +202,8 @@ def save_audio(path: str | os.PathLike, audio, sample_rate: int, strategy: str =
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise ValueError(f"output folder {folder} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".{fmt}", dir=folder)
-    os.close(fd)
-    try:
-        sf.write(tmp, data.T.astype(np.float32), sample_rate, format=major, subtype=subtype)
-        as_created(tmp)                                   # mkstemp's file is private (0600)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, lambda tmp: sf.write(tmp, data.T.astype(np.float32), sample_rate, format=major,
+                                                subtype=subtype), suffix=f".{fmt}")
     return path
 
 

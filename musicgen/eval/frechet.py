@@ -86,25 +86,13 @@ def fad_inf(embeddings: np.ndarray, reference: Gaussian, steps: int = 25, min_n:
 def save_stats(path, stats: dict[str, Gaussian], settings: dict) -> None:
     """Reference statistics per embedder, with the settings they were computed under (np.savez, atomic)."""
     import json
-    import os
-    import tempfile
-    from pathlib import Path
 
-    from ..files import as_created
+    from ..files import write_atomically
 
-    path = Path(path)
     arrays = {"settings": np.array(json.dumps(settings, sort_keys=True))}
     for name, g in stats.items():
         arrays[f"{name}.mu"], arrays[f"{name}.sigma"], arrays[f"{name}.count"] = g.mu, g.sigma, np.array(g.count)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent if str(path.parent) else ".")
-    os.close(fd)
-    try:
-        np.savez(tmp, **arrays)
-        as_created(tmp)                                   # mkstemp's file is private (0600)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, lambda tmp: np.savez(tmp, **arrays), suffix=".npz")   # tmp ends in .npz: savez adds none
 
 
 def load_stats(path) -> tuple[dict[str, Gaussian], dict]:

@@ -7,11 +7,9 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
-from ..files import as_created
+from ..files import write_atomically
 from .metrics import Report
 
 LABELS = {"fad": "FAD (VGGish)", "fad-clap": "FAD (CLAP)", "kl": "KL (PaSST)", "clap": "CLAP score",
@@ -35,15 +33,7 @@ def table(report: Report) -> str:
 
 
 def atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        as_created(tmp)                                   # mkstemp's file is private (0600)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def to_json(report: Report, settings: dict) -> str:
