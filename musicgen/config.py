@@ -12,6 +12,10 @@ import math
 MAX_DURATION = 30.0   # seconds: the context MusicGen was trained on; longer runs slide a window over it
 
 
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 # EnCodec's convolutions pad the signal's ends in one of these modes; each looks only at samples near the end it
 # pads, which the windowed fast codec and the streaming decoder rely on (circular padding would not)
 PAD_MODES = ("constant", "reflect", "replicate")
@@ -61,12 +65,13 @@ class CodecConfig:
         ratios = tuple(d.get("upsampling_ratios", (8, 5, 4, 2)))
         codebook_size = d.get("codebook_size", 1024)
         bandwidths = d.get("target_bandwidths", (1.5, 3.0, 6.0, 12.0, 24.0))
+        # checked here already: the frame rate and the codebook counts below are computed from them
         for name, value in (("sampling_rate", sr), ("codebook_size", codebook_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not _positive_int(value):
                 raise ValueError(f"audio_encoder {name} must be a positive integer, got {value!r}")
         if not bandwidths or not all(isinstance(b, (int, float)) and b > 0 for b in bandwidths):
             raise ValueError(f"audio_encoder target_bandwidths must be positive numbers, got {bandwidths!r}")
-        if not ratios or not all(isinstance(r, int) and r > 0 for r in ratios):
+        if not ratios or not all(map(_positive_int, ratios)):
             raise ValueError(f"audio_encoder upsampling_ratios must be positive integers, got {ratios!r}")
         frame_rate = math.ceil(sr / math.prod(ratios))
         nbits = math.ceil(math.log2(codebook_size))
@@ -230,11 +235,9 @@ class MusicGenConfig:
                 ("audio_encoder", self.codec, ("sample_rate", "num_filters", "hidden_size", "codebook_size",
                                                "num_codebooks"))):
             for name in names:
-                value = getattr(part, name)
-                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                    raise ValueError(f"{where} {name} must be a positive integer, got {value!r}")
-        if not self.codec.ratios or any(isinstance(r, bool) or not isinstance(r, int) or r < 1
-                                        for r in self.codec.ratios):
+                if not _positive_int(getattr(part, name)):
+                    raise ValueError(f"{where} {name} must be a positive integer, got {getattr(part, name)!r}")
+        if not self.codec.ratios or not all(map(_positive_int, self.codec.ratios)):
             raise ValueError(f"audio_encoder upsampling ratios must be positive integers, got {self.codec.ratios!r}")
         if self.lm.dim % self.lm.num_heads:
             raise ValueError(f"decoder hidden size {self.lm.dim} does not split into {self.lm.num_heads} heads")

@@ -99,13 +99,31 @@ def per_row(audio, batch: int, what: str) -> list[torch.Tensor]:
     return out
 
 
-def rate(value, what: str) -> int:
+def integer(value) -> int | None:
+    """An int or a NumPy integer as an int; None for anything else (bools and floats included: a float would
+    be truncated)."""
+    if isinstance(value, bool):
+        return None
     try:
-        if isinstance(value, bool):
-            raise TypeError
-        value = operator.index(value)   # ints and NumPy integers
+        return operator.index(value)
     except TypeError:
-        raise ValueError(f"{what} must be a positive integer (Hz), got {value!r}") from None
-    if value <= 0:
+        return None
+
+
+def rate(value, what: str) -> int:
+    hz = integer(value)
+    if hz is None or hz <= 0:
         raise ValueError(f"{what} must be a positive integer (Hz), got {value!r}")
+    return hz
+
+
+def check_seed(seed) -> int | None:
+    """None, or an integer in 0 .. 2**63 - 1 (what torch.Generator takes, and the service's range)."""
+    if seed is None:
+        return None
+    value = integer(seed)
+    if value is None:
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    if not 0 <= value < 2 ** 63:
+        raise ValueError(f"seed must be in 0 .. 2**63 - 1, got {value}")
     return value

@@ -13,7 +13,6 @@ musicgen/longform.py). `stream` runs the same loop and decodes audio as frames c
 from __future__ import annotations
 
 import numbers
-import operator
 import sys
 from typing import Sequence
 
@@ -28,7 +27,7 @@ from .codec import EnCodec
 from .config import MAX_DURATION, MusicGenConfig
 from .delay import build_pattern
 from .engine import Engine, Reference, Request
-from .inputs import check_batch, per_row, rate, rows_of
+from .inputs import check_batch, check_seed, per_row, rate, rows_of
 from .lm import MusicLM
 from .longform import generate_long
 from .precision import Precision
@@ -349,21 +348,6 @@ class MusicGen(nn.Module):
 def _long_prompt(seconds: float, limit_seconds: float) -> ValueError:
     return ValueError(f"the audio prompt ({seconds:g} s) is longer than the duration to generate or the "
                       f"{MAX_DURATION:g} s window ({min(limit_seconds, MAX_DURATION):g} s)")
-
-
-def check_seed(seed) -> int | None:
-    """None, or an integer in 0 .. 2**63 - 1 (what torch.Generator takes, and the service's range)."""
-    if seed is None:
-        return None
-    try:
-        if isinstance(seed, bool):
-            raise TypeError
-        value = operator.index(seed)   # ints and NumPy integers; not floats, which would be truncated
-    except TypeError:
-        raise ValueError(f"seed must be an integer, got {seed!r}") from None
-    if not 0 <= value < 2 ** 63:
-        raise ValueError(f"seed must be in 0 .. 2**63 - 1, got {value}")
-    return value
 
 
 def _progress(total: int, enabled: bool):

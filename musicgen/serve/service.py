@@ -278,6 +278,9 @@ def _parse_request(raw: str | bytes) -> GenerateRequest:
     return GenerateRequest.model_validate(obj)
 
 
+_TOKEN = re.compile(r"(access_token=)[^&\s]*")
+
+
 class RedactTokens(logging.Filter):
     """Hide `access_token=` values in uvicorn's access log lines (the page's <audio> URLs carry the key)."""
 
@@ -285,9 +288,6 @@ class RedactTokens(logging.Filter):
         if isinstance(record.args, tuple):
             record.args = tuple(_TOKEN.sub(r"\1***", a) if isinstance(a, str) else a for a in record.args)
         return True
-
-
-_TOKEN = re.compile(r"(access_token=)[^&\s]*")
 
 
 def create_app(service: Service) -> FastAPI:

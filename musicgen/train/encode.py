@@ -268,8 +268,9 @@ def validation_files(sources: list[str], fraction: float) -> set[str]:
     stays to train on."""
     if not fraction > 0 or len(sources) < 2:
         return set()
-    by_hash = sorted(sources, key=lambda s: hashlib.sha1(s.encode()).hexdigest())
-    valid = {s for s in sources if int(hashlib.sha1(s.encode()).hexdigest()[:12], 16) < fraction * 16 ** 12}
+    digest = {s: hashlib.sha1(s.encode()).hexdigest() for s in sources}
+    by_hash = sorted(sources, key=digest.get)
+    valid = {s for s in sources if int(digest[s][:12], 16) < fraction * 16 ** 12}
     if not valid:
         valid = {by_hash[0]}
     if len(valid) == len(sources):

@@ -98,8 +98,8 @@ class Trainer:
         found = st.checkpoints(self.run_dir) if resume else []
         if resume and not (self.run_dir / "config.json").is_file():
             raise ValueError(f"nothing to resume in {self.run_dir}")
-        if not resume and self.run_dir.exists() and any(p.name != st.LOCK for p in self.run_dir.iterdir()):
-            raise ValueError(f"{self.run_dir} exists; pass --resume to continue it, or choose a new -o RUN")
+        if not resume:
+            self._check_new_run()
         d.barrier()   # every rank has looked at RUN before rank 0 writes into it
         self.data = CodesData(cfg.data)
         self.model = load(cfg.model, device=d.device)
@@ -158,8 +158,8 @@ class Trainer:
         # or a run resumed twice) is refused instead of interleaving checkpoints and metrics
         self._lock = st.lock_run(self.run_dir) if d.main else None
         try:
-            if d.main and not resume and any(p.name != st.LOCK for p in self.run_dir.iterdir()):
-                raise ValueError(f"{self.run_dir} exists; pass --resume to continue it, or choose a new -o RUN")
+            if d.main and not resume:
+                self._check_new_run()   # again, now that RUN is ours: another run may have filled it meanwhile
             if found:
                 self._restore(found[-1][1])
             elif d.main and not (self.run_dir / "config.json").is_file():
@@ -171,6 +171,11 @@ class Trainer:
         except BaseException:
             self.close()
             raise
+
+    def _check_new_run(self) -> None:
+        """A new run needs RUN empty or absent (its lock file aside)."""
+        if self.run_dir.exists() and any(p.name != st.LOCK for p in self.run_dir.iterdir()):
+            raise ValueError(f"{self.run_dir} exists; pass --resume to continue it, or choose a new -o RUN")
 
     # -- one step -----------------------------------------------------------------------------------------
     def _logits(self, batch, module) -> tuple[torch.Tensor, torch.Tensor]:
