@@ -76,7 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--continue", dest="continue_from", type=Path,
                    help="audio file to continue: the output starts with it; --duration is the total length")
     g.add_argument("--unconditional", action="store_true", help="generate without text (no prompts allowed)")
-    g.add_argument("--batch-size", type=int, default=None, help="rows to generate when there is no text")
+    g.add_argument("--batch-size", type=int, default=None, help="clips to generate when there is no text")
+    g.add_argument("--max-batch", type=int, default=4,
+                   help="clips generated together (default 4); more are generated in turns, each turn's files "
+                        "written when it ends, turn i seeded with --seed + i")
     g.add_argument("--extend-stride", type=_positive_float, default=18.0,
                    help="seconds the 30 s window advances beyond 30 s of audio (default 18)")
     g.add_argument("--stream", action="store_true",
@@ -192,10 +195,14 @@ def cmd_generate(args) -> int:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.batch_size is not None and prompts is not None and args.batch_size != len(prompts):
         raise UsageError(f"--batch-size {args.batch_size} does not match the {len(prompts)} prompt(s)")
+    if args.max_batch < 1:
+        raise UsageError(f"--max-batch must be >= 1, got {args.max_batch}")
     rows = len(prompts) if prompts is not None else (args.batch_size or 1)
     paths = _output_paths(args, rows)
     if args.stream and any(p.suffix.lower() != ".wav" for p in paths):   # checked before the model loads
         raise UsageError("--stream writes WAV only; use a .wav output (or -o - for stdout)")
+    # memory grows with the rows decoded together (a cache per row): a long prompts file goes in turns
+    turns = [(start, min(start + args.max_batch, rows)) for start in range(0, rows, args.max_batch)]
     from .inputs import resolve_device
 
     device = resolve_device(args.device)
@@ -210,14 +217,21 @@ def cmd_generate(args) -> int:
         wav, sr = musicgen.load_audio(args.continue_from)
         extra.update(prompt_audio=wav, prompt_sample_rate=sr)
     model = musicgen.load(args.model, device=device, dtype=args.dtype, quantize=args.quantize, compile=args.compile)
-    if args.stream:
-        return _generate_streaming(model, prompts, paths, args, rows, extra)
-    audio = model.generate(prompts, duration=args.duration, top_k=args.top_k, top_p=args.top_p,
-                           temperature=args.temperature, guidance_scale=args.guidance_scale, seed=args.seed,
-                           progress=not args.quiet, batch_size=rows, extend_stride=args.extend_stride, **extra)
-    for path, wav in zip(paths, audio):
-        musicgen.save_audio(path, wav, model.sample_rate, strategy=args.strategy, format=args.format)
-        print(path)
+    for turn, (start, end) in enumerate(turns):
+        part = None if prompts is None else prompts[start:end]
+        seed = None if args.seed is None else (args.seed + turn) % 2 ** 63
+        if len(turns) > 1 and not args.quiet:
+            print(f"clips {start + 1}-{end} of {rows}", file=sys.stderr, flush=True)
+        if args.stream:
+            _generate_streaming(model, part, paths[start:end], args, end - start, seed, extra)
+            continue
+        audio = model.generate(part, duration=args.duration, top_k=args.top_k, top_p=args.top_p,
+                               temperature=args.temperature, guidance_scale=args.guidance_scale, seed=seed,
+                               progress=not args.quiet, batch_size=end - start, extend_stride=args.extend_stride,
+                               **extra)
+        for path, wav in zip(paths[start:end], audio):
+            musicgen.save_audio(path, wav, model.sample_rate, strategy=args.strategy, format=args.format)
+            print(path, flush=True)
     return 0
 
 
@@ -229,7 +243,7 @@ def cmd_convert(args) -> int:
     return 0
 
 
-def _generate_streaming(model, prompts, paths, args, rows: int, extra: dict) -> int:
+def _generate_streaming(model, prompts, paths, args, rows: int, seed: int | None, extra: dict) -> None:
     """Write WAV while it is generated. The outputs are opened only once the first chunk exists, so that a
     request the model refuses (too long, a melody for a text model, ...) leaves existing files as they were;
     an interrupted stream leaves a valid WAV of what was written."""
@@ -238,7 +252,7 @@ def _generate_streaming(model, prompts, paths, args, rows: int, extra: dict) -> 
     from .audio import pcm16, wav_header
 
     chunks = model.stream(prompts, duration=args.duration, chunk_seconds=1.0, top_k=args.top_k, top_p=args.top_p,
-                          temperature=args.temperature, guidance_scale=args.guidance_scale, seed=args.seed,
+                          temperature=args.temperature, guidance_scale=args.guidance_scale, seed=seed,
                           batch_size=rows, **extra)
     first = next(chunks, None)                            # (B, channels, samples): the checks have run
     outs = [open(p, "wb") for p in paths] if paths else [sys.stdout.buffer]
@@ -265,8 +279,7 @@ def _generate_streaming(model, prompts, paths, args, rows: int, extra: dict) -> 
             f.write(data.to_bytes(4, "little"))
             f.close()
     for path in paths:
-        print(path)
-    return 0
+        print(path, flush=True)
 
 
 def cmd_serve(args) -> int:

@@ -43,6 +43,27 @@ def test_several_prompts_give_numbered_files(ckpt_dir, tmp_path):
     assert files == ["song_0.flac", "song_1.flac", "song_2.flac"]
 
 
+def test_prompts_beyond_max_batch_go_in_turns_each_seeded(ckpt_dir, tmp_path, capsys):
+    import musicgen
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("lofi beat\nepic orchestra\nsolo piano\n")
+    out = tmp_path / "clip.wav"
+    code = main(["generate", "--prompts-file", str(prompts), "--model", str(ckpt_dir), "-d", "0.3", "-o", str(out),
+                 "--strategy", "none", "--seed", "7", "--max-batch", "2"])
+    assert code == 0
+    captured = capsys.readouterr()
+    assert "clips 1-2 of 3" in captured.err and "clips 3-3 of 3" in captured.err
+    assert captured.out.split() == [str(tmp_path / f"clip_{i}.wav") for i in range(3)]
+    model = musicgen.load(ckpt_dir)
+    expected = [*model.generate(["lofi beat", "epic orchestra"], duration=0.3, seed=7),
+                *model.generate(["solo piano"], duration=0.3, seed=8)]       # turn i: --seed + i
+    for i, wav in enumerate(expected):
+        written, sr = sf.read(tmp_path / f"clip_{i}.wav", dtype="float32")
+        assert sr == model.sample_rate and written.shape == wav[0].shape
+        assert abs(written - wav[0].clamp(-1, 1).numpy()).max() < 1e-4, i
+
+
 def test_refuses_to_overwrite_without_force(ckpt_dir, tmp_path, capsys):
     out = tmp_path / "x.wav"
     out.write_bytes(b"keep me")
@@ -57,6 +78,7 @@ def test_refuses_to_overwrite_without_force(ckpt_dir, tmp_path, capsys):
     (["generate", ""], "prompt 1 is empty"),
     (["generate"], "at least one prompt"),
     (["generate", "x", "--duration", "0"], "--duration must be positive"),
+    (["generate", "x", "--max-batch", "0"], "--max-batch must be >= 1"),
     (["generate", "x", "--duration", "-3"], "--duration must be positive"),
     (["generate", "x", "--duration", "inf"], "not a finite number"),
     (["generate", "x", "--duration", "abc"], "not a number"),
