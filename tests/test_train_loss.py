@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import musicgen
-from musicgen.train.loss import IGNORE, batch_loss, delayed_batch
+from musicgen.train.loss import IGNORE, batch_loss, delayed_batch, target_counts
 from musicgen.train.lora import LoRALinear, add_lora, merge_lora
 from musicgen.train.loop import lr_factor
 from musicgen.train.network import Network, text_states
@@ -26,7 +26,9 @@ def _hf_labels(targets, pad):
     return labels.transpose(1, 2)             # (B, L, K)
 
 
-def test_delayed_targets_cover_each_real_frame_once():
+def test_delayed_targets_are_audiocraft_valid_steps():
+    """Codebook k predicts frames 0 .. n - 1 - k of a row of n frames, each once, delayed by k: audiocraft's LM
+    reads the pattern only up to the last step where every codebook is defined (keep_only_valid_steps)."""
     codes = torch.arange(2 * 4 * 5).reshape(2, 4, 5) % 60
     lengths = torch.tensor([5, 3])
     inputs, targets = delayed_batch(codes, lengths, special=64)
@@ -35,14 +37,37 @@ def test_delayed_targets_cover_each_real_frame_once():
     for b, n in enumerate(lengths.tolist()):
         for k in range(4):
             real = targets[b, k][targets[b, k] != IGNORE]
-            assert real.tolist() == codes[b, k, :n].tolist()               # delayed by k, each frame once
+            assert real.tolist() == codes[b, k, :max(0, n - k)].tolist()   # delayed by k, each frame once
             assert (targets[b, k, :k] == IGNORE).all()
+            seen = inputs[b, k, 1 + k:1 + k + n]                           # the LM still reads the frames
+            assert torch.equal(seen, codes[b, k, :len(seen)])
     assert (inputs[1, 0, 4:] == 64).all()          # frames past a row's length are special tokens on input
+    assert target_counts([5, 3], 4).tolist() == [8, 6, 4, 2]
+    assert torch.equal((targets != IGNORE).sum(dim=(0, 2)), target_counts([5, 3], 4).long())
     stereo_in, stereo_t = delayed_batch(codes.repeat(1, 2, 1), lengths, special=64, audio_channels=2)
     assert stereo_t.shape == (2, 8, 5 + 3)
     pads = stereo_t == IGNORE                                              # L0 R0 L1 R1 ...: delays 0 0 1 1 2 2 3 3
     assert all(torch.equal(pads[:, 2 * i], pads[:, 2 * i + 1]) for i in range(4))
     assert torch.equal(pads[:, ::2], targets == IGNORE)
+    assert target_counts([5, 3], 8, audio_channels=2).tolist() == [8, 8, 6, 6, 4, 4, 2, 2]
+
+
+def test_loss_averages_each_codebook_over_its_own_targets():
+    """audiocraft's _compute_cross_entropy: the mean CE of each codebook over its valid targets, then the mean
+    over codebooks (written out here position by position)."""
+    B, K, T, V = 2, 4, 6, 16
+    codes = _codes(B, K, T, V)
+    lengths = torch.tensor([6, 4])
+    _, targets = delayed_batch(codes, lengths, special=V)
+    logits = torch.randn(B, K, T + 3, V, generator=torch.Generator().manual_seed(3))
+    loss, per_codebook = batch_loss(logits, targets)
+    expected = []
+    for k in range(K):
+        terms = [torch.nn.functional.cross_entropy(logits[b, k, f + k], codes[b, k, f])
+                 for b, n in enumerate(lengths.tolist()) for f in range(n - k)]   # frame f: logits at f + k
+        expected.append(torch.stack(terms).mean())
+    torch.testing.assert_close(per_codebook, torch.stack(expected))
+    torch.testing.assert_close(loss, torch.stack(expected).mean())
 
 
 def test_loss_and_gradients_equal_transformers(ckpt_dir):

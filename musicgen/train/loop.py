@@ -30,7 +30,7 @@ import torch
 from . import state as st
 from .dataset import Augment, CodesData
 from .distributed import Dist, setup, sync_gradients, wrap
-from .loss import codebook_sums, delayed_batch
+from .loss import codebook_sums, delayed_batch, target_counts
 from .network import Network, text_states
 from .options import PRECISIONS, TrainConfig, check_options
 
@@ -192,7 +192,8 @@ class Trainer:
         cfg, d = self.cfg, self.d
         started = time.perf_counter()
         rows = self.data.train_rows(step, cfg.batch_size, self.crop, cfg.seed, self.augment)
-        total = sum(r.frames for r in rows)                                   # targets per codebook, all ranks
+        frames = sum(r.frames for r in rows)                                  # all ranks
+        counts = target_counts([r.frames for r in rows], self.K, self.model.cfg.audio_channels).to(d.device)
         share = cfg.batch_size // d.world
         mine = rows[d.rank * share:(d.rank + 1) * share]
         sums = torch.zeros(self.K, device=d.device)
@@ -202,7 +203,7 @@ class Trainer:
             with sync_gradients(self.module, i == cfg.accumulate - 1):
                 logits, targets = self._logits(batch, self.module)
                 part = codebook_sums(logits, targets)                          # (K,)
-                loss = part.sum() / (self.K * total) * d.world
+                loss = (part / counts.clamp(min=1)).sum() / self.K * d.world
                 self.scaler.scale(loss).backward()
             sums += part.detach()
         self.scaler.unscale_(self.optimizer)
@@ -226,11 +227,11 @@ class Trainer:
         self.scheduler.step()
         if self.ema is not None:
             self.ema.update()
-        per_codebook = (d.sum(sums) / total).tolist()
+        per_codebook = (d.sum(sums) / counts.clamp(min=1)).tolist()
         seconds = time.perf_counter() - started
         return dict(step=step, loss=sum(per_codebook) / self.K, codebook_losses=per_codebook, lr=lr,
-                    grad_norm=float(norm), tokens_per_s=total * self.K / seconds,
-                    audio_s_per_s=total / self.data.frame_rate / seconds)
+                    grad_norm=float(norm), tokens_per_s=frames * self.K / seconds,
+                    audio_s_per_s=frames / self.data.frame_rate / seconds)
 
     @torch.no_grad()
     def validate(self) -> tuple[float, list[float]]:
@@ -239,7 +240,7 @@ class Trainer:
         rows = self.data.valid_rows(self.crop)
         mine = rows[d.rank::d.world]
         chunks = math.ceil(math.ceil(len(rows) / d.world) / self.micro)   # the same count on every rank (FSDP)
-        sums, count = torch.zeros(self.K, device=d.device), torch.zeros((), device=d.device)
+        sums, count = torch.zeros(self.K, device=d.device), torch.zeros(self.K, device=d.device)
         module = self.module if self.cfg.fsdp else self.net   # FSDP gathers shards in its forward; DDP's is not needed
         for i in range(chunks):
             chunk = mine[i * self.micro:(i + 1) * self.micro]
@@ -247,7 +248,7 @@ class Trainer:
             logits, targets = self._logits(batch, module)
             if chunk:   # an empty chunk ran only to keep FSDP's collectives in step
                 sums += codebook_sums(logits, targets)
-                count += batch.lengths.sum()
+                count += target_counts(batch.lengths.tolist(), self.K, self.model.cfg.audio_channels).to(d.device)
         per_codebook = (d.sum(sums) / d.sum(count).clamp(min=1)).tolist()
         return sum(per_codebook) / self.K, per_codebook
 
