@@ -208,15 +208,15 @@ def save_audio(path: str | os.PathLike, audio, sample_rate: int, strategy: str =
 
 
 def resample(audio: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:
-    """Polyphase resampling (Kaiser-windowed FIR) along the last axis."""
+    """Resampling along the last axis as audiocraft's `convert_audio` does it: julius' windowed-sinc
+    `resample_frac` with its defaults, int(samples * new_sr / orig_sr) samples out. Prompts, melodies and
+    training audio then give audiocraft's codes and chroma (its length included)."""
     if orig_sr == new_sr:
         return audio
-    from scipy.signal import resample_poly
+    import julius
 
-    g = math.gcd(int(orig_sr), int(new_sr))
-    x = audio.detach().to("cpu", torch.float64).numpy()
-    y = resample_poly(x, new_sr // g, orig_sr // g, axis=-1)
-    return torch.from_numpy(np.ascontiguousarray(y)).to(audio.dtype if audio.is_floating_point() else torch.float32)
+    dtype = audio.dtype if audio.is_floating_point() else torch.float32
+    return julius.resample_frac(audio.detach().float(), int(orig_sr), int(new_sr)).to(dtype)
 
 
 def convert_channels(audio: torch.Tensor, channels: int) -> torch.Tensor:

@@ -93,10 +93,12 @@ def prepare_melody(wav: torch.Tensor, sample_rate: int, demucs: bool = True) -> 
         raise ValueError(f"melody_sample_rate must be a positive integer, got {sample_rate!r}")
     if not torch.isfinite(wav).all():
         raise ValueError("the melody holds NaN or infinite samples")
-    wav = wav.float().cpu()
+    # audiocraft's route: the melody at the codec's rate, down-mixed to mono, then (with Demucs) up to Demucs'
+    # rate and channels and back
+    wav = resample(convert_channels(wav.float().cpu(), 1), sample_rate, CHROMA_SAMPLE_RATE)
     if demucs and _demucs_available():
-        return _separate(wav, sample_rate)
-    return resample(convert_channels(wav, 1), sample_rate, CHROMA_SAMPLE_RATE)[0]
+        return _separate(wav, CHROMA_SAMPLE_RATE)
+    return wav[0]
 
 
 @functools.lru_cache(maxsize=1)
@@ -119,7 +121,8 @@ def _demucs_model():
 
 
 def _separate(wav: torch.Tensor, sample_rate: int) -> torch.Tensor:
-    """Keep the vocals and 'other' stems of htdemucs (audiocraft's choice), mono at 32 kHz."""
+    """Keep the vocals and 'other' stems of htdemucs (audiocraft's choice): (1, samples) at `sample_rate` ->
+    mono (samples,) at 32 kHz."""
     from demucs.apply import apply_model
 
     model = _demucs_model()

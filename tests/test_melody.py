@@ -196,3 +196,41 @@ def test_bad_melodies(melody_model, melody, kwargs, message):
 def test_melody_given_to_a_text_model(model):
     with pytest.raises(ValueError, match="no melody conditioning"):
         model.generate_codes(["x"], duration=0.1, melody=tone(0.5))
+
+
+def test_demucs_route_is_audiocraft_s(monkeypatch):
+    """With Demucs the melody goes as in audiocraft's generate_with_chroma and ChromaStemConditioner: to 32 kHz
+    mono, then to Demucs' rate and channels; the vocals and 'other' stems are summed, down-mixed and brought back
+    to 32 kHz. Demucs itself (weights from the internet) is stood in for by a recorder."""
+    import sys
+    import types
+
+    import julius
+
+    seen = {}
+
+    class Separator:
+        samplerate, audio_channels = 44100, 2
+        sources = ["drums", "bass", "other", "vocals"]
+
+    def apply_model(model, x):
+        seen["input"] = x.clone()
+        gains = torch.tensor([10.0, 20.0, 1.0, 2.0])                    # drums, bass, other, vocals
+        return gains[None, :, None, None] * x[:, None] * torch.tensor([1.0, -0.5])[None, None, :, None]
+
+    demucs = types.ModuleType("demucs")
+    demucs.apply = types.SimpleNamespace(apply_model=apply_model)
+    monkeypatch.setitem(sys.modules, "demucs", demucs)
+    monkeypatch.setitem(sys.modules, "demucs.apply", demucs.apply)
+    monkeypatch.setattr(chroma, "_demucs_model", lambda: Separator())
+    chroma._demucs_available.cache_clear()
+    try:
+        wav = tone(0.5, sr=48000, channels=2) * torch.tensor([[1.0], [0.3]])  # a stereo tune at 48 kHz
+        out = chroma.prepare_melody(wav, 48000, demucs=True)
+    finally:
+        chroma._demucs_available.cache_clear()
+    mono32 = julius.resample_frac(wav.mean(0, keepdim=True), 48000, 32000)
+    expected_in = julius.resample_frac(mono32, 32000, 44100).expand(2, -1)
+    torch.testing.assert_close(seen["input"][0], expected_in)
+    mix = 3.0 * expected_in * torch.tensor([[1.0], [-0.5]])                  # other + vocals, per channel
+    torch.testing.assert_close(out, julius.resample_frac(mix.mean(0), 44100, 32000))

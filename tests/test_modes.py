@@ -63,6 +63,21 @@ def test_continuation_without_text_and_resampled_prompt(model):
     assert wav.shape == (1, 1, 0.4 * 32000)
 
 
+def test_prompt_resampled_as_audiocraft_convert_audio(model):
+    """julius' resample_frac with int(samples * 32000 / rate) samples out: a 44.1 kHz prompt of 88201 samples is
+    64000 samples, 100 frames (a resampler that rounds up makes 64001 samples and a 101st frame)."""
+    import julius
+
+    from musicgen.audio import resample
+
+    audio = noise(1, 1, 88201 / 32000, seed=3)[0]                            # read as 44.1 kHz: 2.00002 s
+    assert torch.equal(resample(audio, 44100, 32000), julius.resample_frac(audio, 44100, 32000))
+    assert resample(audio, 44100, 32000).shape == (1, 64000)
+    # so it fits a 2 s request (101 frames would be refused as longer than the duration) and is all of it
+    codes = model.generate_codes(None, duration=2.0, prompt_audio=audio, prompt_sample_rate=44100)
+    assert torch.equal(codes, model.encode(resample(audio, 44100, 32000)[None]))
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(prompt_audio=torch.zeros(1, 0)), "empty"),
     (dict(prompt_audio=torch.zeros(1, 32000)), "longer than the duration"),
