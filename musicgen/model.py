@@ -181,7 +181,8 @@ class MusicGen(nn.Module):
                        extend_stride: float = EXTEND_STRIDE, top_k: int = 250, top_p: float = 0.0,
                        temperature: float = 1.0, guidance_scale: float = 3.0, seed: int | None = None,
                        progress: bool = False) -> torch.Tensor:
-        """Conditions -> codes (B, K, frames), frames = round(duration * frame_rate), `duration` the total length.
+        """Conditions -> codes (B, K, frames), frames = int(duration * frame_rate) as in audiocraft, `duration` the
+        total length.
 
         prompts        text per row; None for no text (unconditional, or melody / continuation alone)
         melody         melody checkpoints: (channels, samples) for every row, or one per row as a list or a
@@ -205,7 +206,7 @@ class MusicGen(nn.Module):
         window_frames = round(MAX_DURATION * self.frame_rate)
         if frames <= window_frames:
             return window(known, frames, melodies)
-        stride = round(extend_stride * self.frame_rate) if isinstance(extend_stride, numbers.Real) else 0
+        stride = int(extend_stride * self.frame_rate) if isinstance(extend_stride, numbers.Real) else 0
         if not 0 < stride < window_frames:
             raise ValueError(f"extend_stride must be in (0, {MAX_DURATION:g}) seconds, at least one frame and less "
                              f"than the window, got {extend_stride!r}")
@@ -261,7 +262,10 @@ class MusicGen(nn.Module):
             raise ValueError(f"duration must be a positive number of seconds, got {duration!r}")
         if duration == float("inf"):
             raise ValueError("duration must be finite")
-        return max(1, round(duration * self.frame_rate))
+        frames = int(duration * self.frame_rate)   # rounded down, as audiocraft's total_gen_len
+        if frames < 1:
+            raise ValueError(f"duration must be at least one frame ({1 / self.frame_rate:g} s), got {duration!r}")
+        return frames
 
     # -- a generation's inputs --------------------------------------------------------------------------
     def _inputs(self, prompts, duration, melody, melody_sample_rate, prompt_audio, prompt_sample_rate, batch_size,

@@ -107,7 +107,7 @@ def reference_model(ckpt_dir):
 def test_greedy_generation_matches_transformers(request, which, hf_model, hf_tokenizer, prompts):
     model = request.getfixturevalue(which)
     duration = 0.3
-    frames = round(duration * 50)
+    frames = int(duration * 50)
     captured = []
     ref_audio = _hf_greedy(hf_model, hf_inputs(hf_tokenizer, prompts), frames, captured)
     ref_codes = captured[0]

@@ -65,9 +65,17 @@ def test_seed_reproduces_and_differs(model):
     assert not torch.equal(a, c)
 
 
+def test_frames_are_rounded_down_as_audiocraft(model):
+    """audiocraft's total_gen_len = int(duration * frame_rate), float products included."""
+    assert [model.frames_for(d) for d in (10, 0.02, 0.58, 1.03, 8.05, 2.76)] == [500, 1, 28, 51, 402, 138]
+    assert model.generate_codes(["a"], duration=0.58, top_k=1).shape[-1] == 28
+    with pytest.raises(ValueError, match="at least one frame"):
+        model.frames_for(0.01)
+
+
 def test_shapes_and_frames(model):
     codes = model.generate_codes(["a", "b"], duration=0.33, seed=0)
-    assert codes.shape == (2, 4, round(0.33 * 50)) and codes.dtype == torch.long
+    assert codes.shape == (2, 4, int(0.33 * 50)) and codes.dtype == torch.long
     assert codes.min() >= 0 and codes.max() < 64
     audio = model.decode(codes)
     assert audio.shape == (2, 1, codes.shape[-1] * 640) and audio.dtype == torch.float32
