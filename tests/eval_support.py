@@ -34,6 +34,18 @@ def make_set(folder: Path, n: int, seconds: float = 2.0, rate: int = 32000, seed
                   rate) for i in range(n)]
 
 
+def google_fad_examples(x: np.ndarray) -> torch.Tensor:
+    """(samples,) float64 at 16 kHz -> (n, 96, 64): Google's FAD framing spelled out (AudioSetModel.extract_features
+    with create_embeddings_main's step of 8000 samples): a 1 s window (16000 samples) at every multiple of 0.5 s
+    where a whole one fits, the log-mel of each window computed alone by torchvggish (98 frames: one example)."""
+    from torchvggish import vggish_input
+
+    windows = [x[i:i + 16000] for i in range(0, len(x) - 16000 + 1, 8000)]
+    feats = [vggish_input.waveform_to_examples(w, 16000).detach()[:, 0] for w in windows]
+    assert all(f.shape[0] == 1 for f in feats)
+    return torch.cat(feats) if feats else torch.zeros(0, 96, 64)
+
+
 def vggish_embedder():
     from musicgen.eval.vggish import VGGish, VGGishEmbedder
 

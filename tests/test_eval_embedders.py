@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import eval_support as es
 from eval_support import DATA
 
 
@@ -20,10 +21,33 @@ def waves(rate, seconds, seed=0):
     return mod.waves(rate, seconds, seed)
 
 
+def test_vggish_examples_are_googles_one_second_windows():
+    """Google's FAD code (which audiocraft runs) cuts a clip into 1 s windows every 0.5 s and keeps the first
+    96 log-mel frames of each window, computed from that window alone: a 10 s clip has 19 (windows starting at
+    0, 0.5, ..., 9 s); the tail that fills no whole window is dropped."""
+    from musicgen.eval import vggish
+
+    clips = waves(16000, [1.0, 1.49, 1.5, 3.37, 10.0], seed=3)
+    for w in clips:
+        expected = es.google_fad_examples(w.double().numpy())
+        mine = vggish.examples(w)
+        assert mine.shape == expected.shape and torch.allclose(mine, expected, atol=1e-5)
+    assert vggish.examples(clips[-1]).shape[0] == 19
+
+
+def test_vggish_needs_one_second():
+    """The shortest clip with an example is one whole window, 16000 samples; the second example needs 1.5 s."""
+    from musicgen.eval import vggish
+
+    x = waves(16000, [1.5], seed=4)[0]
+    counts = [vggish.examples(x[:n]).shape[0] for n in (15999, 16000, 23999, 24000)]
+    assert counts == [0, 1, 1, 2] and vggish.MIN_SAMPLES == 16000
+
+
 def test_vggish_matches_torchvggish():
-    """Features and embeddings equal torchvggish's (the model fadtk and frechet-audio-distance load, with the
-    final ReLU removed as they do); clips shorter than one 0.96 s example give none."""
-    from torchvggish import torchvggish as tv, vggish_input
+    """Embeddings equal torchvggish's (the model fadtk and frechet-audio-distance load, with the final ReLU
+    removed as they do) on the same examples."""
+    from torchvggish import torchvggish as tv
 
     from musicgen.eval import vggish
 
@@ -35,15 +59,10 @@ def test_vggish_matches_torchvggish():
             p.mul_(20)
     ours = vggish.VGGish().eval()
     ours.load_state_dict(ref.state_dict())
-    for w in waves(16000, [0.98, 2.5]):
-        feats = vggish_input.waveform_to_examples(w.double().numpy(), 16000).detach()[:, 0]
-        mine = vggish.examples(w)
-        assert mine.shape == feats.shape and torch.allclose(mine, feats, atol=1e-5)
-        with torch.no_grad():
-            a, b = ref(feats[:, None]), ours(mine)
-        assert a.abs().max() > 0.1 and torch.allclose(a, b, rtol=1e-4, atol=1e-5)
-    assert vggish.examples(torch.zeros(vggish.MIN_SAMPLES - 1)).shape[0] == 0
-    assert vggish.examples(torch.zeros(vggish.MIN_SAMPLES)).shape[0] == 1
+    feats = vggish.examples(waves(16000, [2.5])[0])
+    with torch.no_grad():
+        a, b = ref(feats[:, None]), ours(feats)
+    assert a.abs().max() > 0.1 and torch.allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_passt_matches_hear21passt():

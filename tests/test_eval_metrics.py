@@ -1,6 +1,6 @@
 """Each metric's protocol against an independent step-by-step computation (resampling, mono mix, peak and
-16-bit trip, chunking, cutting pairs, KL direction, averaging), sets against themselves, pairing, captions,
-the embedding cache and bad input. Embedders have random weights (eval_support.py)."""
+16-bit trip, FAD's windows, chunking, cutting pairs, KL direction, averaging), sets against themselves, pairing,
+captions, the embedding cache and bad input. Embedders have random weights (eval_support.py)."""
 from __future__ import annotations
 
 import json
@@ -38,7 +38,9 @@ def mono_at(path, rate):
 
 # -- FAD ----------------------------------------------------------------------------------------------------------
 def test_fad_protocol_step_by_step(tmp_path, embedders):
-    from torchvggish import vggish_input
+    """Each clip at 16 kHz mono, written as audiocraft writes it (peak -1 dBFS, 16-bit) and read back, then one
+    example per 1 s window every 0.5 s: 4 for a 2.5 s clip, 5 for a 3.1 s one."""
+    from musicgen.eval.audio import PEAK
 
     gen = [es.write(tmp_path / "gen", f"g{i}.wav", es.tone(2.5, 44100, 200 + 150 * i, seed=i, channels=2), 44100)
            for i in range(3)]
@@ -51,11 +53,10 @@ def test_fad_protocol_step_by_step(tmp_path, embedders):
         rows = []
         for p in paths:
             x = mono_at(p, 16000)
-            x = x * (10 ** (-1 / 20) / x.abs().max())                        # audio_write(strategy="peak")
-            x = torch.clamp(torch.round(x * 32768), -32768, 32767) / 32768   # ffmpeg's pcm_s16le, read back
-            feats = vggish_input.waveform_to_examples(x.double().numpy(), 16000).detach()
+            x = x * (PEAK / x.abs().max())                                       # audio_write(strategy="peak")
+            x = torch.clamp(torch.round(x * 32768), -32768, 32767).double() / 32768   # pcm_s16le, read back
             with torch.no_grad():
-                rows.append(model(feats[:, 0]).double().numpy())
+                rows.append(model(es.google_fad_examples(x.numpy())).double().numpy())
         return np.concatenate(rows)
 
     a, b = embeddings(gen), embeddings(ref)
@@ -64,7 +65,7 @@ def test_fad_protocol_step_by_step(tmp_path, embedders):
     expected = (mu_a - mu_b) @ (mu_a - mu_b) + np.trace(s_a) + np.trace(s_b) - 2 * root
     v = report.values["fad"]
     assert v["value"] == pytest.approx(expected, rel=1e-4)
-    assert v["embeddings"] == len(a) == 3 * 2 and v["reference_embeddings"] == len(b) == 3 * 3 and v["clips"] == 3
+    assert v["embeddings"] == len(a) == 3 * 4 and v["reference_embeddings"] == len(b) == 3 * 5 and v["clips"] == 3
 
 
 def test_fad_of_a_set_against_itself_and_with_noise(tmp_path, embedders):
@@ -278,12 +279,15 @@ def test_zero_length_short_and_silent_clips_are_listed(tmp_path, embedders):
     es.make_set(tmp_path / "gen", 3, 2.0, seed=1)
     sf.write(str(tmp_path / "gen" / "empty.wav"), np.zeros((0, 1), np.float32), 32000)
     es.write(tmp_path / "gen", "short.wav", es.tone(0.5))
+    es.write(tmp_path / "gen", "under_1s.wav", es.tone(0.99))    # VGGish's first window needs 1 s at 16 kHz
+    es.write(tmp_path / "gen", "just_1s.wav", es.tone(1.0))
     es.write(tmp_path / "gen", "silent.wav", np.zeros((64000, 1), np.float32))
     report, _ = run(tmp_path / "gen", tmp_path / "ref", ["fad"], embedders)
     reasons = {s["key"]: s["reason"] for s in report.skipped}
     assert reasons["empty"] == "file is empty" and "too short" in reasons["short"]
+    assert "too short" in reasons["under_1s"] and "just_1s" not in reasons
     assert report.notes == [{"key": "silent", "set": "generated", "note": "silent (kept)"}]
-    assert report.values["fad"]["clips"] == 4 and math.isfinite(report.values["fad"]["value"])
+    assert report.values["fad"]["clips"] == 5 and math.isfinite(report.values["fad"]["value"])
 
 
 def test_a_clip_of_one_sample_is_skipped_by_every_metric(tmp_path, embedders):

@@ -1,7 +1,8 @@
 """The four numbers of the MusicGen model card, computed as audiocraft's metrics compute them.
 
-    fad       VGGish embeddings of every 0.96 s example of every clip (16 kHz, peak -1 dBFS, 16-bit), pooled
-              per set; Fréchet distance between the two sets' Gaussians
+    fad       VGGish embeddings of one 0.96 s example per 1 s window, windows every 0.5 s as Google's FAD code
+              cuts them (16 kHz, peak -1 dBFS, 16-bit), pooled per set; Fréchet distance between the two
+              sets' Gaussians
     fad-clap  the same on CLAP audio embeddings (one per clip)
     kl        PaSST label distributions of 20 s chunks of each pair (cut to the shorter clip);
               KL(reference ‖ generated) per chunk pair, averaged over all chunk pairs (audiocraft's `kld`)
@@ -27,7 +28,7 @@ from .clips import Clip
 
 METRICS = ("fad", "kl", "clap", "chroma", "fad-clap")
 KL_EPS = 1e-6          # audiocraft's kl_divergence epsilon, added to the second distribution
-PROTOCOL = 1           # bump when a change alters embeddings, so old cache entries are not reused
+PROTOCOL = 2           # bump when a change alters embeddings, so old cache entries are not reused
 
 
 @dataclass
@@ -168,7 +169,7 @@ def fad(runner: Runner, embedder, generated: list[Clip], reference: list[Clip] |
             if e is None:
                 continue
             if e.shape[0] == 0:
-                report.skip(c, which, metric, "too short for one embedding (VGGish needs 0.975 s)")
+                report.skip(c, which, metric, "too short for one embedding (VGGish needs 1 s)")
                 continue
             rows.append((c, e))
         sets[which] = rows

@@ -1,12 +1,16 @@
-"""VGGish (Hershey et al. 2017) for FAD: a port of torchvggish that loads its weight file unchanged.
+"""VGGish (Hershey et al. 2017) for FAD: a port of torchvggish that loads its weight file unchanged, fed the
+examples Google's FAD code (which audiocraft runs) cuts.
 
-    16 kHz mono -> frames of 25 ms every 10 ms (periodic Hann, |rfft 512|) -> 64 HTK-mel bands 125-7500 Hz
-      -> log(mel + 0.01) -> examples of 96 frames (0.96 s) every 96 frames, the tail dropped
+    16 kHz mono -> 1 s windows every 0.5 s, the tail that fills no window dropped
+      -> per window: frames of 25 ms every 10 ms (periodic Hann, |rfft 512|) -> 64 HTK-mel bands 125-7500 Hz
+      -> log(mel + 0.01) -> the window's first 96 frames (0.96 s) as its one example
       -> VGG (4 conv blocks) -> 3 fully connected layers -> 128-d per example
 
+The windows are AudioSetModel.extract_features with create_embeddings_main's default step of 8000 samples;
+each window's log-mel is torchvggish's `waveform_to_examples` of that window alone (98 frames, one example).
 The embedding is the last layer's raw output: no final ReLU and no PCA/quantisation post-processing, as in
-Google's FAD code (which audiocraft runs), fadtk and frechet-audio-distance. The features are computed in
-float64 as torchvggish's numpy code does, for a whole batch of clips at once.
+Google's FAD code, fadtk and frechet-audio-distance. The features are computed in float64 as torchvggish's
+numpy code does, for a whole batch of clips at once.
 """
 from __future__ import annotations
 
@@ -19,8 +23,10 @@ from torch import nn
 
 SAMPLE_RATE = 16000
 WINDOW, HOP, N_FFT = 400, 160, 512          # 25 ms, 10 ms, next power of 2
-EXAMPLE_FRAMES = 96                         # 0.96 s, and as many frames between examples
-MIN_SAMPLES = WINDOW + (EXAMPLE_FRAMES - 1) * HOP   # 15600: the shortest clip that gives one example
+EXAMPLE_FRAMES = 96                         # 0.96 s: the first 96 of a window's 98 frames
+CLIP_WINDOW, CLIP_STEP = 16000, 8000        # Google's FAD: a 1 s window every 0.5 s, one example each
+STEP_FRAMES = CLIP_STEP // HOP              # 50: window i starts at the clip's frame 50 i
+MIN_SAMPLES = CLIP_WINDOW                   # the shortest clip that gives one example
 WEIGHTS = "vggish-10086976.pth"
 
 
@@ -39,17 +45,19 @@ def mel_matrix() -> torch.Tensor:
 
 
 def examples(wav: torch.Tensor) -> torch.Tensor:
-    """Mono (samples,) at 16 kHz -> log-mel examples (n, 96, 64) float32; n = 0 below MIN_SAMPLES."""
+    """Mono (samples,) at 16 kHz -> log-mel examples (n, 96, 64) float32, one per 1 s window every 0.5 s:
+    n = 1 + (samples - 16000) // 8000, and 0 below MIN_SAMPLES."""
     x = wav.detach().to("cpu", torch.float64)
-    n_frames = 1 + (x.shape[-1] - WINDOW) // HOP if x.shape[-1] >= WINDOW else 0
-    n = n_frames // EXAMPLE_FRAMES
+    n = 1 + (x.shape[-1] - CLIP_WINDOW) // CLIP_STEP if x.shape[-1] >= CLIP_WINDOW else 0
     if n == 0:
         return torch.zeros(0, EXAMPLE_FRAMES, 64)
-    frames = x.unfold(0, WINDOW, HOP)[: n * EXAMPLE_FRAMES]                    # (frames, 400)
+    # The step is a whole number of hops and a frame sees only its own 400 samples, so window i's frames are
+    # the clip's frames 50 i ... 50 i + 95: the log-mel is computed once for the clip and the examples share it.
+    frames = x.unfold(0, WINDOW, HOP)[: (n - 1) * STEP_FRAMES + EXAMPLE_FRAMES]   # (frames, 400)
     window = 0.5 - 0.5 * torch.cos(2 * math.pi / WINDOW * torch.arange(WINDOW, dtype=torch.float64))
     spec = torch.fft.rfft(frames * window, N_FFT).abs()                        # (frames, 257)
     log_mel = torch.log(spec @ mel_matrix() + 0.01)                            # (frames, 64)
-    return log_mel.reshape(n, EXAMPLE_FRAMES, 64).float()
+    return log_mel.unfold(0, EXAMPLE_FRAMES, STEP_FRAMES).transpose(1, 2).float().contiguous()   # (n, 96, 64)
 
 
 class VGGish(nn.Module):

@@ -47,8 +47,10 @@ def vggish() -> None:
     ref.embeddings = torch.nn.Sequential(*list(ref.embeddings.children())[:-1])   # fadtk: no final ReLU
     model = ours.VGGish().eval()
     model.load_state_dict(ref.state_dict())
-    for w in waves(16000, [0.98, 3.5, 10.0]):
-        a = vggish_input.waveform_to_examples(w.double().numpy(), 16000)
+    for w in waves(16000, [1.0, 3.5, 10.0]):
+        x = w.double().numpy()   # Google's FAD windows: 1 s every 0.5 s, each one's log-mel alone (one example)
+        wins = [vggish_input.waveform_to_examples(x[i:i + 16000], 16000) for i in range(0, len(x) - 15999, 8000)]
+        a = torch.cat(wins)
         b = ours.examples(w)
         print("vggish features", tuple(b.shape), float((a[:, 0] - b).abs().max()))
         with torch.no_grad():
