@@ -38,8 +38,9 @@ def mono_at(path, rate):
 
 # -- FAD ----------------------------------------------------------------------------------------------------------
 def test_fad_protocol_step_by_step(tmp_path, embedders):
-    """Each clip at 16 kHz mono, written as audiocraft writes it (peak -1 dBFS, 16-bit) and read back, then one
-    example per 1 s window every 0.5 s: 4 for a 2.5 s clip, 5 for a 3.1 s one."""
+    """Each clip at 16 kHz mono, written as audiocraft writes it (peak -1 dBFS, 16-bit), read as Google's code
+    reads it (int16 values) and divided by its positive peak, then one example per 1 s window every 0.5 s:
+    4 for a 2.5 s clip, 5 for a 3.1 s one."""
     from musicgen.eval.audio import PEAK
 
     gen = [es.write(tmp_path / "gen", f"g{i}.wav", es.tone(2.5, 44100, 200 + 150 * i, seed=i, channels=2), 44100)
@@ -54,7 +55,8 @@ def test_fad_protocol_step_by_step(tmp_path, embedders):
         for p in paths:
             x = mono_at(p, 16000)
             x = x * (PEAK / x.abs().max())                                       # audio_write(strategy="peak")
-            x = torch.clamp(torch.round(x * 32768), -32768, 32767).double() / 32768   # pcm_s16le, read back
+            pcm = torch.clamp(torch.round(x * 32768), -32768, 32767).double()     # pcm_s16le, read by scipy
+            x = pcm / max(0.1, float(pcm.max()))                                 # AudioSetModel's normalize
             with torch.no_grad():
                 rows.append(model(es.google_fad_examples(x.numpy())).double().numpy())
         return np.concatenate(rows)
@@ -66,6 +68,22 @@ def test_fad_protocol_step_by_step(tmp_path, embedders):
     v = report.values["fad"]
     assert v["value"] == pytest.approx(expected, rel=1e-4)
     assert v["embeddings"] == len(a) == 3 * 4 and v["reference_embeddings"] == len(b) == 3 * 5 and v["clips"] == 3
+
+
+def test_fad_input_is_divided_by_its_positive_peak():
+    """Google's reader keeps the int16 values of audiocraft's file (no division by 32768) and AudioSetModel
+    divides the whole clip by its largest value, at least 0.1: the positive peak lands on 1 even when the
+    negative one is deeper (which then goes below -1), and a clip with no positive sample is scaled by 10."""
+    from musicgen.eval.audio import PEAK, fad_waveform
+
+    x = torch.from_numpy(es.tone(3.0, 16000, 300, seed=4)[:, 0])
+    for clip in (x - 0.6 * x.abs(), -x.abs()):
+        pcm = torch.clamp(torch.round(clip * (PEAK / clip.abs().max()) * 32768), -32768, 32767).double()
+        assert -pcm.min() > pcm.max()                  # the negative peak is the larger one
+        got = fad_waveform(clip)
+        assert got.dtype == torch.float64 and torch.equal(got, pcm / max(0.1, float(pcm.max())))
+    assert float(fad_waveform(x - 0.6 * x.abs()).max()) == 1.0
+    assert float(fad_waveform(torch.zeros(100)).abs().max()) == 0.0
 
 
 def test_fad_of_a_set_against_itself_and_with_noise(tmp_path, embedders):

@@ -5,7 +5,7 @@
     print(report.values["fad"]["value"])
 
     frechet.py   the Fréchet distance, FAD∞, saved reference statistics
-    audio.py     audiocraft's convert_audio and the 16-bit trip of its FAD files
+    audio.py     audiocraft's convert_audio; FAD's 16-bit files as Google's FAD code normalises them
     vggish.py    VGGish (port of torchvggish)        passt.py  PaSST (port of hear21passt's 20 s model)
     htsat.py     HTS-AT, CLAP's audio tower          clap.py   LAION-CLAP: text tower, projections, tokenizer
     clips.py     sets, pairing, captions             cache.py  embeddings cached per clip

@@ -1,8 +1,8 @@
 """The four numbers of the MusicGen model card, computed as audiocraft's metrics compute them.
 
-    fad       VGGish embeddings of one 0.96 s example per 1 s window, windows every 0.5 s as Google's FAD code
-              cuts them (16 kHz, peak -1 dBFS, 16-bit), pooled per set; Fréchet distance between the two
-              sets' Gaussians
+    fad       VGGish embeddings of one 0.96 s example per 1 s window, windows every 0.5 s (16 kHz, peak -1 dBFS,
+              16-bit, divided by the positive peak: Google's FAD code), pooled per set; Fréchet distance
+              between the two sets' Gaussians
     fad-clap  the same on CLAP audio embeddings (one per clip)
     kl        PaSST label distributions of 20 s chunks of each pair (cut to the shorter clip);
               KL(reference ‖ generated) per chunk pair, averaged over all chunk pairs (audiocraft's `kld`)
