@@ -43,10 +43,8 @@ def check_batch(prompts, batch_size: int | None, rows: list[int | None]) -> tupl
         if not prompts:
             raise ValueError("give at least one prompt, or prompts=None for generation without text")
         for i, p in enumerate(prompts):
-            if not isinstance(p, str):
-                raise ValueError(f"prompt {i} must be a string, got {type(p).__name__}")
-            if not p.strip():
-                raise ValueError(f"prompt {i} is empty")
+            if p is not None and not isinstance(p, str):
+                raise ValueError(f"prompt {i} must be a string (or None for no text), got {type(p).__name__}")
         sizes.add(len(prompts))
     if batch_size is not None:
         sizes.add(batch_size)
@@ -66,14 +64,17 @@ def rows_of(audio, what: str = "audio") -> int | None:
     return None
 
 
-def per_row(audio, batch: int, what: str) -> list[torch.Tensor]:
-    """(samples,), (channels, samples) for every row, (B, channels, samples) or a list of rows -> B tensors."""
+def per_row(audio, batch: int, what: str, allow_none: bool = False) -> list[torch.Tensor | None]:
+    """(samples,), (channels, samples) for every row, (B, channels, samples) or a list of rows -> B tensors;
+    with allow_none, a list may hold None for a row without this input."""
     if isinstance(audio, (str, os.PathLike)):
         raise ValueError(f"{what} takes samples, not a file name: read {str(audio)!r} with musicgen.load_audio "
                          f"and pass its samples and rate")
     rows_of(audio, what)
     if isinstance(audio, (list, tuple)):
-        items = [torch.as_tensor(a, dtype=torch.float32) for a in audio]
+        if not allow_none and any(a is None for a in audio):
+            raise ValueError(f"{what} holds None rows: give every row its audio")
+        items = [None if a is None else torch.as_tensor(a, dtype=torch.float32) for a in audio]
     else:
         audio = torch.as_tensor(audio, dtype=torch.float32)
         if audio.dim() == 3:
@@ -85,6 +86,9 @@ def per_row(audio, batch: int, what: str) -> list[torch.Tensor]:
                              f"got shape {tuple(audio.shape)}")
     out = []
     for a in items:
+        if a is None:
+            out.append(None)
+            continue
         a = a.detach().float().cpu()
         a = a[None] if a.dim() == 1 else a
         if a.dim() != 2:

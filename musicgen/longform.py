@@ -36,7 +36,8 @@ def generate_long(window: Callable, known: torch.Tensor, frames: int, window_fra
         window_melodies = None
         if melodies is not None:                 # the melody under this window, looped (audiocraft's positions % len)
             start = int(offset * samples_per_frame)
-            window_melodies = [m[torch.arange(start, start + melody_window) % m.shape[-1]] for m in melodies]
+            window_melodies = [None if m is None else m[torch.arange(start, start + melody_window) % m.shape[-1]]
+                               for m in melodies]
         codes = window(prompt, length, window_melodies)                 # (B, K, length)
         pieces.append(codes[:, :, prompt.shape[2]:])
         prompt = codes[:, :, stride:]

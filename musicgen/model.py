@@ -103,15 +103,17 @@ class MusicGen(nn.Module):
 
     # -- text -------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def encode_text(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompts -> (states (B, S, C), mask (B, S)); padded positions are zeroed as in transformers."""
+    def encode_text(self, prompts: Sequence[str | None]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts -> (states (B, S, C), mask (B, S)); padded positions are zeroed as in transformers. A prompt
+        that is None or "" is the null condition: its mask is all zeros (audiocraft's T5Conditioner)."""
         if self.tokenizer is None:
             raise RuntimeError("this model was built without a tokenizer; load it from a checkpoint folder")
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise ValueError("give at least one prompt")
-        ids, mask = self.tokenizer(prompts)
-        ids, mask = ids.to(self.device), mask.to(self.device)
+        ids, mask = self.tokenizer(["" if p is None else p for p in prompts])
+        empty = torch.tensor([not p for p in prompts])
+        ids, mask = ids.to(self.device), mask.masked_fill(empty[:, None], 0).to(self.device)
         with lm_mod.attention_backends(self.device):                           # a new text length per request
             states = self.text_encoder(ids, mask)                              # (B, S, d_model)
         if self.text_proj is not None:
@@ -184,10 +186,12 @@ class MusicGen(nn.Module):
         """Conditions -> codes (B, K, frames), frames = int(duration * frame_rate) as in audiocraft, `duration` the
         total length.
 
-        prompts        text per row; None for no text (unconditional, or melody / continuation alone)
-        melody         melody checkpoints: (channels, samples) for every row, or one per row as a list or a
-                       (B, channels, samples) tensor, at `melody_sample_rate` (default model.sample_rate);
-                       drums and bass are removed with Demucs first when installed and `demucs` is True
+        prompts        text per row; None for no text (unconditional, or melody / continuation alone); a row
+                       whose prompt is None or "" has no text (the null condition, as in audiocraft)
+        melody         melody checkpoints: (channels, samples) for every row, or one per row as a list (None:
+                       that row has no melody) or a (B, channels, samples) tensor, at `melody_sample_rate`
+                       (default model.sample_rate); drums and bass are removed with Demucs first when installed
+                       and `demucs` is True
         prompt_audio   continuation: audio the output starts with, same layouts, at `prompt_sample_rate`
         batch_size     rows when nothing else fixes it (unconditional generation)
         duration       beyond 30 s the 30 s window slides by `extend_stride` seconds, re-conditioned each time
@@ -290,6 +294,8 @@ class MusicGen(nn.Module):
             melodies = self._melodies(melody, melody_sample_rate, B, demucs)   # B mono 32 kHz waves, or None
         elif not self.supports_melody:
             raise ValueError("melody conditioning needs a melody checkpoint")
+        if prompts is not None and not any(prompts):   # no row has text: as prompts=None
+            prompts = None
         if prompts is None and melodies is None:   # both rows of a guided pair would be alike: skip guidance
             params = SamplingParams(top_k=top_k, top_p=top_p, temperature=temperature, guidance_scale=1.0)
         states, mask = (self.encode_text(prompts) if prompts is not None
@@ -337,14 +343,19 @@ class MusicGen(nn.Module):
             raise ValueError(f"model {self.cfg.name!r} has no melody conditioning; use a melody checkpoint such as "
                              f"facebook/musicgen-melody")
         sr = self.sample_rate if sample_rate is None else rate(sample_rate, "melody_sample_rate")
-        return [chroma_mod.prepare_melody(w, sr, demucs) for w in per_row(melody, batch, "melody")]
+        rows = per_row(melody, batch, "melody", allow_none=True)
+        if all(w is None for w in rows):
+            return None
+        return [None if w is None else chroma_mod.prepare_melody(w, sr, demucs) for w in rows]
 
-    def melody_chroma(self, melodies: list[torch.Tensor] | None, batch: int) -> torch.Tensor:
-        """Mono 32 kHz melodies (or None) -> chroma (B, chroma_length, 12) as the LM sees it."""
+    def melody_chroma(self, melodies: list[torch.Tensor | None] | None, batch: int) -> torch.Tensor:
+        """Mono 32 kHz melodies (or None, for all rows or one) -> chroma (B, chroma_length, 12) as the LM sees
+        it; a row without a melody gets the null chroma, as guidance's unconditional rows."""
         mc = self.cfg.melody
         if melodies is None:
             return chroma_mod.null_chroma(batch, mc, self.device)
-        out = [chroma_mod.fit_length(chroma_mod.chromagram(w[None].to(self.device), mc), mc.chroma_length)
+        out = [chroma_mod.null_chroma(1, mc, self.device) if w is None else
+               chroma_mod.fit_length(chroma_mod.chromagram(w[None].to(self.device), mc), mc.chroma_length)
                for w in melodies]
         return torch.cat(out)
 

@@ -89,8 +89,6 @@ def test_no_guidance_runs_one_row_per_prompt(model):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(prompts=[""]), "empty"),
-    (dict(prompts=["   "]), "empty"),
     (dict(prompts=[]), "at least one"),
     (dict(duration=0), "positive"),
     (dict(duration=-1.0), "positive"),
@@ -115,3 +113,17 @@ def test_decode_rejects_bad_codes(model):
         model.decode(torch.zeros(1, 3, 5, dtype=torch.long))
     with pytest.raises(ValueError, match="lie in"):
         model.decode(torch.full((1, 4, 5), 64, dtype=torch.long))
+
+
+def test_rows_without_text_get_the_null_condition(model):
+    """audiocraft takes None or "" descriptions in a batch: those rows are conditioned on nothing (the same null
+    condition guidance uses), the others on their text; each row still gets its solo codes."""
+    kw = dict(duration=0.3, top_k=1)
+    solo = model.generate_codes(["lofi beat"], **kw)
+    unconditional = model.generate_codes(None, **kw)
+    for missing in (None, ""):
+        both = model.generate_codes(["lofi beat", missing], **kw)
+        assert torch.equal(both[:1], solo) and torch.equal(both[1:], unconditional), missing
+    assert torch.equal(model.generate_codes(["", None], **kw), unconditional.expand(2, -1, -1))
+    states, mask = model.encode_text(["lofi beat", ""])
+    assert mask[1].sum() == 0 and states[1].abs().sum() == 0

@@ -234,3 +234,15 @@ def test_demucs_route_is_audiocraft_s(monkeypatch):
     torch.testing.assert_close(seen["input"][0], expected_in)
     mix = 3.0 * expected_in * torch.tensor([[1.0], [-0.5]])                  # other + vocals, per channel
     torch.testing.assert_close(out, julius.resample_frac(mix.mean(0), 44100, 32000))
+
+
+def test_rows_without_melody_get_the_null_chroma(melody_model):
+    """melody=[wav, None]: the second row is conditioned on its text alone (the text prefix padded as in the batch:
+    melody checkpoints see the padding)."""
+    a = tone(1.0)
+    kw = dict(duration=0.2, top_k=1, demucs=False)
+    both = melody_model.generate_codes(PROMPTS, melody=[a, None], **kw)
+    assert torch.equal(both[:1], melody_model.generate_codes(PROMPTS[:1], melody=a, **kw))
+    assert torch.equal(both[1:], melody_model.generate_codes(PROMPTS, **kw)[1:])
+    with pytest.raises(ValueError, match="prompt_audio holds None rows"):
+        melody_model.generate_codes(PROMPTS, prompt_audio=[a, None], duration=0.2)
