@@ -23,7 +23,7 @@ import torch
 from . import audiocraft_xp as xpcfg
 from .checkpoint import CheckpointError
 from .chroma import CHROMA_SAMPLE_RATE
-from .config import CodecConfig, LMConfig, MelodyConfig, MusicGenConfig, T5Config
+from .config import MAX_DURATION, CodecConfig, LMConfig, MelodyConfig, MusicGenConfig, T5Config
 
 LM_FILE, CODEC_FILE, T5_FOLDER = "state_dict.bin", "compression_state_dict.bin", "t5"
 
@@ -159,8 +159,11 @@ def config_from(lm: dict, codec: dict, xp: dict, codec_xp: dict, text: T5Config,
             raise CheckpointError(f"{where}: xp.cfg's {xpcfg.XP_NAMES[field]} means {field} = {value!r}, but the "
                                   f"weights have {shapes[field]!r}")
     codec_cfg = CodecConfig(**{**shapes, **settings}, num_codebooks=K // channels)
+    # audiocraft generates in windows of the segment length it trained on (BaseGenModel.max_duration)
+    segment = (xp.get("dataset") or {}).get("segment_duration")
     cfg = MusicGenConfig(codec=codec_cfg, text=text, lm=lm_cfg, name=name,
-                         melody=melody_config(xp) if melody else None)
+                         melody=melody_config(xp) if melody else None,
+                         max_duration=MAX_DURATION if segment is None else float(segment))
     cfg.validate()
     return cfg
 
@@ -179,10 +182,13 @@ def melody_config(xp: dict) -> MelodyConfig:
     return MelodyConfig(num_chroma=int(stem.get("n_chroma", base.num_chroma)), chroma_length=length)
 
 
-def melody_xp(melody: MelodyConfig) -> dict:
-    """What `melody_config` reads back as `melody`: the segment duration half a hop past the last frame's start,
-    so that float rounding cannot move the frame count."""
-    duration = ((melody.chroma_length - 1) * melody.hop_length + melody.hop_length // 2) / CHROMA_SAMPLE_RATE
+def melody_xp(melody: MelodyConfig, max_duration: float = MAX_DURATION) -> dict:
+    """What `melody_config` reads back as `melody`: the segment duration is the window's where that gives the
+    chroma length (the published models), else half a hop past the last frame's start, so that float rounding
+    cannot move the frame count."""
+    duration = max_duration
+    if 1 + int(duration * CHROMA_SAMPLE_RATE) // melody.hop_length != melody.chroma_length:
+        duration = ((melody.chroma_length - 1) * melody.hop_length + melody.hop_length // 2) / CHROMA_SAMPLE_RATE
     return {"dataset": {"segment_duration": duration},
             "conditioners": {"self_wav": {"model": "chroma_stem", "chroma_stem": {
                 "sample_rate": CHROMA_SAMPLE_RATE, "n_chroma": melody.num_chroma,

@@ -197,6 +197,7 @@ class MusicGenConfig:
     lm: LMConfig = field(default_factory=LMConfig)
     name: str = "custom"
     melody: MelodyConfig | None = None   # set for musicgen-melody checkpoints (prefix conditioning on chroma)
+    max_duration: float = MAX_DURATION   # seconds of the generation window (audiocraft: dataset.segment_duration)
 
     @property
     def sample_rate(self) -> int:
@@ -223,7 +224,7 @@ class MusicGenConfig:
             melody = MelodyConfig(num_chroma=d.get("num_chroma", 12), chroma_length=d.get("chroma_length", 235))
             lm = replace(lm, prefix_conditioning=True)
         cfg = cls(codec=CodecConfig.from_hf(d["audio_encoder"]), text=T5Config.from_hf(d["text_encoder"]),
-                  lm=lm, name=name, melody=melody)
+                  lm=lm, name=name, melody=melody, max_duration=d.get("max_duration", MAX_DURATION))
         cfg.validate()
         return cfg
 
@@ -239,6 +240,10 @@ class MusicGenConfig:
                     raise ValueError(f"{where} {name} must be a positive integer, got {getattr(part, name)!r}")
         if not self.codec.ratios or not all(map(_positive_int, self.codec.ratios)):
             raise ValueError(f"audio_encoder upsampling ratios must be positive integers, got {self.codec.ratios!r}")
+        d = self.max_duration
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 < d < math.inf \
+                or int(d * self.frame_rate) < 1:
+            raise ValueError(f"max_duration (the generation window) must be a positive number of seconds, got {d!r}")
         if self.lm.dim % self.lm.num_heads:
             raise ValueError(f"decoder hidden size {self.lm.dim} does not split into {self.lm.num_heads} heads")
         per_channel = self.lm.num_codebooks // self.lm.audio_channels

@@ -15,6 +15,7 @@ import torch
 from . import audiocraft_format as acf
 from . import checkpoint as ckpt
 from .audiocraft_xp import codec_xp
+from .config import MAX_DURATION
 from .files import as_created
 
 TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json", "special_tokens_map.json")
@@ -63,8 +64,8 @@ def save_audiocraft(model, dst: Path, text_folder: Path) -> None:
     xp = dict(sample_rate=cfg.sample_rate, channels=cfg.audio_channels,
               transformer_lm=dict(dim=cfg.lm.dim, num_heads=cfg.lm.num_heads, num_layers=cfg.lm.num_layers,
                                   n_q=cfg.lm.num_codebooks, card=cfg.lm.vocab_size, activation=cfg.lm.activation))
-    if cfg.melody is not None:
-        xp.update(acf.melody_xp(cfg.melody))
+    xp.update(acf.melody_xp(cfg.melody, cfg.max_duration) if cfg.melody is not None
+              else {"dataset": {"segment_duration": cfg.max_duration}})
     import yaml
 
     torch.save({"best_state": lm, "xp.cfg": yaml.safe_dump(xp), "exported": True}, dst / acf.LM_FILE)
@@ -154,5 +155,7 @@ def save_hf(model, dst: Path, text_folder: Path) -> None:
                   audio_encoder=audio, decoder=decoder)
     if cfg.melody:
         config.update(num_chroma=cfg.melody.num_chroma, chroma_length=cfg.melody.chroma_length)
+    if cfg.max_duration != MAX_DURATION:   # a window other than the published 30 s (an audiocraft fine-tune's)
+        config.update(max_duration=cfg.max_duration)
     (dst / "config.json").write_text(json.dumps(config, indent=2))
     _copy_tokenizer(text_folder, dst)

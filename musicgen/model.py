@@ -24,7 +24,7 @@ from . import conditions
 from . import lm as lm_mod
 from .audio import convert_channels, resample
 from .codec import EnCodec
-from .config import MAX_DURATION, MusicGenConfig
+from .config import MusicGenConfig
 from .delay import build_pattern
 from .engine import Engine, Reference, Request
 from .inputs import check_batch, check_seed, per_row, rate, rows_of
@@ -194,7 +194,8 @@ class MusicGen(nn.Module):
                        and `demucs` is True
         prompt_audio   continuation: audio the output starts with, same layouts, at `prompt_sample_rate`
         batch_size     rows when nothing else fixes it (unconditional generation)
-        duration       beyond 30 s the 30 s window slides by `extend_stride` seconds, re-conditioned each time
+        duration       beyond the window (cfg.max_duration, 30 s for the published models) the window slides by
+                       `extend_stride` seconds, re-conditioned each time
         top_k, top_p, temperature, guidance_scale, seed: sampling (musicgen/sampling.py)
         """
         job = self._inputs(prompts, duration, melody, melody_sample_rate, prompt_audio, prompt_sample_rate,
@@ -207,28 +208,28 @@ class MusicGen(nn.Module):
                 pass
             return req.codes
 
-        window_frames = round(MAX_DURATION * self.frame_rate)
+        window_frames = self.window_frames
         if frames <= window_frames:
             return window(known, frames, melodies)
         stride = int(extend_stride * self.frame_rate) if isinstance(extend_stride, numbers.Real) else 0
         if not 0 < stride < window_frames:
-            raise ValueError(f"extend_stride must be in (0, {MAX_DURATION:g}) seconds, at least one frame and less "
-                             f"than the window, got {extend_stride!r}")
+            raise ValueError(f"extend_stride must be in (0, {self.cfg.max_duration:g}) seconds, at least one frame "
+                             f"and less than the window, got {extend_stride!r}")
         return generate_long(window, known, frames, window_frames, stride,
                              melodies, chroma_mod.CHROMA_SAMPLE_RATE / self.frame_rate,
-                             round(MAX_DURATION * chroma_mod.CHROMA_SAMPLE_RATE))
+                             int(self.cfg.max_duration * chroma_mod.CHROMA_SAMPLE_RATE))
 
     def stream(self, prompts: Sequence[str] | str | None = None, duration: float = 8.0, chunk_seconds: float = 1.0,
                **options):
         """Yield float32 audio (B, channels, samples) while it is generated, about `chunk_seconds` at a time;
         joined, it equals `generate` with the same arguments up to float rounding (see musicgen.streaming).
-        A stream covers one 30 s window: the options are generate_codes' except extend_stride and progress."""
+        A stream covers one window (30 s): the options are generate_codes' except extend_stride and progress."""
         from .streaming import stream
 
         for name in ("extend_stride", "progress"):
             if name in options:
-                raise ValueError(f"stream() takes no {name}: it covers one {MAX_DURATION:g} s window and reports "
-                                 f"its progress by yielding")
+                raise ValueError(f"stream() takes no {name}: it covers one {self.cfg.max_duration:g} s window and "
+                                 f"reports its progress by yielding")
         return stream(self, prompts, duration, chunk_seconds, **options)
 
     @torch.inference_mode()
@@ -237,15 +238,15 @@ class MusicGen(nn.Module):
                     batch_size: int | None = None, demucs: bool = True, top_k: int = 250, top_p: float = 0.0,
                     temperature: float = 1.0, guidance_scale: float = 3.0, seed: int | None = None,
                     prompt_codes: torch.Tensor | None = None, melodies: list | None = None) -> Request:
-        """The decoding engine's `Request` for one 30 s window with generate_codes' inputs. prompt_codes
+        """The decoding engine's `Request` for one window (30 s) with generate_codes' inputs. prompt_codes
         (B, K, P) and melodies (mono 32 kHz waves, already separated) stand for prompt_audio and melody when
         the caller has them ready (the service encodes its uploads as they arrive)."""
         job = self._inputs(prompts, duration, melody, melody_sample_rate, prompt_audio, prompt_sample_rate,
                            batch_size, demucs, top_k, top_p, temperature, guidance_scale, seed, prompt_codes,
                            melodies)
-        if job["frames"] > round(MAX_DURATION * self.frame_rate):
-            raise ValueError(f"a request covers one {MAX_DURATION:g} s window; ask for at most {MAX_DURATION:g} s, "
-                             f"or use generate() for long-form")
+        if job["frames"] > self.window_frames:
+            raise ValueError(f"a request covers one {self.cfg.max_duration:g} s window; ask for at most "
+                             f"{self.cfg.max_duration:g} s, or use generate() for long-form")
         return self._request(job, job["known"], job["frames"], job["melodies"])
 
     def decode_steps(self, req: Request, progress: bool = False):
@@ -260,6 +261,11 @@ class MusicGen(nn.Module):
             bar.update(1)
             yield req.pos
         bar.close()
+
+    @property
+    def window_frames(self) -> int:
+        """Frames of one generation window: int(max_duration * frame_rate), as audiocraft's max_gen_len."""
+        return int(self.cfg.max_duration * self.frame_rate)
 
     def frames_for(self, duration: float) -> int:
         if isinstance(duration, bool) or not isinstance(duration, (int, float)) or not duration > 0:
@@ -285,11 +291,11 @@ class MusicGen(nn.Module):
                                                        None if prompt_codes is None else prompt_codes.shape[0],
                                                        None if melodies is None else len(melodies)])
         # a prompt may fill the duration, and at most one window (audiocraft refuses longer ones too)
-        limit = min(frames, round(MAX_DURATION * self.frame_rate))
+        limit = min(frames, self.window_frames)
         known = (prompt_codes.to(self.device) if prompt_codes is not None
                  else self._prompt_codes(prompt_audio, prompt_sample_rate, B, limit))  # (B, K, P)
         if known.shape[2] > limit:
-            raise _long_prompt(known.shape[2] / self.frame_rate, duration)
+            raise _long_prompt(known.shape[2] / self.frame_rate, duration, self.cfg.max_duration)
         if melodies is None:
             melodies = self._melodies(melody, melody_sample_rate, B, demucs)   # B mono 32 kHz waves, or None
         elif not self.supports_melody:
@@ -326,7 +332,7 @@ class MusicGen(nn.Module):
         sr = self.sample_rate if sample_rate is None else rate(sample_rate, "prompt_sample_rate")
         seconds = max(w.shape[-1] for w in waves) / sr
         if seconds * self.frame_rate > limit + 1:
-            raise _long_prompt(seconds, limit / self.frame_rate)
+            raise _long_prompt(seconds, limit / self.frame_rate, self.cfg.max_duration)
         # like audiocraft's convert_audio: down-mix or duplicate channels, resample to the codec rate
         waves = [resample(convert_channels(w, self.audio_channels), sr, self.sample_rate) for w in waves]
         length = min(w.shape[-1] for w in waves)
@@ -360,9 +366,9 @@ class MusicGen(nn.Module):
         return torch.cat(out)
 
 
-def _long_prompt(seconds: float, limit_seconds: float) -> ValueError:
+def _long_prompt(seconds: float, limit_seconds: float, window: float) -> ValueError:
     return ValueError(f"the audio prompt ({seconds:g} s) is longer than the duration to generate or the "
-                      f"{MAX_DURATION:g} s window ({min(limit_seconds, MAX_DURATION):g} s)")
+                      f"{window:g} s window ({min(limit_seconds, window):g} s)")
 
 
 def _progress(total: int, enabled: bool):

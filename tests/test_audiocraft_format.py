@@ -508,3 +508,29 @@ def test_a_converted_melody_model_keeps_its_chroma_length(melody_ckpt_dir, melod
     assert torch.equal(ac.generate_codes(["folk"], **kw), melody_model.generate_codes(["folk"], **kw))
     assert melody_config({"dataset": {"segment_duration": 30}}).chroma_length == 235   # musicgen-melody's
     assert melody_config({}).chroma_length == 235
+
+
+def test_the_window_is_the_checkpoint_s_segment_duration(tmp_path, hf_model, ckpt_dir, monkeypatch):
+    """audiocraft generates in windows of dataset.segment_duration (BaseGenModel.max_duration): a fine-tune on
+    0.4 s segments decodes 0.6 s as two 20-frame windows strided by extend_stride, and keeps that window through
+    conversions both ways."""
+    codec_xp = codec_cfg(hf_model.config.audio_encoder)
+    folder = write_audiocraft(tmp_path / "ac", hf_model, ckpt_dir,
+                              as_stored(solver_cfg(LM_YAML, dataset__segment_duration=0.4), "yaml"),
+                              as_stored(codec_xp, "yaml"))
+    ours = musicgen.load(folder)
+    assert ours.cfg.max_duration == 0.4 and ours.window_frames == 20
+    windows, request = [], ours._request
+    monkeypatch.setattr(ours, "_request", lambda job, known, frames, melodies:
+                        windows.append((known.shape[-1], frames)) or request(job, known, frames, melodies))
+    codes = ours.generate_codes(["lofi"], duration=0.6, extend_stride=0.2, top_k=1)
+    assert codes.shape[-1] == 30 and windows == [(0, 20), (10, 20)]   # the second starts from the last 10 frames
+    with pytest.raises(ValueError, match=r"extend_stride must be in \(0, 0.4\)"):
+        ours.generate_codes(["lofi"], duration=0.6, extend_stride=0.5)
+    with pytest.raises(ValueError, match="one 0.4 s window"):
+        ours.new_request(["lofi"], duration=0.6)
+    assert main(["convert", str(folder), str(tmp_path / "hf")]) == 0
+    assert musicgen.load(tmp_path / "hf").cfg.max_duration == 0.4
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "ac2")]) == 0
+    assert musicgen.load(tmp_path / "ac2").cfg.max_duration == 0.4
+    assert musicgen.load(ckpt_dir).cfg.max_duration == 30.0              # the published window, by default

@@ -187,7 +187,7 @@ def prepare(src: str | Path, out: str | Path, model_name: str, *, segment: float
             device: str | None = None, progress: bool = True) -> dict | None:
     """Encode SRC into DATA (see the module docstring). Returns rank 0's summary (None on other ranks)."""
     from .. import loading
-    from .. import model as model_mod
+    from ..config import MAX_DURATION
     from .distributed import setup
 
     if segment is not None and not segment > 0:
@@ -198,7 +198,7 @@ def prepare(src: str | Path, out: str | Path, model_name: str, *, segment: float
         raise ValueError(f"--valid-fraction must be in [0, 1), got {valid_fraction:g}")
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
-    segment = model_mod.MAX_DURATION if segment is None else float(segment)
+    segment = MAX_DURATION if segment is None else float(segment)
     sources = find_sources(src)   # before the model loads: a wrong SRC answers at once
     out = Path(out)
     if out.exists() and not out.is_dir():
