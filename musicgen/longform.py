@@ -26,13 +26,9 @@ def generate_long(window: Callable, known: torch.Tensor, frames: int, window_fra
     window(known (B, K, P), frames, melodies) -> (B, K, frames) generates one window;
     known: a continuation prompt (P may be 0); melodies: mono waves sampled `samples_per_frame` per frame.
     """
-    if not 0 < stride < window_frames:
-        raise ValueError(f"the stride ({stride} frames) must be shorter than the window ({window_frames} frames)")
     pieces = [known]
     prompt = known
-    offset = 0                                   # frame at which the current window starts
-    while offset + prompt.shape[2] < frames:
-        length = min(frames - offset, window_frames)
+    for offset, length, _ in window_plan(known.shape[2], frames, window_frames, stride):
         window_melodies = None
         if melodies is not None:                 # the melody under this window, looped (audiocraft's positions % len)
             start = int(offset * samples_per_frame)
@@ -41,5 +37,19 @@ def generate_long(window: Callable, known: torch.Tensor, frames: int, window_fra
         codes = window(prompt, length, window_melodies)                 # (B, K, length)
         pieces.append(codes[:, :, prompt.shape[2]:])
         prompt = codes[:, :, stride:]
-        offset += stride
     return torch.cat(pieces, dim=2)[:, :, :frames]
+
+
+def window_plan(known: int, frames: int, window_frames: int, stride: int) -> list[tuple[int, int, int]]:
+    """The windows of a generation of `frames` frames whose first `known` are given: (first frame, frames,
+    frames of prompt) each, as generate_long runs them (one window when it all fits)."""
+    if frames <= window_frames:
+        return [(0, frames, known)]
+    if not 0 < stride < window_frames:
+        raise ValueError(f"the stride ({stride} frames) must be shorter than the window ({window_frames} frames)")
+    plan, offset, prompt = [], 0, known
+    while offset + prompt < frames:
+        length = min(frames - offset, window_frames)
+        plan.append((offset, length, prompt))
+        prompt, offset = length - stride, offset + stride
+    return plan

@@ -25,11 +25,11 @@ from . import lm as lm_mod
 from .audio import convert_channels, resample
 from .codec import EnCodec
 from .config import MusicGenConfig
-from .delay import build_pattern
+from .delay import build_pattern, codebook_delays
 from .engine import Engine, Reference, Request
 from .inputs import check_batch, check_seed, per_row, rate, rows_of
 from .lm import MusicLM
-from .longform import generate_long
+from .longform import generate_long, window_plan
 from .precision import Precision
 from .sampling import SamplingParams
 from .t5 import T5Encoder
@@ -201,23 +201,30 @@ class MusicGen(nn.Module):
         job = self._inputs(prompts, duration, melody, melody_sample_rate, prompt_audio, prompt_sample_rate,
                            batch_size, demucs, top_k, top_p, temperature, guidance_scale, seed)
         frames, known, melodies = job["frames"], job["known"], job["melodies"]
+        window_frames = self.window_frames
+        stride = int(extend_stride * self.frame_rate) if isinstance(extend_stride, numbers.Real) else 0
+        if frames > window_frames and not 0 < stride < window_frames:
+            raise ValueError(f"extend_stride must be in (0, {self.cfg.max_duration:g}) seconds, at least one frame "
+                             f"and less than the window, got {extend_stride!r}")
+        # one progress bar over every window: a window of n frames after a prompt of p takes n + D - p steps
+        delay = max(codebook_delays(self.cfg.lm.num_codebooks, self.audio_channels))
+        plan = window_plan(known.shape[2], frames, window_frames, stride)
+        bar = _progress(sum(n + delay - p for _, n, p in plan), progress)
 
         def window(known_codes: torch.Tensor, window_frames: int, window_melodies) -> torch.Tensor:
             req = self._request(job, known_codes, window_frames, window_melodies)
-            for _ in self.decode_steps(req, progress):
+            for _ in self.decode_steps(req, bar=bar):
                 pass
             return req.codes
 
-        window_frames = self.window_frames
-        if frames <= window_frames:
-            return window(known, frames, melodies)
-        stride = int(extend_stride * self.frame_rate) if isinstance(extend_stride, numbers.Real) else 0
-        if not 0 < stride < window_frames:
-            raise ValueError(f"extend_stride must be in (0, {self.cfg.max_duration:g}) seconds, at least one frame "
-                             f"and less than the window, got {extend_stride!r}")
-        return generate_long(window, known, frames, window_frames, stride,
-                             melodies, chroma_mod.CHROMA_SAMPLE_RATE / self.frame_rate,
-                             int(self.cfg.max_duration * chroma_mod.CHROMA_SAMPLE_RATE))
+        try:
+            if frames <= window_frames:
+                return window(known, frames, melodies)
+            return generate_long(window, known, frames, window_frames, stride,
+                                 melodies, chroma_mod.CHROMA_SAMPLE_RATE / self.frame_rate,
+                                 int(self.cfg.max_duration * chroma_mod.CHROMA_SAMPLE_RATE))
+        finally:
+            bar.close()
 
     def stream(self, prompts: Sequence[str] | str | None = None, duration: float = 8.0, chunk_seconds: float = 1.0,
                **options):
@@ -249,18 +256,24 @@ class MusicGen(nn.Module):
                              f"{self.cfg.max_duration:g} s, or use generate() for long-form")
         return self._request(job, job["known"], job["frames"], job["melodies"])
 
-    def decode_steps(self, req: Request, progress: bool = False):
-        """Decode `req` alone on an engine of its own, yielding after each step (streaming reads its grid)."""
+    def decode_steps(self, req: Request, progress: bool = False, bar=None):
+        """Decode `req` alone on an engine of its own, yielding after each step (streaming reads its grid).
+        progress: a bar of its own; bar: a tqdm bar to advance instead (a long-form generation's)."""
         L = req.seq.shape[-1]
         S = 0 if req.cond.cross_bias is None else req.cond.cross_bias.shape[-1]
         engine = Engine(self, req.rows, req.offset + L, S)
         engine.admit(req)
-        bar = _progress(L - 1 - req.pos, progress)
-        while not req.finished:
-            engine.step()
-            bar.update(1)
-            yield req.pos
-        bar.close()
+        own = bar is None
+        if own:
+            bar = _progress(L - 1 - req.pos, progress)
+        try:
+            while not req.finished:
+                engine.step()
+                bar.update(1)
+                yield req.pos
+        finally:
+            if own:
+                bar.close()
 
     @property
     def window_frames(self) -> int:

@@ -112,3 +112,22 @@ def test_memory_is_flat_in_the_duration(slow_codec_model):
     # one window's caches and activations dominate; only the int64 codes grow (+10 kB per extra minute here)
     assert peaks[120.0] < 1.15 * peaks[60.0], peaks
     assert peaks[120.0] - peaks[60.0] < 40_000, peaks
+
+
+@pytest.mark.parametrize("prompt_seconds", [0.0, 0.1])
+def test_one_progress_bar_covers_every_window(ckpt_dir, monkeypatch, prompt_seconds):
+    """A long-form generation shows one bar, whose total is every window's steps (audiocraft's callback adds the
+    windows' offsets the same way): it ends exactly full."""
+    import dataclasses
+
+    import musicgen
+    from musicgen import model as model_mod
+
+    m = musicgen.load(ckpt_dir)
+    m.cfg = dataclasses.replace(m.cfg, max_duration=0.4)                    # 20-frame windows
+    bars, make = [], model_mod._progress
+    monkeypatch.setattr(model_mod, "_progress", lambda total, enabled: bars.append(make(total, True)) or bars[-1])
+    prompt = {} if not prompt_seconds else dict(prompt_audio=0.1 * torch.randn(1, int(32000 * prompt_seconds)))
+    codes = m.generate_codes(["lofi"], duration=1.0, extend_stride=0.2, top_k=1, progress=True, **prompt)
+    assert codes.shape[-1] == 50
+    assert len(bars) == 1 and bars[0].total > 0 and bars[0].n == bars[0].total
