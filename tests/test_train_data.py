@@ -251,6 +251,7 @@ def test_train_errors_are_one_line_and_lose_nothing(data, ckpt_dir, other_codec_
     ("--warmup", "-5", "--warmup must be 0 or more"),
     ("--weight-decay", "nan", "--weight-decay must be 0 or more"),
     ("--lora-alpha", "0", "--lora-alpha must be positive"),
+    ("--ema", "0.99", "--ema averages every 10 steps: it needs --steps 10 or more"),
 ])
 def test_train_options_are_checked_before_anything_starts(data, ckpt_dir, tmp_path, capsys, option, value, message):
     run = tmp_path / "run"

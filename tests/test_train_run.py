@@ -96,12 +96,12 @@ def test_export_loads_in_transformers_and_converts_to_audiocraft(memorized, tmp_
         assert torch.equal(back.lm.state_dict()[k], v), k
 
 
-# a run that kills itself (SIGKILL) while writing its step-6 checkpoint: after the temporary file, before the rename
-KILLED_AT_6 = """
+# a run that kills itself (SIGKILL) while writing its step-16 checkpoint: after the temporary file, before the rename
+KILLED_AT_16 = """
 import os, signal, sys
 real = os.replace
 def replace(src, dst):
-    if str(dst).endswith("step_000006.pt"):
+    if str(dst).endswith("step_000016.pt"):
         os.kill(os.getpid(), signal.SIGKILL)
     return real(src, dst)
 os.replace = replace
@@ -121,25 +121,57 @@ def crops(ckpt, tmp_path_factory):
 
 
 def test_resume_after_sigkill_equals_an_uninterrupted_run(crops, ckpt, tmp_path):
-    opts = dict(steps=8, batch_size=4, lr=3e-3, duration=0.5, save_every=2, keep=2, ema=0.9)
+    """Killed at step 16, resumed from step 14: the EMA (stepped at 10 and 20) goes on with its saved count."""
+    opts = dict(steps=22, batch_size=4, lr=3e-3, duration=0.5, save_every=2, keep=2, ema=0.9)
     whole = train(config(crops, ckpt, tmp_path / "whole", **opts))
     args = ["train", crops, "--model", ckpt, "-o", tmp_path / "run", "-q"] + \
         [a for k, v in opts.items() for a in (f"--{k.replace('_', '-')}", v)]
-    killed = subprocess.run([sys.executable, "-c", KILLED_AT_6, *map(str, args)], capture_output=True, text=True,
+    killed = subprocess.run([sys.executable, "-c", KILLED_AT_16, *map(str, args)], capture_output=True, text=True,
                             env=env(), timeout=300)
     assert killed.returncode == -9, killed.stderr
-    assert [s for s, _ in st.checkpoints(tmp_path / "run")] == [2, 4]          # step 6's never became a checkpoint
-    assert (tmp_path / "run" / "checkpoints" / ".step_000006.pt.tmp").exists()
-    assert len(metrics(tmp_path / "run")) == 6 and not (tmp_path / "run" / "final").exists()
+    assert [s for s, _ in st.checkpoints(tmp_path / "run")] == [12, 14]        # step 16's never became a checkpoint
+    assert (tmp_path / "run" / "checkpoints" / ".step_000016.pt.tmp").exists()
+    assert len(metrics(tmp_path / "run")) == 16 and not (tmp_path / "run" / "final").exists()
+    assert st.load_checkpoint(st.checkpoints(tmp_path / "run")[-1][1])["ema"]["count"] == 1.0
     r = run_cli("train", crops, "-o", tmp_path / "run", "--resume", "-q")
     assert r.returncode == 0, r.stderr
     assert_states_close(final_state(tmp_path / "run" / "final"), final_state(whole), atol=1e-6)
     resumed, reference = metrics(tmp_path / "run"), metrics(tmp_path / "whole")
-    assert [m["step"] for m in resumed] == list(range(1, 9))
+    assert [m["step"] for m in resumed] == list(range(1, 23))
     for a, b in zip(resumed, reference):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6) and a["lr"] == pytest.approx(b["lr"])
-    assert [s for s, _ in st.checkpoints(tmp_path / "run")] == [6, 8]           # the last --keep 2
+    assert [s for s, _ in st.checkpoints(tmp_path / "run")] == [20, 22]         # the last --keep 2
     assert not list((tmp_path / "run" / "checkpoints").glob(".*.tmp"))
+
+
+def test_ema_is_audiocrafts_bias_corrected_average_every_10_steps():
+    """audiocraft's ModuleDictEMA(unbias=True) stepped every optim.ema.updates = 10 optimizer steps, written out:
+    count = count x decay + 1, ema = ema (1 - 1/count) + weights / count. A weight moving from 0 (the starting
+    checkpoint) to 1 over 1000 steps: its first EMA step takes the weights whole, the start washes out."""
+    from musicgen.train.loop import EMA
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    ema = EMA([("w", p)], 0.99)
+    count, expected = 0.0, torch.zeros(3)
+    for step in range(1, 1001):
+        with torch.no_grad():
+            p.fill_(step / 1000)
+        ema.update(step)
+        if step % 10 == 0:
+            count = count * 0.99 + 1
+            expected = expected * (1 - 1 / count) + p.detach() / count
+        if step == 10:
+            assert torch.equal(ema.weights()["w"], torch.full((3,), 0.01))
+        if step == 15:
+            assert torch.equal(ema.weights()["w"], torch.full((3,), 0.01))        # no step between the 10s
+    torch.testing.assert_close(ema.weights()["w"], expected, rtol=1e-6, atol=0)
+    assert ema.count == pytest.approx(count)
+    again = EMA([("w", p)], 0.99)
+    again.load_state_dict(ema.state_dict())
+    assert again.count == ema.count and torch.equal(again.weights()["w"], ema.weights()["w"])
+    old = EMA([("w", p)], 0.99)
+    old.load_state_dict({"w": torch.ones(3)})   # a checkpoint from before the count was kept: the steady state
+    assert old.count == pytest.approx(100) and torch.equal(old.weights()["w"], torch.ones(3))
 
 
 def test_accumulation_and_activation_checkpointing_change_nothing(crops, ckpt, tmp_path):

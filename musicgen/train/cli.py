@@ -49,7 +49,8 @@ def add_parsers(sub) -> None:
                    help="autocast precision (default bfloat16 on CUDA, float32 on CPU)")
     t.add_argument("--lora-rank", type=int, help="train rank-R adapters instead of every weight")
     t.add_argument("--lora-alpha", type=float, help="adapter scale alpha/R (default alpha = R)")
-    t.add_argument("--ema", type=float, help="keep an EMA of the weights with this decay; final/ takes it")
+    t.add_argument("--ema", type=float, help="keep audiocraft's bias-corrected EMA of the weights with this decay "
+                                              "(audiocraft: 0.99), stepped every 10 steps; final/ takes it")
     t.add_argument("--grad-checkpoint", action=argparse.BooleanOptionalAction, default=None,
                    help="activation checkpointing: recompute layers in backward, for longer crops or batches")
     t.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=None,

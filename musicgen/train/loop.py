@@ -7,7 +7,7 @@
             logits = Network(delayed codes, text, chroma)      (autocast in --precision)
             loss  += sum of per-codebook cross-entropy / (K x frames in the global batch)
             backward                                           (gradients reduced over ranks on the last one)
-        clip the gradient norm at 1.0, AdamW step, cosine schedule step, EMA update
+        clip the gradient norm at 1.0, AdamW step, cosine schedule step, EMA update (every 10th step)
         log; validate, sample, checkpoint when due
     export RUN/final (adapters merged, EMA weights when kept), RUN/loss.png
 
@@ -32,7 +32,7 @@ from .dataset import Augment, CodesData
 from .distributed import Dist, setup, sync_gradients, wrap
 from .loss import codebook_sums, delayed_batch, target_counts
 from .network import Network, text_states
-from .options import PRECISIONS, TrainConfig, check_options
+from .options import EMA_EVERY, PRECISIONS, TrainConfig, check_options
 
 def lr_factor(i: int, warmup: int, steps: int) -> float:
     """Learning-rate multiplier for the (i+1)-th step: linear warm-up, then cosine down to a tenth."""
@@ -44,23 +44,40 @@ def lr_factor(i: int, warmup: int, steps: int) -> float:
 
 
 class EMA:
-    """Exponential moving average of the trained tensors (float32), by name."""
+    """audiocraft's bias-corrected moving average of the trained tensors (ModuleDictEMA with unbias=True), kept
+    in float32 by name and stepped every `every` optimizer steps (audiocraft's optim.ema.updates, 10 for MusicGen).
 
-    def __init__(self, named: list[tuple[str, torch.nn.Parameter]], decay: float):
-        self.decay = decay
+    Each EMA step: count = count x decay + 1, then ema += (weights - ema) / count. The first step (count 1) takes
+    the weights as they are, so the starting checkpoint's weights wash out of the average; a plain average with
+    weight 1 - decay would keep decay ** n of them after n steps. count tends to 1 / (1 - decay), where the step
+    becomes the plain one."""
+
+    def __init__(self, named: list[tuple[str, torch.nn.Parameter]], decay: float, every: int = EMA_EVERY):
+        self.decay, self.every, self.count = decay, every, 0.0
         self.params = dict(named)
         self.shadow = {n: p.detach().float().clone() for n, p in named}
 
     @torch.no_grad()
-    def update(self) -> None:
+    def update(self, step: int) -> None:
+        """Called after optimizer step `step` (from 1); averages on every `every`-th."""
+        if step % self.every:
+            return
+        self.count = self.count * self.decay + 1
         for n, p in self.params.items():
-            self.shadow[n].lerp_(p.detach().float(), 1 - self.decay)
+            self.shadow[n].lerp_(p.detach().float(), 1 / self.count)
 
-    def state_dict(self) -> dict:
+    def weights(self) -> dict:
         return {n: t.cpu() for n, t in self.shadow.items()}
 
+    def state_dict(self) -> dict:
+        return dict(weights=self.weights(), count=self.count)
+
     def load_state_dict(self, state: dict) -> None:
-        for n, t in state.items():
+        if set(state) != {"weights", "count"}:
+            # a checkpoint written before the count was kept: its average had the steady-state weight
+            state = dict(weights=state, count=1 / (1 - self.decay))
+        self.count = float(state["count"])
+        for n, t in state["weights"].items():
             self.shadow[n].copy_(t)
 
 
@@ -226,7 +243,7 @@ class Trainer:
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         if self.ema is not None:
-            self.ema.update()
+            self.ema.update(step)
         per_codebook = (d.sum(sums) / counts.clamp(min=1)).tolist()
         seconds = time.perf_counter() - started
         return dict(step=step, loss=sum(per_codebook) / self.K, codebook_losses=per_codebook, lr=lr,
@@ -335,7 +352,7 @@ class Trainer:
         final = self.run_dir / "final"
         if self.d.main:
             if self.ema is not None:
-                trained = self.ema.state_dict()
+                trained = self.ema.weights()
             export(self.cfg.model, trained, final, self.cfg.lora_rank, self.cfg.lora_alpha)
             st.plot_loss(self.run_dir)
         self.metrics.close()

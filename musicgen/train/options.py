@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+EMA_EVERY = 10   # optimizer steps between EMA steps (audiocraft's optim.ema.updates for MusicGen)
 
 
 @dataclass
@@ -26,7 +27,8 @@ class TrainConfig:
     precision: str | None = None             # float32, bfloat16, float16 (autocast); None: bfloat16 on CUDA
     lora_rank: int = 0                       # 0: full fine-tuning
     lora_alpha: float | None = None          # adapter scale alpha / rank; None: alpha = rank
-    ema: float = 0.0                         # EMA decay of the trained weights (0: off); the export takes the EMA
+    ema: float = 0.0                         # EMA decay (0: off; audiocraft 0.99), stepped every EMA_EVERY steps;
+                                             # the export takes the EMA
     grad_checkpoint: bool = False            # recompute each decoder layer in backward (activation checkpointing)
     fsdp: bool = False                       # shard parameters, gradients and optimizer state over ranks
     cfg_dropout: float = 0.3                 # probability of the null condition (classifier-free guidance)
@@ -91,6 +93,8 @@ def check_options(cfg: TrainConfig, world: int) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(cfg, name):g}")
     if not 0 <= cfg.ema < 1:
         raise ValueError(f"--ema is a decay in [0, 1), got {cfg.ema:g}")
+    if cfg.ema and cfg.steps < EMA_EVERY:   # no EMA step yet: the export would be the starting weights
+        raise ValueError(f"--ema averages every {EMA_EVERY} steps: it needs --steps {EMA_EVERY} or more")
     if cfg.lora_rank < 0:
         raise ValueError(f"--lora-rank must be positive, got {cfg.lora_rank}")
     if cfg.sample_every < 0:
