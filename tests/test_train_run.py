@@ -2,6 +2,7 @@
 its export, resume after SIGKILL, LoRA, accumulation, precisions, and mono, stereo and melody checkpoints."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -217,6 +218,24 @@ def test_the_codec_stays_only_for_samples(crops, ckpt, tmp_path):
     sampled = Trainer(config(crops, ckpt, tmp_path / "sampled", steps=1, sample_every=1, sample_prompts=("lofi",)),
                       Dist(device=torch.device("cpu")), resume=False)
     assert sampled.model.codec is not None
+
+
+def test_dropouts_default_to_the_checkpoints_audiocraft_values(crops, ckpt, melody_ckpt_dir, tmp_path):
+    """audiocraft trains text checkpoints with guidance and word dropout 0.3 (text2music.yaml), melody ones with
+    0.2 (chroma2music.yaml); the options given win, and the run's config keeps None for "the checkpoint's"."""
+    from musicgen.train.distributed import Dist
+    from musicgen.train.loop import Trainer
+
+    prepare(write_clips(tmp_path / "clips", seconds=0.5, captions=["a tune"]), tmp_path / "melody_data",
+            str(melody_ckpt_dir), segment=0.5, demucs=False, progress=False)
+    cases = [(crops, ckpt, {}, (0.3, 0.3)), (tmp_path / "melody_data", melody_ckpt_dir, {}, (0.2, 0.2)),
+             (tmp_path / "melody_data", melody_ckpt_dir, dict(cfg_dropout=0.1, word_dropout=0.0), (0.1, 0.0))]
+    for i, (data, model, given, expected) in enumerate(cases):
+        trainer = Trainer(config(data, model, tmp_path / f"run{i}", steps=1, **given), Dist(device=torch.device("cpu")),
+                          resume=False)
+        trainer.close()
+        assert (trainer.augment.cfg_dropout, trainer.augment.word_dropout) == expected
+    assert json.loads((tmp_path / "run1" / "config.json").read_text())["cfg_dropout"] is None
 
 
 def test_lora_trains_adapters_only_and_exports_them_merged(crops, ckpt, tmp_path):

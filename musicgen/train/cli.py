@@ -56,8 +56,10 @@ def add_parsers(sub) -> None:
     t.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=None,
                    help="shard weights, gradients and optimizer state over ranks (torchrun; --no-fsdp on "
                         "--resume continues a sharded run on one process or with DDP)")
-    t.add_argument("--cfg-dropout", type=float, help="probability of the null condition (default 0.3)")
-    t.add_argument("--word-dropout", type=float, help="probability of dropping each caption word (default 0.3)")
+    t.add_argument("--cfg-dropout", type=float,
+                   help="probability of the null condition (default audiocraft's: 0.3, melody checkpoints 0.2)")
+    t.add_argument("--word-dropout", type=float,
+                   help="probability of dropping each caption word (default audiocraft's: 0.3, melody 0.2)")
     t.add_argument("--seed", type=int, help="seed of data order, crops, dropouts and adapters (default 0)")
     t.add_argument("--save-every", type=int, help="checkpoint every N steps (default 500)")
     t.add_argument("--keep", type=int, help="checkpoints kept (default 3)")

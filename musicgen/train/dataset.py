@@ -30,7 +30,8 @@ from .. import chroma as chroma_mod
 
 @dataclass(frozen=True)
 class Augment:
-    cfg_dropout: float = 0.3     # whole condition -> null (audiocraft classifier_free_guidance.training_dropout)
+    cfg_dropout: float = 0.3     # whole condition -> null (audiocraft classifier_free_guidance.training_dropout;
+                                 # a run's value: options.dropouts)
     word_dropout: float = 0.3    # per word (audiocraft t5.word_dropout)
     merge_text: float = 0.25     # merge metadata into the description (merge_text_p)
     drop_desc: float = 0.5       # ... and drop the description when merging (drop_desc_p)

@@ -32,7 +32,7 @@ from .dataset import Augment, CodesData
 from .distributed import Dist, setup, sync_gradients, wrap
 from .loss import codebook_sums, delayed_batch, target_counts
 from .network import Network, text_states
-from .options import EMA_EVERY, PRECISIONS, TrainConfig, check_options
+from .options import EMA_EVERY, PRECISIONS, TrainConfig, check_options, dropouts
 
 def lr_factor(i: int, warmup: int, steps: int) -> float:
     """Learning-rate multiplier for the (i+1)-th step: linear warm-up, then cosine down to a tenth."""
@@ -169,7 +169,8 @@ class Trainer:
         fused = self.optimizer.defaults.get("fused")
         self.fold_clip = bool(fused) and not self.scaler.is_enabled() and not cfg.fsdp and cfg.clip > 0
         self.ema = EMA(self.trained, cfg.ema) if cfg.ema > 0 else None
-        self.augment = Augment(cfg_dropout=cfg.cfg_dropout, word_dropout=cfg.word_dropout)
+        cfg_dropout, word_dropout = dropouts(cfg, melody=mcfg.melody is not None)
+        self.augment = Augment(cfg_dropout=cfg_dropout, word_dropout=word_dropout)
         self.start = 0
         # one training per RUN, from here on where RUN is written: a second one (started at the same moment,
         # or a run resumed twice) is refused instead of interleaving checkpoints and metrics

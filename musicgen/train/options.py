@@ -9,6 +9,9 @@ import torch
 
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EMA_EVERY = 10   # optimizer steps between EMA steps (audiocraft's optim.ema.updates for MusicGen)
+# audiocraft's (classifier_free_guidance.training_dropout, t5.word_dropout) by kind of checkpoint:
+# config/conditioner/text2music.yaml and chroma2music.yaml
+DROPOUTS = {"text": (0.3, 0.3), "melody": (0.2, 0.2)}
 
 
 @dataclass
@@ -31,8 +34,8 @@ class TrainConfig:
                                              # the export takes the EMA
     grad_checkpoint: bool = False            # recompute each decoder layer in backward (activation checkpointing)
     fsdp: bool = False                       # shard parameters, gradients and optimizer state over ranks
-    cfg_dropout: float = 0.3                 # probability of the null condition (classifier-free guidance)
-    word_dropout: float = 0.3
+    cfg_dropout: float | None = None         # probability of the null condition (classifier-free guidance) and
+    word_dropout: float | None = None        # of dropping each caption word; None: DROPOUTS of the checkpoint's kind
     seed: int = 0
     save_every: int = 500                    # checkpoint every N steps (and at the end)
     keep: int = 3                            # checkpoints kept
@@ -75,6 +78,13 @@ def resume_config(run: str | Path, given: dict) -> TrainConfig:
     return TrainConfig(**{f.name: saved[f.name] for f in fields(TrainConfig) if f.name in saved})
 
 
+def dropouts(cfg: TrainConfig, melody: bool) -> tuple[float, float]:
+    """(cfg_dropout, word_dropout) of a run: those given, else audiocraft's for a text or melody checkpoint."""
+    default = DROPOUTS["melody" if melody else "text"]
+    return (cfg.cfg_dropout if cfg.cfg_dropout is not None else default[0],
+            cfg.word_dropout if cfg.word_dropout is not None else default[1])
+
+
 def check_options(cfg: TrainConfig, world: int) -> None:
     """Every option checked before anything loads: a bad value is one ValueError naming its flag."""
     if cfg.steps < 1:
@@ -89,7 +99,7 @@ def check_options(cfg: TrainConfig, world: int) -> None:
     if cfg.duration is not None and not cfg.duration > 0:
         raise ValueError(f"--duration must be positive, got {cfg.duration:g}")
     for name in ("cfg_dropout", "word_dropout"):
-        if not 0 <= getattr(cfg, name) < 1:
+        if getattr(cfg, name) is not None and not 0 <= getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(cfg, name):g}")
     if not 0 <= cfg.ema < 1:
         raise ValueError(f"--ema is a decay in [0, 1), got {cfg.ema:g}")
