@@ -27,8 +27,8 @@ def songs(tmp_path_factory):
     sf.write(src / "a.wav", noise(32000, 1.3), 32000)
     (src / "a.txt").write_text("lofi hip hop\nbeat  with piano\n")
     sf.write(src / "b.flac", noise(44100, 0.9, 2), 44100)                     # stereo at 44.1 kHz
-    (src / "b.json").write_text(json.dumps({"description": "techno track", "genre": "techno", "bpm": 128,
-                                            "moods": ["dark", "driving"], "title": "ignored"}))
+    (src / "b.json").write_text(json.dumps({"description": "techno track", "genre": "Techno ", "bpm": 128,
+                                            "moods": "Dark, driving", "title": "ignored"}))
     sf.write(src / "nested_c.ogg", noise(22050, 0.8), 22050)                   # no caption
     (src / "sub").mkdir()
     sf.write(src / "sub" / "d.mp3", noise(48000, 1.0), 48000)
@@ -66,7 +66,8 @@ def test_codes_are_what_inference_encodes(songs, data, model):
     stored = d.codes(split, d.splits[split].index(b))
     assert stored.dtype == np.uint16 and stored.shape == (4, 25)
     assert torch.equal(torch.from_numpy(stored.astype(np.int64))[None], model.encode(wav[None]))
-    assert b["caption"] == "techno track" and b["meta"] == {"genre": "techno", "moods": ["dark", "driving"], "bpm": 128}
+    assert b["caption"] == "techno track"   # the metadata as audiocraft reads it (the index keeps the sidecar's)
+    assert b["meta"] == {"bpm": 128.0, "genre": "techno", "moods": ["dark", "driving"]}
     assert by_source[str(songs / "nested_c.ogg")][0]["caption"] == ""
     assert by_source[str(songs / "sub" / "d.mp3")][0]["caption"] == "epic orchestral soundtrack"
 
@@ -181,17 +182,57 @@ def test_rows_are_a_function_of_seed_and_step(data):
             assert 0 <= r.start <= d.splits["train"][r.segment]["frames"] - r.frames and r.frames == 20
 
 
-def test_caption_augmentation_follows_audiocraft():
-    meta = {"genre": "techno", "bpm": 128, "moods": ["dark", "driving"]}
+def test_metadata_is_read_as_audiocraft_reads_it():
+    """MusicInfo.from_dict's preprocessing (get_musical_key, get_bpm, get_keyword, get_keyword_list), in
+    MusicInfo's field order, written out for a few sidecars."""
+    from musicgen.train.sources import music_meta
+
+    got = music_meta({"instrument": "Piano", "keywords": ["LoFi", " Piano "], "moods": "Chill, Relaxed",
+                      "genre": "Hip-Hop ", "bpm": 90, "key": "C Major", "title": "not merged"})
+    assert list(got.items()) == [("key", "c major"), ("bpm", 90.0), ("genre", "hip-hop"),
+                                 ("moods", ["chill", "relaxed"]), ("keywords", ["lofi", "piano"]),
+                                 ("instrument", "piano")]
+    assert music_meta({"key": "C major, A minor", "bpm": "120.5", "moods": "dark  driving,sad", "genre": "None",
+                       "instrument": "", "keywords": [3, "Fun"]}) == {"bpm": 120.5,
+                                                                    "moods": ["dark", "driving", "sad"],
+                                                                    "keywords": ["fun"]}
+    assert music_meta({"bpm": "fast", "moods": [], "keywords": " , ", "genre": ["rock"], "key": 5}) == {}
+
+
+def test_captions_are_rebuilt_as_audiocraft_rebuilds_them():
+    """augment_music_info_description: a kept description always becomes desc.rstrip(".") + ". " + metadata,
+    stripped; a dropped one leaves the metadata, or nothing (the null condition)."""
+    def caption(text, meta, merge=1.0, drop=0.0):
+        a = Augment(word_dropout=0.0, merge_text=merge, keep_field=1.0, drop_desc=drop)
+        return augment_caption(text, meta, np.random.default_rng(0), a)
+
+    assert caption("A lofi beat", {"bpm": 90.0}, merge=0.0) == "A lofi beat."
+    assert caption("A lofi beat...", {}, merge=0.0) == "A lofi beat."
+    assert caption("", {"bpm": 90.0}, merge=0.0) == ""
+    assert caption("A lofi beat.", {"bpm": 90.0}) == "A lofi beat. bpm: 90.0"
+    assert caption("A lofi beat", {}) == "A lofi beat."
+    assert caption("A lofi beat", {"genre": "techno"}, drop=1.0) == "genre: techno"
+    assert caption("A lofi beat", {}, drop=1.0) == ""                 # merged with nothing: the null condition
+    assert caption("", {"moods": ["dark", "driving"]}) == "moods: dark, driving"
+    meta = {"key": "c major", "bpm": 90.0, "moods": ["dark", "driving"]}
+    merged = caption("A lofi beat", meta)
+    assert merged.startswith("A lofi beat. ")                          # the fields in a shuffled order
+    assert sorted(merged.split(". ")[1:]) == ["bpm: 90.0", "key: c major", "moods: dark, driving"]
+
+
+def test_caption_augmentation_rates_follow_audiocraft():
+    meta = {"genre": "techno", "bpm": 128.0, "moods": ["dark", "driving"]}
     a = Augment(word_dropout=0.0)
     draws = [augment_caption("techno track", meta, np.random.default_rng([0, g]), a) for g in range(4000)]
-    merged = [c for c in draws if c != "techno track"]
-    assert 0.15 < len(merged) / len(draws) < 0.25             # 0.25 merge, less the draws that kept no field
+    merged = [c for c in draws if c not in ("techno track.", "")]
+    assert 0.19 < len(merged) / len(draws) < 0.25             # 0.25 merge, less the draws that kept no field
     assert any(c.startswith("techno track. ") and "moods: dark, driving" in c for c in merged)
     assert any(not c.startswith("techno track") and "genre: techno" in c for c in merged)   # description dropped
+    bare = [augment_caption("techno track", {}, np.random.default_rng([0, g]), a) for g in range(4000)]
+    assert set(bare) == {"techno track.", ""} and 0.1 < bare.count("") / len(bare) < 0.15   # 0.25 x 0.5
     words = [augment_caption("a b c d e f g h i j", {}, np.random.default_rng([1, g]), Augment(word_dropout=0.3))
              for g in range(1000)]
-    assert 0.65 < np.mean([len(w.split()) / 10 for w in words]) < 0.75
+    assert 0.65 < np.mean([len(w.split()) / 10 for w in words if w]) < 0.75
 
 
 def _one_line_error(capsys, argv) -> str:

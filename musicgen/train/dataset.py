@@ -8,9 +8,14 @@ ranks and micro-batches holds the same rows as on one process.
 
 Caption augmentation follows audiocraft's training (MusicDataset, T5Conditioner, ClassifierFreeGuidanceDropout,
 AttributeDropout), drawn per row:
-  - with probability 0.25 the metadata fields (genre, moods, keywords, instrument, bpm, key) are merged into the
-    description: each field kept with probability 0.5, shuffled, "field: value" joined by ". ", and the
-    description itself dropped half of those times (merge_text_p 0.25, drop_other_p 0.5, drop_desc_p 0.5)
+  - the metadata fields (key, bpm, genre, moods, keywords, instrument) are read as audiocraft's MusicInfo reads
+    them (sources.music_meta: lowercased, lists split at commas and whitespace, bpm a float)
+  - with probability 0.25 they are merged into the description: each field kept with probability 0.5,
+    shuffled, "field: value" (lists joined by ", ") joined by ". ", and the description itself dropped half of
+    those times, metadata or not (merge_text_p 0.25, drop_other_p 0.5, drop_desc_p 0.5)
+  - as in augment_music_info_description, a description that is kept always becomes
+    description.rstrip(".") + ". " + metadata, stripped: "a lofi beat" trains as "a lofi beat."; a dropped
+    one leaves the metadata alone, or the null condition when there is none
   - word dropout: each word of the caption dropped with probability `word_dropout`
   - guidance dropout: with probability `cfg_dropout` the whole condition becomes the null one (empty text,
     and for melody checkpoints the null chroma), as inference's unconditional rows
@@ -26,6 +31,7 @@ import numpy as np
 import torch
 
 from .. import chroma as chroma_mod
+from .sources import music_meta
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,8 @@ class CodesData:
                              f"`musicgen prepare SRC -o {self.folder} --model ...` first")
         self.meta = json.loads(meta.read_text())
         entries = [json.loads(line) for line in index.read_text(encoding="utf-8").splitlines() if line.strip()]
+        for e in entries:   # the index keeps the metadata as the sidecars wrote it
+            e["meta"] = music_meta(e.get("meta") or {})
         self.splits = {name: [e for e in entries if e["split"] == name] for name in ("train", "valid")}
         if not self.splits["train"]:
             raise ValueError(f"{self.folder} has no training segments")
@@ -166,17 +174,20 @@ def _melody_meta(model) -> dict:
 
 
 def augment_caption(caption: str, meta: dict, rng: np.random.Generator, a: Augment) -> str:
-    """A caption as audiocraft's training would present it this time (see the module docstring)."""
+    """A caption as audiocraft's training would present it this time (see the module docstring); `meta` as
+    sources.music_meta reads it."""
     description = caption or None
-    if meta and rng.random() < a.merge_text:
+    metadata = ""
+    if rng.random() < a.merge_text:
         pairs = [f"{k}: {', '.join(v) if isinstance(v, list) else v}" for k, v in meta.items()
                  if rng.random() < a.keep_field]
-        order = rng.permutation(len(pairs))
-        metadata = ". ".join(pairs[i] for i in order)
-        if rng.random() < a.drop_desc:
+        metadata = ". ".join(pairs[i] for i in rng.permutation(len(pairs)))
+        if rng.random() < a.drop_desc:   # even with no metadata to merge: then the row is the null condition
             description = None
-        if metadata:
-            description = f"{description.rstrip('.')}. {metadata}" if description else metadata
+    if description is None:
+        description = metadata if len(metadata) > 1 else None
+    else:   # with or without metadata: "a lofi beat" trains as "a lofi beat."
+        description = f"{description.rstrip('.')}. {metadata}"
     text = (description or "").strip()
     if a.word_dropout > 0 and text:
         text = " ".join(w for w in text.split(" ") if rng.random() >= a.word_dropout)

@@ -1,8 +1,9 @@
 """What `musicgen prepare` reads: audio files and their captions, from a folder or a manifest.
 
     SRC folder      every .wav .flac .mp3 .ogg below it; the caption of song.wav from song.txt (the whole
-                    text) or song.json (audiocraft's sidecar: `description`, and optional `genre`, `moods`,
-                    `keywords`, `instrument`, `bpm`, `key`, merged into the caption at training time)
+                    text) or song.json (audiocraft's sidecar: `description`, and optional `key`, `bpm`, `genre`,
+                    `moods`, `keywords`, `instrument`, read as audiocraft does (music_meta) and merged into
+                    the caption at training time)
     SRC.jsonl       audiocraft's manifest: one {"path", "duration", "sample_rate", ...} per line; captions from
                     a "description" in the line, else the sidecar beside the audio (or its "info_path")
     SRC.csv         a header with `path` and `caption` columns
@@ -16,18 +17,22 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg")
-META_FIELDS = ("genre", "moods", "keywords", "instrument", "bpm", "key")   # audiocraft's merge_text fields
+# the fields audiocraft merges into captions (augment_music_info_description), in MusicInfo's order
+META_FIELDS = ("key", "bpm", "genre", "moods", "keywords", "instrument")
 
 
 @dataclass
 class Source:
     path: Path
     caption: str = ""                                     # "" when none was found
-    meta: dict = field(default_factory=dict)              # META_FIELDS present in a json sidecar or manifest line
+    meta: dict = field(default_factory=dict)              # META_FIELDS of a json sidecar or manifest line, as
+                                                          # written there (music_meta reads them at training)
 
     @property
     def key(self) -> str:
@@ -120,13 +125,54 @@ def _read_json_sidecar(source: Source, info: Path) -> Source:
 def _caption_from(source: Source, entry: dict) -> Source:
     description = entry.get("description")
     source.caption = " ".join(description.split()) if isinstance(description, str) else ""
-    source.meta = {k: entry[k] for k in META_FIELDS if _usable(entry.get(k))}
+    source.meta = {k: entry[k] for k in META_FIELDS if entry.get(k) is not None}
     return source
 
 
-def _usable(value) -> bool:
+def music_meta(raw: dict) -> dict:
+    """The metadata fields as audiocraft's MusicInfo.from_dict reads them (get_musical_key, get_bpm,
+    get_keyword, get_keyword_list), in MusicInfo's field order; fields that come out None are left out.
+
+    key: stripped, lowercased; none when it names several keys (a comma). bpm: a float. genre, instrument:
+    stripped, lowercased. moods, keywords: a string is split at commas and whitespace; each word stripped,
+    lowercased, empty ones dropped. A string field that is not a string, empty or "None" is none."""
+    out = {}
+    for name in META_FIELDS:
+        value = raw.get(name)
+        if name == "key":
+            value = None if isinstance(value, str) and "," in value else _keyword(value)
+        elif name == "bpm":
+            value = _float(value)
+        elif name in ("moods", "keywords"):
+            value = _keyword_list(value)
+        else:
+            value = _keyword(value)
+        if value is not None:
+            out[name] = value
+    return out
+
+
+def _keyword(value) -> str | None:
+    if not isinstance(value, str) or value in ("", "None"):
+        return None
+    return value.strip().lower()
+
+
+def _float(value) -> float | None:
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _keyword_list(value) -> list[str] | None:
     if isinstance(value, str):
-        return bool(value.strip())
-    if isinstance(value, list):
-        return bool(value) and all(isinstance(v, str) for v in value)
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = [v.strip() for v in re.split(r"[,\s]", value)]
+    elif isinstance(value, float) and math.isnan(value):
+        value = []
+    if not isinstance(value, list):
+        value = [str(value)]
+    words = [w for w in map(_keyword, value) if w is not None]
+    return words or None
