@@ -220,7 +220,9 @@ def resample(audio: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:
 
 
 def convert_channels(audio: torch.Tensor, channels: int) -> torch.Tensor:
-    """(C, T) -> (channels, T): down-mix by averaging, up-mix mono by copying."""
+    """(C, T) -> (channels, T) as audiocraft's convert_audio_channels: mono is the mean of every channel, mono
+    audio is copied to each channel, and audio with more channels than asked keeps its first ones (stereo from
+    5.1 is its front left and right)."""
     c = audio.shape[0]
     if c == channels:
         return audio
@@ -228,6 +230,8 @@ def convert_channels(audio: torch.Tensor, channels: int) -> torch.Tensor:
         return audio.mean(dim=0, keepdim=True)
     if c == 1:
         return audio.expand(channels, -1).clone()
+    if c > channels:
+        return audio[:channels].clone()
     raise ValueError(f"cannot turn {c}-channel audio into {channels} channels")
 
 

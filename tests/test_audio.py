@@ -11,7 +11,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from musicgen.audio import load_audio, loudness, normalize, resample, save_audio
+from musicgen.audio import convert_channels, load_audio, loudness, normalize, resample, save_audio
 
 SR = 32000
 
@@ -120,6 +120,17 @@ def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         save_audio(path, music_like(seconds=0.5), SR)
     assert path.read_bytes() == b"precious" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_channels_convert_as_audiocraft_converts_them():
+    """audiocraft's convert_audio_channels: mono is the mean of all channels, mono is copied, and more channels
+    than asked keep the first ones (5.1 into stereo: front left and right, not a mono mix copied twice)."""
+    x = torch.randn(6, 100, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(convert_channels(x, 2), x[:2])
+    torch.testing.assert_close(convert_channels(x, 1), x.mean(0, keepdim=True))
+    assert torch.equal(convert_channels(x[:1], 2), x[:1].expand(2, -1)) and convert_channels(x, 6) is x
+    with pytest.raises(ValueError, match="cannot turn 2-channel audio into 3 channels"):
+        convert_channels(x[:2], 3)
 
 
 def test_load_resamples_and_converts_channels(tmp_path):

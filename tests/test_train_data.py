@@ -15,7 +15,7 @@ from musicgen.train import encode, prepare
 from musicgen.train.dataset import Augment, CodesData, augment_caption
 from musicgen.train.encode import validation_files
 from train_common import one_thread  # noqa: F401  (autouse)
-from train_common import write_clips
+from train_common import diverse_checkpoint, write_clips
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +152,22 @@ def test_manifests_give_the_same_data(ckpt_dir, tmp_path):
         a, b = CodesData(tmp_path / "from_folder"), CodesData(tmp_path / manifest.replace(".", "_"))
         assert [e["caption"] for e in a.splits["train"]] == [e["caption"] for e in b.splits["train"]]
         assert all(np.array_equal(a.codes("train", i), b.codes("train", i)) for i in range(3))
+
+
+def test_more_channels_than_a_stereo_checkpoint_has_keep_the_first_two(tmp_path, spm_model):
+    """As audiocraft's convert_audio_channels: a 4-channel file trains a stereo checkpoint on its channels 0
+    and 1 (not on a mono mix of all four copied to both)."""
+    import musicgen
+
+    ckpt = diverse_checkpoint(tmp_path / "stereo", spm_model, stereo=True)
+    rng = np.random.default_rng(3)
+    (tmp_path / "src").mkdir()
+    sf.write(tmp_path / "src" / "quad.wav", (0.3 * rng.standard_normal((16000, 4))).astype(np.float32), 32000)
+    prepare(tmp_path / "src", tmp_path / "data", str(ckpt), segment=0.5, progress=False)
+    wav, _ = load_audio(tmp_path / "src" / "quad.wav")
+    expected = musicgen.load(ckpt).encode(wav[:2][None])                                  # (1, 8, 25)
+    stored = CodesData(tmp_path / "data").codes("train", 0)
+    assert torch.equal(torch.from_numpy(stored.astype(np.int64))[None], expected)
 
 
 def test_melody_data_stores_the_inference_chroma(melody_ckpt_dir, melody_model, tmp_path):

@@ -9,7 +9,8 @@
     DATA/index.jsonl            every segment with its split (train / valid): what training reads
     DATA/report.txt             the files skipped (unreadable, empty, silent, too short) and those without caption
 
-Audio is converted as for inference (channels down-mixed or duplicated, resampled to the codec rate), cut into
+Audio is converted as for inference and by audiocraft (audio.convert_channels: mono the mean of all channels, mono
+audio copied to both channels of stereo, more channels cut to the first two; resampled to the codec rate), cut into
 consecutive segments of `segment` seconds (default 30: the model's window), the last one kept when it is at
 least `min_segment_ratio` of a segment (audiocraft's 0.8), and encoded in batches of equal-length segments.
 Melody checkpoints store each segment's chromagram, made as at inference (chroma.prepare_melody, chromagram).
@@ -144,8 +145,6 @@ class Encoder:
             return self.part.skip(source, "holds NaN or infinite samples")
         if float(wav.abs().max()) < SILENCE:
             return self.part.skip(source, "silent")
-        if wav.shape[0] > 2:
-            wav = wav.mean(0, keepdim=True)      # 5.1 and such: down-mix first, then to the model's channels
         rate = self.model.sample_rate
         wav = resample(convert_channels(wav, self.model.audio_channels), sr, rate)
         segments = [(s / rate, wav[:, s:s + self.seg]) for s in range(0, wav.shape[1], self.seg)]
