@@ -64,6 +64,9 @@ def rows_of(audio, what: str = "audio") -> int | None:
     return None
 
 
+MAX_CHANNELS = 32
+
+
 def per_row(audio, batch: int, what: str, allow_none: bool = False) -> list[torch.Tensor | None]:
     """(samples,), (channels, samples) for every row, (B, channels, samples) or a list of rows -> B tensors;
     with allow_none, a list may hold None for a row without this input."""
@@ -93,8 +96,10 @@ def per_row(audio, batch: int, what: str, allow_none: bool = False) -> list[torc
         a = a[None] if a.dim() == 1 else a
         if a.dim() != 2:
             raise ValueError(f"each {what} must be (channels, samples), got shape {tuple(a.shape)}")
-        if a.shape[0] > 2:
-            raise ValueError(f"{what} has {a.shape[0]} channels; expected mono or stereo (channels, samples)")
+        # more channels than a model takes keep the first ones (audiocraft's convert_audio_channels); a count
+        # beyond any surround layout is samples and channels the other way round (soundfile reads them so)
+        if a.shape[0] > MAX_CHANNELS:
+            raise ValueError(f"{what} has {a.shape[0]} channels: pass (channels, samples), not (samples, channels)")
         if not torch.isfinite(a).all():
             raise ValueError(f"{what} holds NaN or infinite samples")
         out.append(a)

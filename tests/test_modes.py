@@ -78,10 +78,17 @@ def test_prompt_resampled_as_audiocraft_convert_audio(model):
     assert torch.equal(codes, model.encode(resample(audio, 44100, 32000)[None]))
 
 
+def test_prompt_with_more_channels_is_mixed_as_audiocraft(model):
+    """A 3-channel prompt into a mono model is the mean of its channels (convert_audio_channels)."""
+    audio = noise(1, 3, 0.2)[0]
+    codes = model.generate_codes(None, duration=0.2, prompt_audio=audio)
+    assert torch.equal(codes, model.encode(audio.mean(0, keepdim=True)[None]))
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(prompt_audio=torch.zeros(1, 0)), "empty"),
     (dict(prompt_audio=torch.zeros(1, 32000)), "longer than the duration"),
-    (dict(prompt_audio=torch.zeros(3, 3200)), "channels"),
+    (dict(prompt_audio=torch.zeros(3200, 2)), r"3200 channels: pass \(channels, samples\)"),
     (dict(prompt_audio=torch.zeros(1, 3200), prompt_sample_rate=-1), "prompt_sample_rate"),
     (dict(prompt_audio=[torch.zeros(1, 3200), torch.zeros(1, 1600)], prompts=["a", "b"]), "different lengths"),
     (dict(prompt_audio=torch.zeros(1, 1, 2, 3)), "prompt_audio must be"),
