@@ -12,7 +12,7 @@ import torch
 from musicgen.audio import convert_channels, load_audio, resample
 from musicgen.cli import main
 from musicgen.train import encode, prepare
-from musicgen.train.dataset import Augment, CodesData, augment_caption
+from musicgen.train.dataset import Augment, CodesData, Row, augment_caption
 from musicgen.train.encode import validation_files
 from train_common import one_thread  # noqa: F401  (autouse)
 from train_common import diverse_checkpoint, write_clips
@@ -56,8 +56,11 @@ def test_codes_are_what_inference_encodes(songs, data, model):
     for e in entries:
         by_source.setdefault(e["source"], []).append(e)
     a = by_source[str(songs / "a.wav")]
-    # 1.3 s in 0.5 s segments: 0.5, 0.5, then 0.3 s < 0.8 x 0.5 s is dropped
+    # 1.3 s in 0.5 s segments: 0.5, 0.5, then 0.3 s < 0.8 x 0.5 s, stored for crops but no row of its own
     assert [(e["start"], e["frames"]) for e in a] == [(0.0, 25), (0.5, 25)]
+    split = "train" if a[0] in d.splits["train"] else "valid"
+    assert [(e["frames"], e.get("short", False)) for e in d.file_of(split, d.splits[split].index(a[0])).segments] \
+        == [(25, False), (25, False), (15, True)]
     assert a[0]["caption"] == "lofi hip hop beat with piano"
     wav, sr = load_audio(songs / "b.flac")
     wav = resample(convert_channels(wav, 1), sr, 32000)[:, :16000]
@@ -195,7 +198,7 @@ def test_rows_are_a_function_of_seed_and_step(data):
     assert sorted(epoch) == list(range(len(d)))               # an epoch sees every segment once
     for rows in a:
         for r in rows:
-            assert 0 <= r.start <= d.splits["train"][r.segment]["frames"] - r.frames and r.frames == 20
+            assert 0 <= r.start <= d.file_of("train", r.segment).frames - r.frames and r.frames == 20
 
 
 def test_metadata_is_read_as_audiocraft_reads_it():
@@ -234,6 +237,69 @@ def test_captions_are_rebuilt_as_audiocraft_rebuilds_them():
     merged = caption("A lofi beat", meta)
     assert merged.startswith("A lofi beat. ")                          # the fields in a shuffled order
     assert sorted(merged.split(". ")[1:]) == ["bpm: 90.0", "key: c major", "moods: dark, driving"]
+
+
+@pytest.fixture(scope="module")
+def long_files(spm_model, tmp_path_factory):
+    """Two 2.3 s files in 1 s segments (1 s, 1 s, then a 0.3 s one stored short), one of them held out."""
+    tmp = tmp_path_factory.mktemp("long")
+    src = write_clips(tmp / "src", seconds=2.3, captions=["a long one", "another long one"])
+    prepare(src, tmp / "data", str(diverse_checkpoint(tmp / "ckpt", spm_model)), segment=1.0, valid_fraction=0.5,
+            progress=False)
+    return CodesData(tmp / "data")
+
+
+def test_crops_start_anywhere_in_their_file_and_span_its_segments(long_files):
+    """As audiocraft seeks each item at a uniform time of its file: a row's segment picks the file, the crop
+    starts anywhere a whole crop fits in it (frames 0..65 of 115 for 50-frame crops), reading across the stored
+    segments (the short last one too), its codes those segments' codes joined."""
+    d = long_files
+    (f,) = d.files["train"]
+    assert [e["frames"] for e in d.splits["train"]] == [50, 50] and len(d) == 2
+    assert [e["frames"] for e in f.segments] == [50, 50, 15] and f.segments[-1]["short"] and f.frames == 115
+    joined = np.concatenate([d._codes(e) for e in f.segments], axis=1)                 # (K, 115)
+    rows = [r for step in range(1, 401) for r in d.train_rows(step, 2, 50, seed=0, augment=Augment())]
+    starts = np.array([r.start for r in rows])
+    assert set(starts) == set(range(66))                                                # 800 draws
+    assert 0.18 < np.mean(starts > 50) < 0.28                                           # into the short one: 15/66
+    assert 0.18 < np.mean((starts > 0) & (starts < 16)) < 0.28                          # no start preferred
+    spanning = [r for r in rows if r.start % 50][:8]
+    batch = d.collate(spanning, "train", 64)
+    for b, r in enumerate(spanning):
+        assert torch.equal(batch.codes[b], torch.from_numpy(joined[:, r.start:r.start + 50].astype(np.int64)))
+    assert len(set(map(tuple, joined.T))) > 50                                          # codes that tell crops apart
+    caption = d.splits["valid"][0]["caption"]                                           # the first crop of a segment
+    assert d.valid_rows(30) == [Row(0, 0, 30, caption), Row(1, 50, 30, caption)]
+    batch = d.collate(d.valid_rows(30), "valid", 64)
+    for i in range(2):
+        assert torch.equal(batch.codes[i], torch.from_numpy(d.codes("valid", i)[:, :30].astype(np.int64)))
+
+
+def test_an_index_that_lists_a_files_segments_apart_is_refused(long_files, tmp_path):
+    """Crops read a file's segments as consecutive index lines: an index where they are not is refused."""
+    lines = [json.loads(line) for line in (long_files.folder / "index.jsonl").read_text().splitlines()]
+    a, b = [[dict(e, split="train") for e in lines if e["source"] == s] for s in sorted({e["source"] for e in lines})]
+    (tmp_path / "meta.json").write_text((long_files.folder / "meta.json").read_text())
+    (tmp_path / "index.jsonl").write_text("".join(json.dumps(e) + "\n" for e in [a[0], b[0], a[1]]))
+    with pytest.raises(ValueError, match="lists a file's segments apart: prepare it again with `musicgen prepare`"):
+        CodesData(tmp_path)
+
+
+def test_a_crop_across_segments_reads_the_chroma_of_each(melody_ckpt_dir, tmp_path):
+    from musicgen import chroma
+    from musicgen.loading import load
+
+    cfg = load(melody_ckpt_dir).cfg.melody
+    prepare(write_clips(tmp_path / "src", seconds=2.0, captions=["a tune"]), tmp_path / "data",
+            str(melody_ckpt_dir), segment=1.0, demucs=False, progress=False)
+    d = CodesData(tmp_path / "data")
+    batch = d.collate([Row(0, 30, 40, "a tune")], "train", 64, cfg)   # frames 30..70: 30..50 of one, 0..20 of the next
+    per_frame = chroma.CHROMA_SAMPLE_RATE / cfg.hop_length / d.frame_rate                # 0.15625
+    classes = np.concatenate([d.chroma("train", 0)[int(30 * per_frame):int(np.ceil(50 * per_frame))],
+                              d.chroma("train", 1)[:int(np.ceil(20 * per_frame))]])
+    expected = chroma.fit_length(torch.nn.functional.one_hot(torch.from_numpy(classes.astype(np.int64)), 12)
+                                 .float()[None], cfg.chroma_length)
+    assert len(classes) == 8 and torch.equal(batch.chroma, expected)
 
 
 def test_caption_augmentation_rates_follow_audiocraft():

@@ -113,10 +113,11 @@ sys.exit(main(sys.argv[1:]))
 
 @pytest.fixture(scope="module")
 def crops(ckpt, tmp_path_factory):
-    """Four 1 s clips in 1 s segments, trained on random 0.5 s crops."""
+    """Four 1.3 s clips in 1 s segments (and a short 0.3 s one), trained on random 0.5 s crops anywhere in the
+    clips: crops that span two stored segments."""
     tmp = tmp_path_factory.mktemp("crops")
     captions = ["lofi hip hop beat", "epic orchestral soundtrack", "techno with kick drum", "calm acoustic guitar"]
-    prepare(write_clips(tmp / "clips", seconds=1.0, captions=captions), tmp / "data", str(ckpt), segment=1.0,
+    prepare(write_clips(tmp / "clips", seconds=1.3, captions=captions), tmp / "data", str(ckpt), segment=1.0,
             progress=False)
     return tmp / "data"
 

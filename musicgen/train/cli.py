@@ -25,7 +25,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint whose codec encodes (hub id or folder)")
     p.add_argument("--segment", type=float, default=None, help="segment seconds (default 30: the model's window)")
     p.add_argument("--min-segment-ratio", type=float, default=0.8,
-                   help="keep a last, shorter segment when it is at least this share of a segment (default 0.8)")
+                   help="skip files shorter than this share of a segment; a shorter last segment is read by "
+                        "crops only, not a row of its own (default 0.8)")
     p.add_argument("--valid-fraction", type=float, default=0.0, help="share of files held out for validation")
     p.add_argument("--batch-size", type=int, default=4, help="segments encoded together (default 4)")
     p.add_argument("--no-demucs", action="store_true", help="melody checkpoints: chroma of the full mix")

@@ -6,6 +6,13 @@ segments per epoch), where the crop starts, how its caption is augmented, whethe
 So a run resumed at step s reads exactly the rows an uninterrupted run reads, and a global batch split over
 ranks and micro-batches holds the same rows as on one process.
 
+A row's segment picks a file (a file of n segments is picked n times an epoch); the crop is then taken from
+the whole FILE, at a start uniform over every place where `crop` frames fit in it, as audiocraft seeks each
+item at a random time of its file. `prepare` stores a file as consecutive segments, so a crop may span two or
+more of them: their codes (and chroma) are read and joined. The file's last segment is there too when it is
+short (stored `short`: no row of its own). A file shorter than the crop is read whole. Validation rows are the
+first crop of each segment.
+
 Caption augmentation follows audiocraft's training (MusicDataset, T5Conditioner, ClassifierFreeGuidanceDropout,
 AttributeDropout), drawn per row:
   - the metadata fields (key, bpm, genre, moods, keywords, instrument) are read as audiocraft's MusicInfo reads
@@ -24,7 +31,7 @@ AttributeDropout), drawn per row:
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -47,8 +54,8 @@ class Augment:
 
 @dataclass
 class Row:
-    segment: int                 # index into the split's segments
-    start: int                   # first frame of the crop
+    segment: int                 # index into the split's segments (the ones rows are drawn from: not `short`)
+    start: int                   # first frame of the crop in the segment's file
     frames: int                  # frames in the crop
     caption: str                 # as the LM sees it ("" = the null condition)
     melody: bool = True          # melody checkpoints: False = the null chroma
@@ -60,6 +67,22 @@ class Batch:
     lengths: torch.Tensor        # (B,) real frames per row
     captions: list[str]
     chroma: torch.Tensor | None  # (B, chroma_length, 12) one-hot (melody checkpoints)
+
+
+@dataclass
+class File:
+    """One file of a split: its stored segments in time order (index entries), which together hold it whole."""
+    source: str
+    segments: list[dict] = field(default_factory=list)
+    starts: list[int] = field(default_factory=lambda: [0])   # first frame of each segment, then the file's frames
+
+    def add(self, entry: dict) -> None:
+        self.segments.append(entry)
+        self.starts.append(self.starts[-1] + entry["frames"])
+
+    @property
+    def frames(self) -> int:
+        return self.starts[-1]
 
 
 class CodesData:
@@ -75,7 +98,21 @@ class CodesData:
         entries = [json.loads(line) for line in index.read_text(encoding="utf-8").splitlines() if line.strip()]
         for e in entries:   # the index keeps the metadata as the sidecars wrote it
             e["meta"] = music_meta(e.get("meta") or {})
-        self.splits = {name: [e for e in entries if e["split"] == name] for name in ("train", "valid")}
+        self.splits: dict[str, list[dict]] = {"train": [], "valid": []}      # the segments rows are drawn from
+        self.files: dict[str, list[File]] = {"train": [], "valid": []}
+        self._home: dict[str, list[tuple[int, int]]] = {"train": [], "valid": []}   # segment -> (file, first frame)
+        for e in entries:   # index.jsonl lists each file's segments on consecutive lines, in order
+            if e["split"] not in self.splits:
+                continue
+            files = self.files[e["split"]]
+            if not files or files[-1].source != e["source"]:
+                files.append(File(e["source"]))
+            if not e.get("short"):
+                self.splits[e["split"]].append(e)
+                self._home[e["split"]].append((len(files) - 1, files[-1].frames))
+            files[-1].add(e)
+        if len({f.source for fs in self.files.values() for f in fs}) != sum(map(len, self.files.values())):
+            raise ValueError(f"{index} lists a file's segments apart: prepare it again with `musicgen prepare`")
         if not self.splits["train"]:
             raise ValueError(f"{self.folder} has no training segments")
         self.num_codebooks = self.meta["codec"]["num_codebooks"]
@@ -109,14 +146,35 @@ class CodesData:
             self._maps[part, kind] = np.memmap(path, dtype="<u2" if kind == "codes" else np.uint8, mode="r")
         return self._maps[part, kind]
 
-    def codes(self, split: str, i: int) -> np.ndarray:
-        e = self.splits[split][i]
+    def _codes(self, e: dict) -> np.ndarray:
         n = self.num_codebooks * e["frames"]
         return self._map(e["part"], "codes")[e["offset"]:e["offset"] + n].reshape(self.num_codebooks, e["frames"])
 
-    def chroma(self, split: str, i: int) -> np.ndarray:
-        e = self.splits[split][i]
+    def _chroma(self, e: dict) -> np.ndarray:
         return self._map(e["part"], "chroma")[e["chroma_offset"]:e["chroma_offset"] + e["chroma_frames"]]
+
+    def codes(self, split: str, i: int) -> np.ndarray:
+        """(K, frames) uint16: segment i of the split as stored."""
+        return self._codes(self.splits[split][i])
+
+    def chroma(self, split: str, i: int) -> np.ndarray:
+        """(chroma frames,) uint8 pitch classes of segment i (melody checkpoints)."""
+        return self._chroma(self.splits[split][i])
+
+    def file_of(self, split: str, i: int) -> File:
+        return self.files[split][self._home[split][i][0]]
+
+    def _pieces(self, split: str, row: Row):
+        """(segment entry, first frame, end frame) within each stored segment the row's crop overlaps, in order."""
+        f, end = self.file_of(split, row.segment), row.start + row.frames
+        for e, first in zip(f.segments, f.starts):
+            lo, hi = max(row.start, first), min(end, first + e["frames"])
+            if lo < hi:
+                yield e, lo - first, hi - first
+
+    def crop_codes(self, split: str, row: Row) -> np.ndarray:
+        """(K, row.frames) uint16: the row's crop of its file, joined across the segments it spans."""
+        return np.concatenate([self._codes(e)[:, lo:hi] for e, lo, hi in self._pieces(split, row)], axis=1)
 
     # -- which rows a step reads ----------------------------------------------------------------------------
     def train_rows(self, step: int, batch_size: int, crop: int, seed: int, augment: Augment) -> list[Row]:
@@ -130,9 +188,9 @@ class CodesData:
                 self._perms = {epoch: np.random.default_rng([seed, 0, epoch]).permutation(n)}
             i = int(self._perms[epoch][pos])
             rng = np.random.default_rng([seed, 1, g])
-            e = self.splits["train"][i]
-            frames = min(crop, e["frames"])
-            start = int(rng.integers(0, e["frames"] - frames + 1))
+            e, length = self.splits["train"][i], self.file_of("train", i).frames
+            frames = min(crop, length)
+            start = int(rng.integers(0, length - frames + 1))              # anywhere in the file
             caption = augment_caption(e["caption"], e["meta"], rng, augment)
             null = rng.random() < augment.cfg_dropout
             melody = not null and rng.random() >= augment.chroma_dropout
@@ -141,14 +199,15 @@ class CodesData:
 
     def valid_rows(self, crop: int) -> list[Row]:
         """Every validation segment once: its first `crop` frames, its caption and chroma as they are."""
-        return [Row(i, 0, min(crop, e["frames"]), e["caption"]) for i, e in enumerate(self.splits["valid"])]
+        return [Row(i, first, min(crop, e["frames"]), e["caption"])
+                for i, (e, (_, first)) in enumerate(zip(self.splits["valid"], self._home["valid"]))]
 
     def collate(self, rows: list[Row], split: str, special: int, melody=None) -> Batch:
         """Rows -> tensors; `melody` (MelodyConfig) for melody checkpoints."""
         T = max(r.frames for r in rows)
         codes = np.full((len(rows), self.num_codebooks, T), special, dtype=np.int64)
         for b, r in enumerate(rows):
-            codes[b, :, :r.frames] = self.codes(split, r.segment)[:, r.start:r.start + r.frames]
+            codes[b, :, :r.frames] = self.crop_codes(split, r)
         chroma = None
         if melody is not None:
             chroma = torch.cat([self._crop_chroma(split, r, melody) if r.melody
@@ -156,13 +215,15 @@ class CodesData:
         return Batch(torch.from_numpy(codes), torch.tensor([r.frames for r in rows]), [r.caption for r in rows], chroma)
 
     def _crop_chroma(self, split: str, row: Row, melody) -> torch.Tensor:
-        """The chroma frames under the crop, looped or cut to the LM's chroma length as inference does with a
-        melody of the crop's duration -> (1, chroma_length, 12)."""
+        """The chroma frames under the crop (those of each segment it spans, joined), looped or cut to the LM's
+        chroma length as inference does with a melody of the crop's duration -> (1, chroma_length, 12)."""
         per_frame = chroma_mod.CHROMA_SAMPLE_RATE / melody.hop_length / self.frame_rate   # chroma frames per code frame
-        full = self.chroma(split, row.segment)
-        first = min(int(row.start * per_frame), len(full) - 1)
-        last = max(first + 1, int(np.ceil((row.start + row.frames) * per_frame)))
-        classes = torch.from_numpy(full[first:last].astype(np.int64))
+        pieces = []
+        for e, lo, hi in self._pieces(split, row):
+            full = self._chroma(e)
+            first = min(int(lo * per_frame), len(full) - 1)
+            pieces.append(full[first:max(first + 1, int(np.ceil(hi * per_frame)))])
+        classes = torch.from_numpy(np.concatenate(pieces).astype(np.int64))
         one_hot = torch.nn.functional.one_hot(classes, melody.num_chroma).float()[None]
         return chroma_mod.fit_length(one_hot, melody.chroma_length)
 

@@ -6,14 +6,17 @@
     DATA/parts/rank<R>.chroma   melody checkpoints: uint8 pitch class of each chroma frame (the one-hot argmax)
     DATA/parts/rank<R>.jsonl    one line per source file rank R finished: its segments' offsets, caption and
                                 metadata, or why it was skipped
-    DATA/index.jsonl            every segment with its split (train / valid): what training reads
+    DATA/index.jsonl            every segment with its file, its start in it and its split (train / valid):
+                                what training reads
     DATA/report.txt             the files skipped (unreadable, empty, silent, too short) and those without caption
 
 Audio is converted as for inference and by audiocraft (audio.convert_channels: mono the mean of all channels, mono
 audio copied to both channels of stereo, more channels cut to the first two; resampled to the codec rate), cut into
-consecutive segments of `segment` seconds (default 30: the model's window), the last one kept when it is at
-least `min_segment_ratio` of a segment (audiocraft's 0.8), and encoded in batches of equal-length segments.
-Melody checkpoints store each segment's chromagram, made as at inference (chroma.prepare_melody, chromagram).
+consecutive segments of `segment` seconds (default 30: the model's window) and encoded in batches of equal-length
+segments. The segments hold the whole file: training crops a file anywhere, across its segments (dataset.py).
+A file shorter than `min_segment_ratio` of a segment (audiocraft's 0.8) is skipped; a last segment shorter than
+that is stored `short`: crops read it, but it is no row of its own. Melody checkpoints store each segment's
+chromagram, made as at inference (chroma.prepare_melody, chromagram).
 
 A file is committed whole: its codes are appended and flushed, then its line. A run killed half-way leaves at
 most an uncommitted tail, which the next run cuts off before it appends; files with a line are not read again.
@@ -95,13 +98,16 @@ class Part:
             with open(path, "ab") as f:
                 f.truncate(size)
 
-    def commit(self, source: Source, segments: list[tuple[float, np.ndarray, np.ndarray | None]]) -> None:
-        """Append one file's segments (start seconds, codes (K, frames) uint16, chroma (frames,) uint8 or None)."""
+    def commit(self, source: Source, segments: list[tuple[float, np.ndarray, np.ndarray | None, bool]]) -> None:
+        """Append one file's segments, in order: (start seconds, codes (K, frames) uint16, chroma (frames,) uint8 or
+        None, short: a last segment under min_segment_ratio)."""
         entries = []
         with open(self.codes_path, "ab") as fc, open(self.chroma_path, "ab") as fh:
-            for start, codes, chroma in segments:
+            for start, codes, chroma, short in segments:
                 entry = dict(start=round(start, 3), offset=self.codes_end, frames=int(codes.shape[1]),
                              chroma_offset=self.chroma_end, chroma_frames=0 if chroma is None else int(chroma.size))
+                if short:
+                    entry["short"] = True
                 fc.write(np.ascontiguousarray(codes, dtype="<u2").tobytes())
                 self.codes_end += codes.size
                 if chroma is not None:
@@ -125,8 +131,8 @@ class Part:
 
 
 class Encoder:
-    """Cuts files into segments and encodes them in batches of equal-length segments; a file is committed once
-    all of its segments are encoded."""
+    """Cuts files into consecutive segments (the whole file) and encodes them in batches of equal-length segments;
+    a file is committed once all of its segments are encoded."""
 
     def __init__(self, model, part: Part, segment: float, min_segment_ratio: float, batch_size: int, demucs: bool):
         self.model, self.part, self.batch_size, self.demucs = model, part, batch_size, demucs
@@ -147,10 +153,9 @@ class Encoder:
             return self.part.skip(source, "silent")
         rate = self.model.sample_rate
         wav = resample(convert_channels(wav, self.model.audio_channels), sr, rate)
-        segments = [(s / rate, wav[:, s:s + self.seg]) for s in range(0, wav.shape[1], self.seg)]
-        segments = [(t, w) for t, w in segments if w.shape[1] >= self.min]
-        if not segments:
+        if wav.shape[1] < self.min:
             return self.part.skip(source, f"too short ({wav.shape[1] / rate:.1f} s < {self.min / rate:.1f} s)")
+        segments = [(s / rate, wav[:, s:s + self.seg]) for s in range(0, wav.shape[1], self.seg)]
         self.pending.append((source, segments))
         if sum(len(s) for _, s in self.pending) >= self.batch_size:
             self.flush()
@@ -176,7 +181,7 @@ class Encoder:
                 if melody is not None:   # as at inference: mono 32 kHz (Demucs stems when installed), one-hot
                     mono = chroma_mod.prepare_melody(w, self.model.sample_rate, self.demucs)
                     chroma = chroma_mod.chromagram(mono[None], melody)[0].argmax(-1).numpy().astype(np.uint8)
-                done.append((start, codes[i, j], chroma))
+                done.append((start, codes[i, j], chroma, w.shape[1] < self.min))
             self.part.commit(source, done)
         self.pending = []
 
@@ -294,21 +299,22 @@ def write_index(out: Path, sources: list[Source], valid_fraction: float) -> dict
         raise ValueError(f"no usable audio: all {len(skipped)} files were skipped (see {out / 'report.txt'})"
                          if skipped else "no usable audio")
     valid = validation_files([r["source"] for r in used], valid_fraction)
-    lines, frames = [], {"train": 0, "valid": 0}
-    for r in used:
+    lines, frames, rows = [], {"train": 0, "valid": 0}, 0
+    for r in used:   # a file's segments on consecutive lines, in order (training crops across them)
         split = "valid" if r["source"] in valid else "train"
         for s in r["segments"]:
             lines.append(json.dumps(dict(source=r["source"], part=r["part"], caption=r["caption"], meta=r["meta"],
                                          split=split, **s)))
             frames[split] += s["frames"]
+            rows += not s.get("short")
     write_atomic(out / "index.jsonl", "\n".join(lines) + "\n")
     meta = json.loads((out / "meta.json").read_text())
     rate = meta["codec"]["frame_rate"]
     uncaptioned = [r["source"] for r in used if not r["caption"]]
-    summary = dict(files=len(used), segments=len(lines), train_hours=frames["train"] / rate / 3600,
+    summary = dict(files=len(used), segments=rows, train_hours=frames["train"] / rate / 3600,
                    valid_hours=frames["valid"] / rate / 3600, valid_files=len(valid),
                    skipped=[(r["source"], r["skipped"]) for r in skipped], uncaptioned=uncaptioned)
-    report = [f"{len(used)} files, {len(lines)} segments: {summary['train_hours'] * 60:.1f} min to train on, "
+    report = [f"{len(used)} files, {rows} segments: {summary['train_hours'] * 60:.1f} min to train on, "
               f"{summary['valid_hours'] * 60:.1f} min held out ({len(valid)} files)"]
     if valid_fraction > 0 and not valid:
         report.append("no validation split: it needs at least 2 usable files")
