@@ -185,7 +185,7 @@ def test_demucs_keeps_vocals_and_other_stems(monkeypatch):
     (torch.zeros(1, 0), {}, "empty"),
     (torch.zeros(2, 2, 100), {}, "inconsistent batch"),
     (torch.full((1, 1000), float("nan")), {}, "NaN"),
-    (torch.zeros(5, 1000), {}, "channels"),
+    (torch.zeros(1000, 2), {}, "not \\(samples, channels\\)"),
     (torch.zeros(1, 1000), dict(melody_sample_rate=0), "melody_sample_rate"),
 ])
 def test_bad_melodies(melody_model, melody, kwargs, message):
