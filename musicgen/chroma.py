@@ -95,10 +95,14 @@ def prepare_melody(wav: torch.Tensor, sample_rate: int, demucs: bool = True) -> 
         raise ValueError("the melody holds NaN or infinite samples")
     # audiocraft's route: the melody at the codec's rate, down-mixed to mono, then (with Demucs) up to Demucs'
     # rate and channels and back
-    wav = resample(convert_channels(wav.float().cpu(), 1), sample_rate, CHROMA_SAMPLE_RATE)
-    if demucs and _demucs_available():
-        return _separate(wav, CHROMA_SAMPLE_RATE)
-    return wav[0]
+    wav = resample(convert_channels(wav.float().cpu(), 1), sample_rate, CHROMA_SAMPLE_RATE)[0]
+    return separate(wav) if demucs else wav
+
+
+def separate(wav: torch.Tensor) -> torch.Tensor:
+    """Mono (samples,) at 32 kHz -> the same without drums and bass, where Demucs is installed (else as it is,
+    said once)."""
+    return _separate(wav[None], CHROMA_SAMPLE_RATE) if _demucs_available() else wav
 
 
 @functools.lru_cache(maxsize=1)

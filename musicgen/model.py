@@ -212,6 +212,8 @@ class MusicGen(nn.Module):
         bar = _progress(sum(n + delay - p for _, n, p in plan), progress)
 
         def window(known_codes: torch.Tensor, window_frames: int, window_melodies) -> torch.Tensor:
+            if job["separate"] and window_melodies is not None:   # long-form: Demucs on each window's melody
+                window_melodies = [None if m is None else chroma_mod.separate(m) for m in window_melodies]
             req = self._request(job, known_codes, window_frames, window_melodies)
             for _ in self.decode_steps(req, bar=bar):
                 pass
@@ -309,8 +311,11 @@ class MusicGen(nn.Module):
                  else self._prompt_codes(prompt_audio, prompt_sample_rate, B, limit))  # (B, K, P)
         if known.shape[2] > limit:
             raise _long_prompt(known.shape[2] / self.frame_rate, duration, self.cfg.max_duration)
+        # Demucs runs on the whole melody of a one-window request, and (as audiocraft's long-form does) on the
+        # melody under each window of a longer one
+        separate_later = demucs and frames > self.window_frames
         if melodies is None:
-            melodies = self._melodies(melody, melody_sample_rate, B, demucs)   # B mono 32 kHz waves, or None
+            melodies = self._melodies(melody, melody_sample_rate, B, demucs and not separate_later)
         elif not self.supports_melody:
             raise ValueError("melody conditioning needs a melody checkpoint")
         if prompts is not None and not any(prompts):   # no row has text: as prompts=None
@@ -321,6 +326,7 @@ class MusicGen(nn.Module):
                         else conditions.null_text(B, self.cfg.lm.dim, self.device, self.dtype))
         generator = None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
         return dict(frames=frames, known=known, melodies=melodies, params=params, states=states, mask=mask,
+                    separate=separate_later and melody is not None,
                     generator=generator)
 
     def _request(self, job: dict, known: torch.Tensor, frames: int, melodies) -> Request:

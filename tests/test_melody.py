@@ -198,24 +198,22 @@ def test_melody_given_to_a_text_model(model):
         model.generate_codes(["x"], duration=0.1, melody=tone(0.5))
 
 
-def test_demucs_route_is_audiocraft_s(monkeypatch):
-    """With Demucs the melody goes as in audiocraft's generate_with_chroma and ChromaStemConditioner: to 32 kHz
-    mono, then to Demucs' rate and channels; the vocals and 'other' stems are summed, down-mixed and brought back
-    to 32 kHz. Demucs itself (weights from the internet) is stood in for by a recorder."""
+@pytest.fixture
+def fake_demucs(monkeypatch):
+    """Demucs (weights from the internet) stood in for by a recorder: its inputs go to the returned list; its
+    stems are fixed gains of the input (drums 10, bass 20, other 1, vocals 2; right channel x -0.5)."""
     import sys
     import types
 
-    import julius
-
-    seen = {}
+    seen = []
 
     class Separator:
         samplerate, audio_channels = 44100, 2
         sources = ["drums", "bass", "other", "vocals"]
 
     def apply_model(model, x):
-        seen["input"] = x.clone()
-        gains = torch.tensor([10.0, 20.0, 1.0, 2.0])                    # drums, bass, other, vocals
+        seen.append(x.clone())
+        gains = torch.tensor([10.0, 20.0, 1.0, 2.0])
         return gains[None, :, None, None] * x[:, None] * torch.tensor([1.0, -0.5])[None, None, :, None]
 
     demucs = types.ModuleType("demucs")
@@ -224,16 +222,45 @@ def test_demucs_route_is_audiocraft_s(monkeypatch):
     monkeypatch.setitem(sys.modules, "demucs.apply", demucs.apply)
     monkeypatch.setattr(chroma, "_demucs_model", lambda: Separator())
     chroma._demucs_available.cache_clear()
-    try:
-        wav = tone(0.5, sr=48000, channels=2) * torch.tensor([[1.0], [0.3]])  # a stereo tune at 48 kHz
-        out = chroma.prepare_melody(wav, 48000, demucs=True)
-    finally:
-        chroma._demucs_available.cache_clear()
+    yield seen
+    chroma._demucs_available.cache_clear()
+
+
+def test_demucs_route_is_audiocraft_s(fake_demucs):
+    """With Demucs the melody goes as in audiocraft's generate_with_chroma and ChromaStemConditioner: to 32 kHz
+    mono, then to Demucs' rate and channels; the vocals and 'other' stems are summed, down-mixed and brought back
+    to 32 kHz."""
+    import julius
+
+    wav = tone(0.5, sr=48000, channels=2) * torch.tensor([[1.0], [0.3]])  # a stereo tune at 48 kHz
+    out = chroma.prepare_melody(wav, 48000, demucs=True)
     mono32 = julius.resample_frac(wav.mean(0, keepdim=True), 48000, 32000)
     expected_in = julius.resample_frac(mono32, 32000, 44100).expand(2, -1)
-    torch.testing.assert_close(seen["input"][0], expected_in)
+    torch.testing.assert_close(fake_demucs[0][0], expected_in)
     mix = 3.0 * expected_in * torch.tensor([[1.0], [-0.5]])                  # other + vocals, per channel
     torch.testing.assert_close(out, julius.resample_frac(mix.mean(0), 44100, 32000))
+
+
+def test_long_form_separates_each_window_s_melody(melody_ckpt_dir, fake_demucs):
+    """audiocraft's long-form hands each window the melody under it and its conditioner runs Demucs on that
+    slice; one window runs it on the whole melody."""
+    import dataclasses
+
+    import julius
+
+    import musicgen
+
+    m = musicgen.load(melody_ckpt_dir)
+    m.cfg = dataclasses.replace(m.cfg, max_duration=0.4)                    # 0.4 s windows, 12800 samples
+    tune = tone(1.0)
+    m.generate_codes(["folk"], melody=tune, duration=0.3, top_k=1)
+    assert [x.shape[-1] for x in fake_demucs] == [44100]                   # one window: the whole second
+    fake_demucs.clear()
+    m.generate_codes(["folk"], melody=tune, duration=0.6, extend_stride=0.2, top_k=1)
+    assert len(fake_demucs) == 2                                           # two windows, 0.2 s apart
+    for x, start in zip(fake_demucs, (0, 6400)):
+        under = tune[0, start:start + 12800]
+        torch.testing.assert_close(x[0, 0], julius.resample_frac(under, 32000, 44100))
 
 
 def test_rows_without_melody_get_the_null_chroma(melody_model):
