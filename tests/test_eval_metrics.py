@@ -281,6 +281,21 @@ def test_cache_embeds_only_new_clips(tmp_path, embedders):
     assert s4["cache"]["misses"] == 1
 
 
+def test_an_embedder_s_new_cache_version_keeps_the_others_entries(tmp_path, embedders, monkeypatch):
+    """A change to VGGish's protocol re-embeds VGGish's clips only: PaSST's and CLAP's entries stay valid."""
+    from musicgen.eval import metrics
+
+    es.make_set(tmp_path / "gen", 2, 1.5, seed=1)
+    es.make_set(tmp_path / "ref", 2, 1.5, seed=2)
+    for i in range(2):
+        (tmp_path / "gen" / f"clip{i}.txt").write_text(f"lofi beat {i}")
+    _, s1 = run(tmp_path / "gen", tmp_path / "ref", ["fad", "kl", "clap"], embedders, cache_dir=tmp_path / "cache")
+    assert s1["cache"]["misses"] == 4 + 4 + 2 + 2
+    monkeypatch.setitem(metrics.CACHE_VERSIONS, "vggish", metrics.cache_version(embedders["vggish"]) + 1)
+    _, s2 = run(tmp_path / "gen", tmp_path / "ref", ["fad", "kl", "clap"], embedders, cache_dir=tmp_path / "cache")
+    assert s2["cache"]["misses"] == 4 and s2["cache"]["hits"] == 4 + 2 + 2
+
+
 # -- bad input ----------------------------------------------------------------------------------------------------
 def test_empty_folder_and_missing_paths(tmp_path, embedders):
     (tmp_path / "empty").mkdir()

@@ -28,7 +28,14 @@ from .clips import Clip
 
 METRICS = ("fad", "kl", "clap", "chroma", "fad-clap")
 KL_EPS = 1e-6          # audiocraft's kl_divergence epsilon, added to the second distribution
-PROTOCOL = 2           # bump when a change alters embeddings, so old cache entries are not reused
+PROTOCOL = 2           # the reports' and saved statistics' protocol: bump when a change alters any metric
+# each embedder's cache entries: bump an embedder's when a change alters its embeddings, so that its old entries
+# are not reused while the others' (PaSST's take minutes) still are
+CACHE_VERSIONS = {"vggish": 2}   # 1 for any other
+
+
+def cache_version(embedder) -> int:
+    return CACHE_VERSIONS.get(embedder.name, 1)
 
 
 @dataclass
@@ -81,7 +88,7 @@ class Runner:
                 self.report.skip(clip, which, metric, f"cannot read: {e.strerror or e}")
                 continue
             key = EmbeddingCache.key(content, embedder.name, {"weights": embedder.fingerprint, "protocol": protocol,
-                                                              "cut": cut, "version": PROTOCOL})
+                                                              "cut": cut, "version": cache_version(embedder)})
             hit = self.cache.get(embedder.name, key)
             if hit is not None:
                 out[f"{which}/{clip.key}"] = hit
@@ -123,7 +130,8 @@ class Runner:
         import hashlib
 
         keys = [EmbeddingCache.key(hashlib.sha256(t.encode()).hexdigest(), embedder.name,
-                                   {"weights": embedder.fingerprint, "protocol": "text", "version": PROTOCOL})
+                                   {"weights": embedder.fingerprint, "protocol": "text",
+                                    "version": cache_version(embedder)})
                 for t in texts]
         out = [self.cache.get(embedder.name, k) for k in keys]
         todo = [i for i, v in enumerate(out) if v is None]
