@@ -11,6 +11,7 @@ import pytest
 import soundfile as sf
 import torch
 
+import musicgen
 from conftest import running_server
 
 FAST = dict(top_k=1)                       # greedy: results comparable to model.generate_codes
@@ -182,6 +183,8 @@ def test_other_bad_requests(server):
                        ).status_code == 422
     r = client.post("/v1/generate", json=dict(prompt="x", duration=20.0))     # the tiny model has 512 positions
     assert r.status_code == 422 and "longer than" in r.json()["detail"]
+    r = client.post("/v1/generate", json=dict(prompt="x", duration=0.01))     # under one frame
+    assert r.status_code == 422 and "at least one frame" in r.json()["detail"]
     assert client.get("/v1/jobs/..%2F..%2Fetc%2Fpasswd").status_code in (404, 422)
     assert client.get("/v1/jobs/not-a-uuid/audio").status_code == 422
     assert client.get(f"/v1/jobs/{'0' * 32}").status_code == 404
@@ -347,3 +350,19 @@ def test_melody_upload_to_a_text_model_is_422(server):
     r = client.post("/v1/generate", data={"request": '{"prompt": "folk"}'},
                     files={"melody": ("m.wav", b"RIFF", "audio/wav")})
     assert r.status_code == 422 and "melody checkpoint" in r.json()["detail"]
+
+
+def test_a_checkpoint_s_shorter_window_bounds_requests(ckpt_dir, tmp_path):
+    """A model whose generation window is shorter than its positions (an audiocraft fine-tune on short segments)
+    takes requests up to the window, and says so."""
+    import dataclasses
+
+    m = musicgen.load(ckpt_dir)
+    m.cfg = dataclasses.replace(m.cfg, max_duration=0.4)
+    with running_server(m, tmp_path / "data") as (url, _):
+        with httpx.Client(base_url=url, timeout=60) as client:
+            assert client.get("/v1/model").json()["max_duration"] == 0.4
+            r = client.post("/v1/generate", json=dict(prompt="x", duration=1.0))
+            assert r.status_code == 422 and "0.4 s" in r.json()["detail"]
+            assert wait(client, client.post("/v1/generate", json=dict(prompt="x", duration=0.4)).json()["id"]
+                        )["status"] == "done"

@@ -219,6 +219,9 @@ def test_the_codec_stays_only_for_samples(crops, ckpt, tmp_path):
     sampled = Trainer(config(crops, ckpt, tmp_path / "sampled", steps=1, sample_every=1, sample_prompts=("lofi",)),
                       Dist(device=torch.device("cpu")), resume=False)
     assert sampled.model.codec is not None
+    with pytest.raises(ValueError, match="at least one frame"):   # before the first step, not at the first sample
+        Trainer(config(crops, ckpt, tmp_path / "tiny", steps=1, sample_every=1, sample_prompts=("lofi",),
+                       sample_duration=0.01), Dist(device=torch.device("cpu")), resume=False)
 
 
 def test_dropouts_default_to_the_checkpoints_audiocraft_values(crops, ckpt, melody_ckpt_dir, tmp_path):

@@ -81,9 +81,11 @@ class Service:
         self.live: dict[str, Request] = {}
         self.unsaved: dict[str, dict] = {}   # job states the database could not take (a full disk)
         self.finished: queue.Queue = queue.Queue()
+        # one window of the model (a job is never long-form), and no more than its positions hold
         self.max_frames = model.lm.positions.shape[0] - model.cfg.lm.num_codebooks
         if model.cfg.lm.prefix_conditioning:   # the chroma frames and the text come first
             self.max_frames -= model.cfg.melody.chroma_length + 1
+        self.max_frames = min(self.max_frames, model.window_frames)
         self._threads = [threading.Thread(target=self.scheduler.run, name="musicgen-decode", daemon=True),
                          threading.Thread(target=self._finisher, name="musicgen-finish", daemon=True)]
 
@@ -108,7 +110,10 @@ class Service:
                melody: torch.Tensor | None = None) -> str:
         if len(self.scheduler.pending) >= self.max_queue:
             raise HTTPException(429, f"the queue is full ({self.max_queue} jobs waiting); try again later")
-        frames = self.model.frames_for(req.duration)
+        try:
+            frames = self.model.frames_for(req.duration)
+        except ValueError as e:                                   # shorter than one frame
+            raise HTTPException(422, str(e)) from None
         if frames > self.max_frames:
             raise HTTPException(422, f"duration {req.duration:g} s is longer than this model's "
                                      f"{self.max_frames / self.model.frame_rate:g} s")

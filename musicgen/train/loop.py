@@ -138,6 +138,8 @@ class Trainer:
         if need > mcfg.lm.max_position_embeddings:
             raise ValueError(f"--duration {duration:g} s needs {need} positions; {cfg.model} has "
                              f"{mcfg.lm.max_position_embeddings}")
+        if cfg.sample_every:
+            model.frames_for(cfg.sample_duration)   # a duration under one frame is named now, not at the first sample
         self.micro = cfg.batch_size // (d.world * cfg.accumulate)
         torch.manual_seed(cfg.seed)
         if cfg.lora_rank:
