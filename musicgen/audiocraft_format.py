@@ -160,12 +160,15 @@ def config_from(lm: dict, codec: dict, xp: dict, codec_xp: dict, text: T5Config,
                                   f"weights have {shapes[field]!r}")
     codec_cfg = CodecConfig(**{**shapes, **settings}, num_codebooks=K // channels)
     # audiocraft generates in windows of the segment length it trained on (BaseGenModel.max_duration)
-    segment = (xp.get("dataset") or {}).get("segment_duration")
+    segment = xp.get(WINDOW_KEY, (xp.get("dataset") or {}).get("segment_duration"))
     cfg = MusicGenConfig(codec=codec_cfg, text=text, lm=lm_cfg, name=name,
                          melody=melody_config(xp) if melody else None,
                          max_duration=MAX_DURATION if segment is None else float(segment))
     cfg.validate()
     return cfg
+
+
+WINDOW_KEY = "musicgen_max_duration"   # our xp.cfg key for a window other than the segment duration (convert.py)
 
 
 def melody_config(xp: dict) -> MelodyConfig:

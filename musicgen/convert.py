@@ -66,6 +66,10 @@ def save_audiocraft(model, dst: Path, text_folder: Path) -> None:
                                   n_q=cfg.lm.num_codebooks, card=cfg.lm.vocab_size, activation=cfg.lm.activation))
     xp.update(acf.melody_xp(cfg.melody, cfg.max_duration) if cfg.melody is not None
               else {"dataset": {"segment_duration": cfg.max_duration}})
+    if xp["dataset"]["segment_duration"] != cfg.max_duration:
+        # audiocraft derives a melody model's chroma length and its window from the one segment duration; where
+        # the two disagree, the chroma length wins there and our own key keeps the window for our loader
+        xp[acf.WINDOW_KEY] = cfg.max_duration
     import yaml
 
     torch.save({"best_state": lm, "xp.cfg": yaml.safe_dump(xp), "exported": True}, dst / acf.LM_FILE)

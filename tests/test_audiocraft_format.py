@@ -503,6 +503,9 @@ def test_a_converted_melody_model_keeps_its_chroma_length(melody_ckpt_dir, melod
     assert main(["convert", str(melody_ckpt_dir), str(tmp_path / "ac")]) == 0
     ac = musicgen.load(tmp_path / "ac")
     assert ac.cfg.melody == melody_model.cfg.melody and melody_model.cfg.melody.chroma_length != 235
+    assert ac.cfg.max_duration == melody_model.cfg.max_duration == 30   # the window too, though the chroma
+    assert main(["convert", str(tmp_path / "ac"), str(tmp_path / "hf")]) == 0   # length is not 30 s's
+    assert musicgen.load(tmp_path / "hf").cfg.max_duration == 30
     tune = torch.sin(torch.arange(16000) / 16000 * 2 * torch.pi * 330.0)[None]
     kw = dict(duration=0.3, top_k=1, melody=tune, melody_sample_rate=16000, demucs=False)
     assert torch.equal(ac.generate_codes(["folk"], **kw), melody_model.generate_codes(["folk"], **kw))
