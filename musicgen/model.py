@@ -12,6 +12,7 @@ musicgen/longform.py). `stream` runs the same loop and decodes audio as frames c
 """
 from __future__ import annotations
 
+import math
 import numbers
 import sys
 from typing import Sequence
@@ -207,9 +208,10 @@ class MusicGen(nn.Module):
             raise ValueError(f"extend_stride must be in (0, {self.cfg.max_duration:g}) seconds, at least one frame "
                              f"and less than the window, got {extend_stride!r}")
         # one progress bar over every window: a window of n frames after a prompt of p takes n + D - p steps
+        # (one, where the prompt fills it: Engine.admit)
         delay = max(codebook_delays(self.cfg.lm.num_codebooks, self.audio_channels))
         plan = window_plan(known.shape[2], frames, window_frames, stride)
-        bar = _progress(sum(n + delay - p for _, n, p in plan), progress)
+        bar = _progress(sum(n + delay - p if p < n else 1 for _, n, p in plan), progress)
 
         def window(known_codes: torch.Tensor, window_frames: int, window_melodies) -> torch.Tensor:
             if job["separate"] and window_melodies is not None:   # long-form: Demucs on each window's melody
@@ -310,7 +312,7 @@ class MusicGen(nn.Module):
         known = (prompt_codes.to(self.device) if prompt_codes is not None
                  else self._prompt_codes(prompt_audio, prompt_sample_rate, B, limit))  # (B, K, P)
         if known.shape[2] > limit:
-            raise _long_prompt(known.shape[2] / self.frame_rate, duration, self.cfg.max_duration)
+            raise _long_prompt(known.shape[2], limit, self.frame_rate)
         # Demucs runs on the whole melody of a one-window request, and (as audiocraft's long-form does) on the
         # melody under each window of a longer one
         separate_later = demucs and frames > self.window_frames
@@ -351,7 +353,7 @@ class MusicGen(nn.Module):
         sr = self.sample_rate if sample_rate is None else rate(sample_rate, "prompt_sample_rate")
         seconds = max(w.shape[-1] for w in waves) / sr
         if seconds * self.frame_rate > limit + 1:
-            raise _long_prompt(seconds, limit / self.frame_rate, self.cfg.max_duration)
+            raise _long_prompt(math.ceil(seconds * self.frame_rate), limit, self.frame_rate)
         # like audiocraft's convert_audio: down-mix or duplicate channels, resample to the codec rate
         waves = [resample(convert_channels(w, self.audio_channels), sr, self.sample_rate) for w in waves]
         length = min(w.shape[-1] for w in waves)
@@ -385,9 +387,10 @@ class MusicGen(nn.Module):
         return torch.cat(out)
 
 
-def _long_prompt(seconds: float, limit_seconds: float, window: float) -> ValueError:
-    return ValueError(f"the audio prompt ({seconds:g} s) is longer than the duration to generate or the "
-                      f"{window:g} s window ({min(limit_seconds, window):g} s)")
+def _long_prompt(frames: int, limit: int, frame_rate: int) -> ValueError:
+    """A prompt of `frames` codec frames where at most `limit` fit (the frames to generate, at most a window)."""
+    return ValueError(f"the audio prompt is {frames} frames ({frames / frame_rate:g} s): longer than the "
+                      f"{limit} frames ({limit / frame_rate:g} s) to generate in one window")
 
 
 def _progress(total: int, enabled: bool):

@@ -87,7 +87,7 @@ def test_prompt_with_more_channels_is_mixed_as_audiocraft(model):
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(prompt_audio=torch.zeros(1, 0)), "empty"),
-    (dict(prompt_audio=torch.zeros(1, 32000)), "longer than the duration"),
+    (dict(prompt_audio=torch.zeros(1, 32000)), r"50 frames \(1 s\): longer than the 10 frames \(0.2 s\)"),
     (dict(prompt_audio=torch.zeros(3200, 2)), r"3200 channels: pass \(channels, samples\)"),
     (dict(prompt_audio=torch.zeros(1, 3200), prompt_sample_rate=-1), "prompt_sample_rate"),
     (dict(prompt_audio=[torch.zeros(1, 3200), torch.zeros(1, 1600)], prompts=["a", "b"]), "different lengths"),
