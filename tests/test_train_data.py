@@ -275,6 +275,18 @@ def test_crops_start_anywhere_in_their_file_and_span_its_segments(long_files):
         assert torch.equal(batch.codes[i], torch.from_numpy(d.codes("valid", i)[:, :30].astype(np.int64)))
 
 
+def test_segments_are_whole_codec_frames(spm_model, tmp_path):
+    """A crop joins consecutive segments, so each ends on a frame: --segment 0.33 s is 16 frames (0.32 s), and 2 s
+    of audio is 100 frames however it is cut (0.33 s of samples would encode to 17 frames a segment)."""
+    src = write_clips(tmp_path / "src", seconds=2.0, captions=["a tune"])
+    prepare(src, tmp_path / "data", str(diverse_checkpoint(tmp_path / "ckpt", spm_model)), segment=0.33,
+            progress=False)
+    d = CodesData(tmp_path / "data")
+    assert d.meta["segment"] == 0.32
+    (f,) = d.files["train"]
+    assert [e["frames"] for e in f.segments] == [16] * 6 + [4] and f.frames == 100
+
+
 def test_an_index_that_lists_a_files_segments_apart_is_refused(long_files, tmp_path):
     """Crops read a file's segments as consecutive index lines: an index where they are not is refused."""
     lines = [json.loads(line) for line in (long_files.folder / "index.jsonl").read_text().splitlines()]

@@ -12,8 +12,8 @@
 
 Audio is converted as for inference and by audiocraft (audio.convert_channels: mono the mean of all channels, mono
 audio copied to both channels of stereo, more channels cut to the first two; resampled to the codec rate), cut into
-consecutive segments of `segment` seconds (default 30: the model's window) and encoded in batches of equal-length
-segments. The segments hold the whole file: training crops a file anywhere, across its segments (dataset.py).
+consecutive segments of `segment` seconds (whole codec frames; default the model's window, 30 s for the published
+models) and encoded in batches of equal-length segments. The segments hold the whole file: training crops a file anywhere, across its segments (dataset.py).
 A file shorter than `min_segment_ratio` of a segment (audiocraft's 0.8) is skipped; a last segment shorter than
 that is stored `short`: crops read it, but it is no row of its own. Melody checkpoints store each segment's
 chromagram, made as at inference (chroma.prepare_melody, chromagram).
@@ -191,7 +191,6 @@ def prepare(src: str | Path, out: str | Path, model_name: str, *, segment: float
             device: str | None = None, progress: bool = True) -> dict | None:
     """Encode SRC into DATA (see the module docstring). Returns rank 0's summary (None on other ranks)."""
     from .. import loading
-    from ..config import MAX_DURATION
     from .distributed import setup
 
     if segment is not None and not segment > 0:
@@ -202,7 +201,6 @@ def prepare(src: str | Path, out: str | Path, model_name: str, *, segment: float
         raise ValueError(f"--valid-fraction must be in [0, 1), got {valid_fraction:g}")
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
-    segment = MAX_DURATION if segment is None else float(segment)
     sources = find_sources(src)   # before the model loads: a wrong SRC answers at once
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -212,6 +210,11 @@ def prepare(src: str | Path, out: str | Path, model_name: str, *, segment: float
         model = loading.load(model_name, device=d.device)
         if model.cfg.codec.codebook_size > 2**16:
             raise ValueError(f"{model_name}'s codebooks have {model.cfg.codec.codebook_size} entries: codes are stored as uint16")
+        # whole codec frames: a crop joins consecutive segments, so each must end where a frame does
+        frames = round((model.cfg.max_duration if segment is None else float(segment)) * model.frame_rate)
+        if frames < 1:
+            raise ValueError(f"--segment must be at least one codec frame ({1 / model.frame_rate:g} s), got {segment:g}")
+        segment = frames / model.frame_rate
         meta = dict(format=FORMAT, model=str(model_name), codec=codec_info(model), segment=segment,
                     min_segment_ratio=min_segment_ratio,
                     melody=asdict(model.cfg.melody) if model.cfg.melody is not None else None)
