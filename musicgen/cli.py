@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="clips generated together (default 4); more are generated in turns, each turn's files "
                         "written when it ends, turn i seeded with --seed + i")
     g.add_argument("--extend-stride", type=_positive_float, default=18.0,
-                   help="seconds the 30 s window advances beyond 30 s of audio (default 18)")
+                   help="seconds the window (30 s for the published models) advances by in longer audio "
+                        "(default 18)")
     g.add_argument("--stream", action="store_true",
                    help="write 16-bit WAV while it is generated, about a second at a time (-o - : to stdout, "
                         "e.g. | aplay); the level is left as generated (clipped), not normalised")

@@ -5,7 +5,7 @@
         for each micro-batch of this rank's rows:              batch_size = ranks x accumulate x micro-batch
             text   = frozen T5 of the augmented captions (no_grad)
             logits = Network(delayed codes, text, chroma)      (autocast in --precision)
-            loss  += sum of per-codebook cross-entropy / (K x frames in the global batch)
+            loss  += sum over codebooks k of cross-entropy_k / (K x targets of codebook k in the global batch)
             backward                                           (gradients reduced over ranks on the last one)
         clip the gradient norm at 1.0, AdamW step, cosine schedule step, EMA update (every 10th step)
         log; validate, sample, checkpoint when due
