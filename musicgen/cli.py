@@ -291,8 +291,9 @@ def cmd_serve(args) -> int:
     try:
         import uvicorn
 
+        from .serve.auth import RedactTokens
         from .serve.jobs import JobStore
-        from .serve.service import RedactTokens, Service, create_app
+        from .serve.service import Service, create_app
     except ImportError as e:
         raise UsageError(f"the service needs its extra: pip install 'musicgen[serve]' ({e.name} is missing)") from None
     import musicgen

@@ -132,3 +132,30 @@ def test_reload_keeps_the_job_and_cancel_stops_it(model, tmp_path, pytestconfig)
     finally:
         browser.quit()
 
+
+
+def test_with_an_api_key_the_stream_plays_from_a_signed_link(model, tmp_path, pytestconfig):
+    """Behind an API key the page sends the key in headers; its <audio> element, which cannot, plays the job's
+    signed stream link: the key appears in no URL the page makes."""
+    browser = chrome(pytestconfig.getoption("--require-browser"))
+    try:
+        with running_server(model, tmp_path, api_key="s3cret") as (url, service):
+            browser.get(url + "/")
+            browser.execute_script("localStorage.setItem('musicgen-key', 's3cret');")
+            browser.refresh()
+            poll(lambda: "parameters" in browser.find_element("id", "model").text)
+            browser.find_element("id", "prompt").send_keys("lofi hip hop beat")
+            duration = browser.find_element("id", "duration")
+            duration.clear()
+            duration.send_keys("4")
+            browser.find_element("id", "generate").click()
+            src = poll(lambda: browser.execute_script(
+                "const a = document.getElementById('player'); return a.src.includes('/stream') ? a.src : null;"))
+            assert "sig=" in src and "s3cret" not in src
+            poll(lambda: browser.execute_script(
+                "const a = document.getElementById('player'); return a.readyState >= 2 && a.currentTime > 0;"))
+            poll(lambda: page_status(browser).startswith("done"), timeout=120)
+            urls = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name);")
+            assert urls and not any("s3cret" in u for u in urls)
+    finally:
+        browser.quit()

@@ -125,7 +125,7 @@ def test_a_stream_may_leave_the_job_running(server):
 def test_access_log_lines_hide_the_api_key():
     import logging
 
-    from musicgen.serve.service import RedactTokens
+    from musicgen.serve.auth import RedactTokens
 
     record = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
                                ("127.0.0.1:5", "GET", "/v1/jobs/ab/stream?cancel_on_leave=false&access_token=s3cret",
@@ -133,6 +133,8 @@ def test_access_log_lines_hide_the_api_key():
     assert RedactTokens().filter(record)
     line = record.getMessage()
     assert "s3cret" not in line and "access_token=***" in line and "cancel_on_leave=false" in line
+    record.args = ("127.0.0.1:5", "GET", "/v1/jobs/ab/stream?expires=9&sig=abc123", "1.1", 200)
+    assert RedactTokens().filter(record) and "abc123" not in record.getMessage()
 
 
 def test_delete_cancels(server):
@@ -300,6 +302,28 @@ def test_api_key(model, tmp_path):
             assert client.get("/v1/jobs", headers={"Authorization": "Bearer s3cret"}).status_code == 200
             assert client.get("/v1/model?access_token=s3cret").status_code == 200
             assert client.get("/health").status_code == 200 and client.get("/").status_code == 200
+
+
+def test_stream_links_are_signed_for_one_job_and_expire(model, tmp_path, monkeypatch):
+    """<audio> cannot send the key: a job's stream_url is signed for that job, for an hour, with no key in it."""
+    from musicgen.serve import auth
+
+    with running_server(model, tmp_path, api_key="s3cret") as (url, _):
+        with httpx.Client(base_url=url, timeout=60, headers={"Authorization": "Bearer s3cret"}) as client, \
+                httpx.Client(base_url=url, timeout=60) as anyone:
+            a = client.post("/v1/generate", json=dict(prompt="x", duration=0.2, **FAST)).json()["id"]
+            b = client.post("/v1/generate", json=dict(prompt="y", duration=0.2, **FAST)).json()["id"]
+            wait(client, a), wait(client, b)
+            link = client.get(f"/v1/jobs/{a}").json()["stream_url"]
+            assert "s3cret" not in link and "sig=" in link and "expires=" in link
+            r = anyone.get(link)                                                     # no key: the link alone
+            assert r.status_code == 200 and r.content[:4] == b"RIFF"
+            assert anyone.get(link.replace(a, b)).status_code == 401                 # another job's audio
+            assert anyone.get(link[:-4] + "0000").status_code == 401                 # a forged signature
+            assert anyone.get(f"/v1/jobs/{a}/stream").status_code == 401             # no link, no key
+            monkeypatch.setattr(auth, "STREAM_LINK_SECONDS", -1)                     # links made an hour ago
+            r = anyone.get(client.get(f"/v1/jobs/{a}").json()["stream_url"])
+            assert r.status_code == 401 and "expired" in r.json()["detail"]
 
 
 def test_restart_keeps_results_and_resumes_unfinished_work(model, tmp_path):

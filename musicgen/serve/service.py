@@ -12,8 +12,9 @@
 All generation goes through one `Scheduler` (continuous batching over the decoding engine) on one thread. Job state lives in
 SQLite and results in files named by job id (`JobStore`), so a restart keeps finished results and queues
 unfinished jobs again with their recorded seed. With an API key (`--api-key` or MUSICGEN_API_KEY) every /v1
-route wants `Authorization: Bearer <key>` (or `?access_token=<key>`, for <audio src=...>; `musicgen serve`
-keeps the token out of its access log). Uploads and the WAV stream are in media.py.
+route wants `Authorization: Bearer <key>` (or `?access_token=<key>`; `musicgen serve` keeps the token out of
+its access log). An <audio> element cannot send the header: a job's `stream_url` is a link signed for that job
+alone, valid for an hour, with no key in it. Uploads and the WAV stream are in media.py.
 """
 from __future__ import annotations
 
@@ -23,7 +24,6 @@ import hmac
 import json
 import logging
 import queue
-import re
 import secrets
 import threading
 import uuid
@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..audio import convert_channels, resample, save_audio
 from ..engine import Request
+from .auth import link_valid, stream_link
 from .jobs import FINISHED, JobStore
 from .scheduler import Scheduler, job_request
 from ..accel.quant import parameter_count
@@ -218,7 +219,7 @@ class Service:
             rec["progress"] = live.progress
             rec["status"] = "running" if live.status == "running" else rec["status"]
         rec["audio_url"] = f"/v1/jobs/{job_id}/audio" if rec["status"] == "done" else None
-        rec["stream_url"] = f"/v1/jobs/{job_id}/stream"
+        rec["stream_url"] = stream_link(self.api_key, job_id)
         if live is not None:
             rec["shared_steps"] = live.shared_steps
         return rec
@@ -281,18 +282,6 @@ def _parse_request(raw: str | bytes) -> GenerateRequest:
     except (ValueError, UnicodeDecodeError) as e:
         raise HTTPException(422, f"the request is not valid JSON: {e}") from None
     return GenerateRequest.model_validate(obj)
-
-
-_TOKEN = re.compile(r"(access_token=)[^&\s]*")
-
-
-class RedactTokens(logging.Filter):
-    """Hide `access_token=` values in uvicorn's access log lines (the page's <audio> URLs carry the key)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple):
-            record.args = tuple(_TOKEN.sub(r"\1***", a) if isinstance(a, str) else a for a in record.args)
-        return True
 
 
 def create_app(service: Service) -> FastAPI:
@@ -393,7 +382,16 @@ def create_app(service: Service) -> FastAPI:
         return FileResponse(service.store.path(id, "audio", fmt), media_type=MEDIA[fmt],
                             filename=f"musicgen-{id[:8]}.{fmt}")
 
-    @app.get("/v1/jobs/{id}/stream", dependencies=[Depends(auth)])
+    def stream_auth(request: HTTPRequest, id: str = Depends(job_id)) -> None:
+        """The key, or the job's signed link (its `stream_url`)."""
+        sig = request.query_params.get("sig")
+        if sig is None or service.api_key is None:
+            return auth(request)
+        if not link_valid(service.api_key, id, request.query_params.get("expires", ""), sig):
+            raise HTTPException(401, f"this stream link is wrong or has expired: GET /v1/jobs/{id} gives a new one",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    @app.get("/v1/jobs/{id}/stream", dependencies=[Depends(stream_auth)])
     def stream(id: str = Depends(job_id), cancel_on_leave: bool = Query(True, description=
                "cancel the job when the client leaves before the end (the web page keeps it: false)")):
         rec = service.job(id)
