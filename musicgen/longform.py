@@ -1,4 +1,5 @@
-"""Long-form generation: any duration, by sliding the model's 30 s window (audiocraft's extend_stride).
+"""Long-form generation: any duration, by sliding the model's window (audiocraft's extend_stride; drawn here for
+the published models' 30 s window and the default 18 s stride).
 
     total:    |=================================== frames ====================================|
     window 1: |-------------- 30 s --------------|

@@ -7,7 +7,8 @@ Every mode of the original goes through one path: its inputs become a `Request` 
 the known codes laid out, the conditions of every decoding row, sampling parameters, a generator), which
 the decoding engine (musicgen/engine.py) fills in: text, melody (chroma prefix, melody checkpoints),
 continuation (`prompt_audio`: its codes are the known prefix of the grid), unconditional (`prompts=None`),
-stereo (8 interleaved codebooks) and long-form (duration beyond 30 s: windows slid by `extend_stride`,
+stereo (8 interleaved codebooks) and long-form (duration beyond the window, 30 s for the published models:
+windows slid by `extend_stride`,
 musicgen/longform.py). `stream` runs the same loop and decodes audio as frames complete.
 """
 from __future__ import annotations
@@ -234,7 +235,7 @@ class MusicGen(nn.Module):
                **options):
         """Yield float32 audio (B, channels, samples) while it is generated, about `chunk_seconds` at a time;
         joined, it equals `generate` with the same arguments up to float rounding (see musicgen.streaming).
-        A stream covers one window (30 s): the options are generate_codes' except extend_stride and progress."""
+        A stream covers one window (cfg.max_duration): the options are generate_codes' except extend_stride and progress."""
         from .streaming import stream
 
         for name in ("extend_stride", "progress"):
@@ -249,7 +250,7 @@ class MusicGen(nn.Module):
                     batch_size: int | None = None, demucs: bool = True, top_k: int = 250, top_p: float = 0.0,
                     temperature: float = 1.0, guidance_scale: float = 3.0, seed: int | None = None,
                     prompt_codes: torch.Tensor | None = None, melodies: list | None = None) -> Request:
-        """The decoding engine's `Request` for one window (30 s) with generate_codes' inputs. prompt_codes
+        """The decoding engine's `Request` for one window (cfg.max_duration) with generate_codes' inputs. prompt_codes
         (B, K, P) and melodies (mono 32 kHz waves, already separated) stand for prompt_audio and melody when
         the caller has them ready (the service encodes its uploads as they arrive)."""
         job = self._inputs(prompts, duration, melody, melody_sample_rate, prompt_audio, prompt_sample_rate,

@@ -100,8 +100,6 @@ def test_refuses_to_overwrite_without_force(ckpt_dir, tmp_path, capsys):
     (["generate", "x", "--seed", "99999999999999999999999"], "--seed must be in"),
     (["generate", "x", "--seed", "-1"], "--seed must be in"),
     (["generate", "x", "-o", "."], "output . is a folder"),
-    (["generate", "x", "-d", "40", "--extend-stride", "35"], "--extend-stride must be in (0, 30)"),
-    (["generate", "x", "-d", "40", "--stream"], "--stream covers one 30 s window"),
 ])
 def test_errors_are_one_line_without_traceback(args, message, tmp_path):
     r = run(*args, cwd=tmp_path)
@@ -177,6 +175,16 @@ def test_cli_mode_errors(ckpt_dir, melody_ckpt_dir, tmp_path, make_args, message
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
     assert message in lines[0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-d", "40", "--extend-stride", "35"], "--extend-stride must be in (0, 30)"),
+    (["-d", "40", "--stream"], "--stream covers one 30 s window"),
+])
+def test_window_options_are_checked_against_the_checkpoint_s_window(ckpt_dir, tmp_path, args, message):
+    r = run("generate", "x", "--model", ckpt_dir, "-o", tmp_path / "o.wav", *args)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
+    assert not (tmp_path / "o.wav").exists()
 
 
 def test_help_and_input_errors_answer_without_importing_torch(tmp_path):

@@ -54,7 +54,8 @@ class GenerateRequest(BaseModel):
     """What POST /v1/generate accepts; anything else is a 422 naming the field."""
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     prompt: str = Field(min_length=1, max_length=2000, description="text description of the music")
-    duration: float = Field(8.0, gt=0, le=30, description="seconds of audio (the model's context allowing)")
+    duration: float = Field(8.0, gt=0, le=3600,
+                            description="seconds of audio, at most the model's window (GET /v1/model)")
     top_k: int = Field(250, ge=0, le=100_000)
     top_p: float = Field(0.0, ge=0, le=1)
     temperature: float = Field(1.0, ge=0, le=100)
