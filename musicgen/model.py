@@ -235,7 +235,8 @@ class MusicGen(nn.Module):
                **options):
         """Yield float32 audio (B, channels, samples) while it is generated, about `chunk_seconds` at a time;
         joined, it equals `generate` with the same arguments up to float rounding (see musicgen.streaming).
-        A stream covers one window (cfg.max_duration): the options are generate_codes' except extend_stride and progress."""
+        A stream covers one window (cfg.max_duration): the options are generate_codes' except extend_stride and
+        progress."""
         from .streaming import stream
 
         for name in ("extend_stride", "progress"):
@@ -250,9 +251,9 @@ class MusicGen(nn.Module):
                     batch_size: int | None = None, demucs: bool = True, top_k: int = 250, top_p: float = 0.0,
                     temperature: float = 1.0, guidance_scale: float = 3.0, seed: int | None = None,
                     prompt_codes: torch.Tensor | None = None, melodies: list | None = None) -> Request:
-        """The decoding engine's `Request` for one window (cfg.max_duration) with generate_codes' inputs. prompt_codes
-        (B, K, P) and melodies (mono 32 kHz waves, already separated) stand for prompt_audio and melody when
-        the caller has them ready (the service encodes its uploads as they arrive)."""
+        """The decoding engine's `Request` for one window (cfg.max_duration) with generate_codes' inputs.
+        prompt_codes (B, K, P) and melodies (mono 32 kHz waves, already separated) stand for prompt_audio and
+        melody when the caller has them ready (the service encodes its uploads as they arrive)."""
         job = self._inputs(prompts, duration, melody, melody_sample_rate, prompt_audio, prompt_sample_rate,
                            batch_size, demucs, top_k, top_p, temperature, guidance_scale, seed, prompt_codes,
                            melodies)

@@ -23,7 +23,8 @@ def add_parsers(sub) -> None:
                                           "(audiocraft's) or a .csv with path,caption")
     p.add_argument("-o", "--output", type=Path, required=True, help="DATA folder (re-running resumes it)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint whose codec encodes (hub id or folder)")
-    p.add_argument("--segment", type=float, default=None, help="segment seconds, rounded to whole codec frames (default: the model's window, 30 s)")
+    p.add_argument("--segment", type=float, default=None,
+                   help="segment seconds, rounded to whole codec frames (default: the model's window, 30 s)")
     p.add_argument("--min-segment-ratio", type=float, default=0.8,
                    help="skip files shorter than this share of a segment; a shorter last segment is read by "
                         "crops only, not a row of its own (default 0.8)")

@@ -13,7 +13,8 @@
 Audio is converted as for inference and by audiocraft (audio.convert_channels: mono the mean of all channels, mono
 audio copied to both channels of stereo, more channels cut to the first two; resampled to the codec rate), cut into
 consecutive segments of `segment` seconds (whole codec frames; default the model's window, 30 s for the published
-models) and encoded in batches of equal-length segments. The segments hold the whole file: training crops a file anywhere, across its segments (dataset.py).
+models) and encoded in batches of equal-length segments. The segments hold the whole file: training crops a file
+anywhere, across its segments (dataset.py).
 A file shorter than `min_segment_ratio` of a segment (audiocraft's 0.8) is skipped; a last segment shorter than
 that is stored `short`: crops read it, but it is no row of its own. Melody checkpoints store each segment's
 chromagram, made as at inference (chroma.prepare_melody, chromagram).
@@ -213,7 +214,8 @@ def prepare(src: str | Path, out: str | Path, model_name: str, *, segment: float
         # whole codec frames: a crop joins consecutive segments, so each must end where a frame does
         frames = round((model.cfg.max_duration if segment is None else float(segment)) * model.frame_rate)
         if frames < 1:
-            raise ValueError(f"--segment must be at least one codec frame ({1 / model.frame_rate:g} s), got {segment:g}")
+            raise ValueError(f"--segment must be at least one codec frame ({1 / model.frame_rate:g} s), "
+                             f"got {segment:g}")
         segment = frames / model.frame_rate
         meta = dict(format=FORMAT, model=str(model_name), codec=codec_info(model), segment=segment,
                     min_segment_ratio=min_segment_ratio,
